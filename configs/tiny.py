@@ -1,0 +1,36 @@
+"""Tiny config for tests and smoke runs: small widths, few steps, capped data.
+
+    python launch.py --config=configs/tiny.py --workdir=/tmp/tiny --mode=all
+"""
+
+from configs import default
+
+
+def get_config():
+    c = default.get_config()
+    c.data.train_limit = 512
+    c.data.test_limit = 128
+    c.classifier.widths = (8, 16, 16, 16)
+    c.classifier.batch_size = 32
+    c.classifier.epochs = 2.0
+    c.classifier.warmup_steps = 4
+    c.classifier.checkpoint_every = 8
+    c.classifier.log_every = 4
+    c.classifier.eval_batch_size = 64
+    c.generator.hidden = 16
+    c.generator.batch_size = 32
+    c.generator.steps = 24
+    c.generator.warmup_steps = 4
+    c.generator.sparsity_ramp_steps = 8
+    c.generator.checkpoint_every = 8
+    c.generator.log_every = 4
+    c.generator.eval_batch_size = 64
+    c.bank.samples_per_class = 4
+    c.eval.max_examples = 64
+    c.eval.batch_size = 32
+    c.eval.cdrp_steps = 5
+    c.eval.intgrad_steps = 4
+    c.eval.auc_points = 5
+    c.bench.repeats = 2
+    c.bench.batch_size = 32
+    return c

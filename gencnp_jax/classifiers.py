@@ -1,0 +1,164 @@
+"""Target classifiers with named gate sites (VGG- and ResNet-style), in Flax NNX.
+
+Every model returns ``(logits, features)``: ``features[site]`` is the site's
+activation *before* its gates; the gated activation is what flows on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gencnp_jax import gates as gates_lib
+
+CLASSIFIERS = ("vgg", "resnet")
+
+
+class ConvBN(nnx.Module):
+    """3x3 conv (no bias) followed by BatchNorm; the nonlinearity is the caller's."""
+
+    def __init__(self, cin: int, cout: int, *, stride: int = 1, rngs: nnx.Rngs):
+        self.conv = nnx.Conv(cin, cout, (3, 3), strides=stride, use_bias=False, rngs=rngs)
+        self.bn = nnx.BatchNorm(cout, momentum=0.9, rngs=rngs)
+
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        return self.bn(self.conv(x), use_running_average=not train)
+
+
+class VGGStage(nnx.Module):
+    """`num_convs` conv-BN-ReLU layers, each one gate site (``conv1``, ``conv2``…)."""
+
+    def __init__(self, cin: int, cout: int, num_convs: int, *, rngs: nnx.Rngs):
+        self.conv_names = tuple(f"conv{j + 1}" for j in range(num_convs))
+        for j, name in enumerate(self.conv_names):
+            setattr(self, name, ConvBN(cin if j == 0 else cout, cout, rngs=rngs))
+
+
+class VGG(nnx.Module):
+    """VGG-style CNN: stages of conv-BN-ReLU, 2x2 max-pool between stages, GAP, dense."""
+
+    def __init__(
+        self,
+        widths: Sequence[int],
+        num_classes: int,
+        in_channels: int,
+        convs_per_stage: int = 1,
+        *,
+        rngs: nnx.Rngs,
+    ):
+        self.stage_names = tuple(f"block{i + 1}" for i in range(len(widths)))
+        cin = in_channels
+        for name, width in zip(self.stage_names, widths, strict=True):
+            setattr(self, name, VGGStage(cin, width, convs_per_stage, rngs=rngs))
+            cin = width
+        self.head = nnx.Linear(cin, num_classes, rngs=rngs)
+        self.site_channels = {
+            f"{name}/{conv}": w
+            for name, w in zip(self.stage_names, widths, strict=True)
+            for conv in getattr(self, name).conv_names
+        }
+
+    def __call__(self, x, gates=None, fills=None, train: bool = False):
+        features = {}
+        for name in self.stage_names:
+            stage = getattr(self, name)
+            for conv in stage.conv_names:
+                site = f"{name}/{conv}"
+                x = nnx.relu(getattr(stage, conv)(x, train))
+                features[site] = x
+                x = gates_lib.apply_gate(x, site, gates, fills)
+            if min(x.shape[1:3]) >= 2:
+                x = nnx.max_pool(x, (2, 2), strides=(2, 2))
+        return self.head(jnp.mean(x, axis=(1, 2))), features
+
+
+class BasicBlock(nnx.Module):
+    """ResNet basic block; its gate site is the inner activation after ``conv1``."""
+
+    def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs):
+        self.conv1 = ConvBN(cin, cout, stride=stride, rngs=rngs)
+        self.conv2 = ConvBN(cout, cout, rngs=rngs)
+        needs_proj = stride != 1 or cin != cout
+        self.proj = nnx.data(
+            nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs) if needs_proj else None
+        )
+
+    def __call__(self, x, site, gates, fills, features, train):
+        inner = nnx.relu(self.conv1(x, train))
+        features[site] = inner
+        inner = gates_lib.apply_gate(inner, site, gates, fills)
+        shortcut = x if self.proj is None else self.proj(x)
+        return nnx.relu(self.conv2(inner, train) + shortcut)
+
+
+class ResNet(nnx.Module):
+    """ResNet-style CNN: a gated stem, stages of basic blocks (stride 2 after the first)."""
+
+    def __init__(
+        self,
+        widths: Sequence[int],
+        num_classes: int,
+        in_channels: int,
+        blocks_per_stage: int = 1,
+        *,
+        rngs: nnx.Rngs,
+    ):
+        self.stem = ConvBN(in_channels, widths[0], rngs=rngs)
+        self.site_channels = {"stem/conv": widths[0]}
+        self.block_names = []
+        cin = widths[0]
+        for i, width in enumerate(widths):
+            for j in range(blocks_per_stage):
+                name = f"stage{i + 1}_block{j + 1}"
+                stride = 2 if (i > 0 and j == 0) else 1
+                setattr(self, name, BasicBlock(cin, width, stride, rngs=rngs))
+                self.site_channels[f"{name}/conv1"] = width
+                self.block_names.append(name)
+                cin = width
+        self.block_names = tuple(self.block_names)
+        self.head = nnx.Linear(cin, num_classes, rngs=rngs)
+
+    def __call__(self, x, gates=None, fills=None, train: bool = False):
+        features = {}
+        x = nnx.relu(self.stem(x, train))
+        features["stem/conv"] = x
+        x = gates_lib.apply_gate(x, "stem/conv", gates, fills)
+        for name in self.block_names:
+            x = getattr(self, name)(x, f"{name}/conv1", gates, fills, features, train)
+        return self.head(jnp.mean(x, axis=(1, 2))), features
+
+
+def make_classifier(
+    name: str,
+    widths: Sequence[int],
+    num_classes: int,
+    in_channels: int,
+    depth: int = 1,
+    seed: int = 0,
+) -> VGG | ResNet:
+    """Builds a classifier by name; `depth` is convs per VGG stage or blocks per ResNet stage."""
+    rngs = nnx.Rngs(seed)
+    if name == "vgg":
+        return VGG(widths, num_classes, in_channels, depth, rngs=rngs)
+    if name == "resnet":
+        return ResNet(widths, num_classes, in_channels, depth, rngs=rngs)
+    raise ValueError(f"unknown classifier {name!r}: choose one of {CLASSIFIERS} (config.classifier.name)")
+
+
+def forward(graphdef: nnx.GraphDef, state: nnx.State, images, gates=None, fills=None):
+    """Pure inference pass: ``(logits_BxK, features)``; BatchNorm uses running statistics."""
+    model = nnx.merge(graphdef, state)
+    return model(images, gates, fills, train=False)
+
+
+def split(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
+    """``(graphdef, state)`` of a classifier: the form that crosses jit."""
+    return nnx.split(model)
+
+
+def num_params(state: nnx.State) -> int:
+    params = nnx.split_state(state, nnx.Param, ...)[0]
+    return int(sum(x.size for x in jax.tree.leaves(params)))

@@ -1,0 +1,155 @@
+"""Trains the target classifier `H`: one jit-compiled, sharded step; orbax resume.
+
+Writes `WORKDIR/classifier/{checkpoints,final,metrics.json,metrics.jsonl,tb}`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from gencnp_jax import checkpointing, classifiers, context, data, logging_utils, sharding
+
+
+def make_optimizer(lr: float, weight_decay: float, warmup: int, total: int, clip: float):
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup, total - 1), total)
+    return optax.chain(optax.clip_by_global_norm(clip), optax.adamw(schedule, weight_decay=weight_decay))
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
+    """`step(state, images, labels) -> (state, metrics)`, compiled once, state donated."""
+
+    def step(state, images_BxHxWxC, labels_B):
+        model = nnx.merge(graphdef, state["params"], state["rest"])
+
+        def loss_fn(model):
+            logits_BxK, _ = model(images_BxHxWxC, train=True)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits_BxK, labels_B).mean()
+            return loss, jnp.mean(jnp.argmax(logits_BxK, -1) == labels_B)
+
+        (loss, accuracy), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        params = nnx.state(model, nnx.Param)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        _, _, rest = nnx.split(model, nnx.Param, ...)
+        new_state = {"params": optax.apply_updates(params, updates), "rest": rest,
+                     "opt_state": opt_state}
+        return new_state, {"train/loss": loss, "train/accuracy": accuracy}
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def make_predict(graphdef: nnx.GraphDef):
+    """`predict(state, images, gates=None) -> logits`, jit-compiled (gates optional)."""
+    return jax.jit(lambda state, images, gates=None: classifiers.forward(graphdef, state, images, gates)[0])
+
+
+def predict_split(predict, state, images_uint8, config, mesh, batch_size, gates_fn=None):
+    """Logits for a whole split in padded fixed-size batches (one compilation)."""
+    out = []
+    for idx, valid in data.eval_batches(len(images_uint8), batch_size):
+        images = sharding.shard_batch(mesh, context.normalize(config, images_uint8[idx]))
+        gates = None if gates_fn is None else gates_fn(idx)
+        out.append(np.asarray(sharding.to_host(predict(state, images, gates)))[:valid])
+    return np.concatenate(out)
+
+
+def random_drop_agreement(predict, state, split, config, mesh, site_channels, full_pred, frac=0.1):
+    """Agreement with the full model when `frac` of all channels are closed at random."""
+    bs = config.classifier.eval_batch_size
+    rng = np.random.default_rng(config.seed)
+    masks = {s: (rng.random((len(split.labels), c)) >= frac).astype(np.float32)
+             for s, c in site_channels.items()}
+    gates_fn = lambda idx: {s: sharding.shard_batch(mesh, m[idx]) for s, m in masks.items()}
+    logits = predict_split(predict, state, split.images, config, mesh, bs, gates_fn)
+    return float(np.mean(logits.argmax(-1) == full_pred))
+
+
+def train_classifier(config, workdir: str) -> dict:
+    """Trains (or resumes) the classifier and writes `classifier/metrics.json`."""
+    c = config.classifier
+    out_dir = context.classifier_dir(workdir)
+    train, test = context.load_data(config, "train"), context.load_data(config, "test")
+    mesh = context.make_mesh(config)
+    sharding.check_batch_size(mesh, c.batch_size)
+    model, template = context.classifier_template(config)
+    graphdef = nnx.graphdef(model)
+    steps_per_epoch = len(train.labels) // c.batch_size
+    total = max(1, math.ceil(c.epochs * steps_per_epoch))
+    tx = make_optimizer(c.learning_rate, c.weight_decay, c.warmup_steps, total, c.grad_clip)
+    state = {**template, "opt_state": tx.init(template["params"])}
+    ckpt = checkpointing.Checkpointer(os.path.join(out_dir, "checkpoints"))
+    restored = ckpt.restore(state)
+    start = 0 if restored is None else restored[0]
+    if restored is not None:
+        state = restored[1]
+    state = sharding.replicate(mesh, state)
+    step_fn = make_train_step(graphdef, tx)
+    writer = logging_utils.MetricWriter(out_dir)
+    bar = logging_utils.progress(total, start, "train_classifier")
+    t0, pending = time.time(), None
+    for step in range(start, total):
+        idx = data.batch_indices(len(train.labels), c.batch_size, config.seed, step)
+        images, labels = sharding.shard_batch(
+            mesh, context.normalize(config, train.images[idx]), train.labels[idx]
+        )
+        state, metrics = step_fn(state, images, labels)
+        if pending is not None:  # the previous step's metrics: no host stall on this one
+            _log(writer, bar, *pending)
+        pending = (step + 1, metrics) if (step + 1) % c.log_every == 0 else None
+        bar.update(1)
+        if (step + 1) % c.checkpoint_every == 0 and step + 1 < total:
+            ckpt.save(step + 1, state)
+    if pending is not None:
+        _log(writer, bar, *pending)
+    bar.close()
+    ckpt.save(total, state)
+    ckpt.close()
+    train_seconds = time.time() - t0
+    final = {"params": state["params"], "rest": state["rest"]}
+    final_ckpt = checkpointing.Checkpointer(os.path.join(out_dir, "final"), max_to_keep=1)
+    final_ckpt.save(total, final)
+    final_ckpt.close()
+    return _evaluate(config, workdir, graphdef, final, model, train, test, mesh, total,
+                     train_seconds, start, writer)
+
+
+def _log(writer, bar, step, metrics):
+    values = {k: float(v) for k, v in metrics.items()}
+    if not all(np.isfinite(v) for v in values.values()):
+        bad = [k for k, v in values.items() if not np.isfinite(v)]
+        raise FloatingPointError(f"non-finite {bad} at step {step}: lower the learning rate")
+    writer.write(step, values)
+    bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in values.items()})
+
+
+def _evaluate(config, workdir, graphdef, final, model, train, test, mesh, total, secs, start,
+              writer):
+    full_model = nnx.merge(graphdef, final["params"], final["rest"])
+    gd, full_state = nnx.split(full_model)
+    predict = make_predict(gd)
+    bs = config.classifier.eval_batch_size
+    logits = predict_split(predict, full_state, test.images, config, mesh, bs)
+    pred = logits.argmax(-1)
+    metrics = {
+        "test_accuracy": float(np.mean(pred == test.labels)),
+        "num_params": classifiers.num_params(full_state),
+        "random_drop10_agreement": random_drop_agreement(
+            predict, full_state, test, config, mesh, model.site_channels, pred),
+        "train_steps": total,
+        "train_seconds": secs,
+        "train_steps_per_second": (total - start) / max(secs, 1e-9),
+        "resumed_from_step": start,
+        "num_devices": mesh.size,
+        "site_channels": dict(model.site_channels),
+    }
+    writer.write(total, {"test/accuracy": metrics["test_accuracy"]})
+    writer.close()
+    logging_utils.write_json(os.path.join(context.classifier_dir(workdir), "metrics.json"), metrics)
+    return metrics

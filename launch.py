@@ -1,0 +1,36 @@
+"""gencnp_jax entry point: flags, optional multi-host start, one library call per mode.
+
+    python launch.py --config=configs/default.py --workdir=runs/default --mode=all
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.")
+_MODE = flags.DEFINE_enum(
+    "mode", "all",
+    ["train_classifier", "train_generator", "build_bank", "evaluate", "report", "bench", "all"],
+    "Which stage to run; `all` runs every stage, skipping those already complete.",
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for multi-host runs.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (hosts).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+    del argv
+    import jax
+
+    if _CONFIG.value.cpu_devices > 0:  # host devices: a 2-device CPU mesh uses both cores
+        jax.config.update("jax_num_cpu_devices", _CONFIG.value.cpu_devices)
+    from gencnp_jax import pipeline
+
+    pipeline.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    pipeline.run(_MODE.value, _CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)
