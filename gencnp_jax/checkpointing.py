@@ -37,7 +37,12 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     def save(self, step: int, state, meta: dict | None = None) -> None:
-        """Saves `state` at `step` (every process must call this) and waits for it."""
+        """Saves `state` at `step` (every process must call this) and waits for it.
+
+        A step that is already saved is kept as it is (a resumed run re-reaching it).
+        """
+        if step in self._manager.all_steps():
+            return
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {})
         )

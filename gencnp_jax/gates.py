@@ -52,15 +52,20 @@ def complement(gates: Gates) -> Gates:
 
 
 def flatten(gates: Mapping[str, jax.Array], sites: list[str] | None = None) -> jax.Array:
-    """Concatenates per-site gates into ``f32[B, N]`` (N = all neurons), shallow to deep."""
-    sites = list(gates) if sites is None else sites
+    """Concatenates per-site gates into ``f32[B, N]`` (N = all neurons).
+
+    Sites are taken in sorted name order unless `sites` is given: jit returns dicts with
+    sorted keys, so sorted order is the one every caller agrees on.
+    """
+    sites = sorted(gates) if sites is None else sites
     return jnp.concatenate([gates[s].reshape(gates[s].shape[0], -1) for s in sites], axis=-1)
 
 
 def unflatten(flat_BxN: jax.Array, site_channels: Mapping[str, int]) -> Gates:
-    """Inverse of `flatten` for channel-granular gates."""
+    """Inverse of `flatten` (sorted site order) for channel-granular gates."""
     out, start = {}, 0
-    for site, c in site_channels.items():
+    for site in sorted(site_channels):
+        c = site_channels[site]
         out[site] = flat_BxN[:, start : start + c]
         start += c
     return out
