@@ -1,0 +1,109 @@
+"""Distance-aware quantization (DAQ, Kim, Lee, Ham, ICCV 2021) of scores to binary gates.
+
+Forward values are exact 0/1 (no train/test gap); gradients flow to the scores through DASR.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+
+def corrected_levels(temperature: float | jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The corrected 1-bit levels ``(-1/(e^T - 1), 1 + 1/(e^T - 1))`` of DASR.
+
+    With the nearest level weighted by ``sigmoid(T)`` and the other by ``sigmoid(-T)``,
+    these levels make the soft value land exactly on 0 or 1.
+    """
+    delta = 1.0 / jnp.expm1(jnp.asarray(temperature, jnp.float32))
+    return -delta, 1.0 + delta
+
+
+def daq_soft(
+    s: jax.Array,
+    temperature: float | jax.Array = 2.0,
+    sigma: float | jax.Array = 2.0,
+    eps: float = 1e-8,
+) -> jax.Array:
+    """1-bit distance-aware soft rounding (DASR) of scores ``s`` in ``[0, 1]``.
+
+    With levels ``q = (0, 1)``, nearest level ``n = 1[s > 0.5]`` (= ``round(s)`` on
+    ``[0, 1]``) and the other level ``f = 1 - n``:
+
+    - distance scores (similarities) ``phi_i = 1 - |s - q_i|``, i.e. ``(1 - s, s)``;
+    - kernel soft argmax: a Gaussian kernel over the levels centred on the nearest one,
+      ``k_i = exp(-(q_i - q_n)^2 / (2 sigma^2))`` (so ``k_n = 1``, ``k_f = exp(-1/(2 sigma^2))``),
+      logits ``g_i = k_i * phi_i``;
+    - adaptive temperature ``beta = sg(T / (|g_n - g_f| + eps))`` (sg = stop-gradient),
+      weights ``w = softmax(beta * g)``;
+    - corrected levels ``qh = (-d, 1 + d)``, ``d = 1 / (e^T - 1)``; output ``sum_i w_i qh_i``.
+
+    Because ``beta`` rescales the logit gap to exactly ``T``, the nearest level always gets
+    weight ``sigmoid(T)``, and ``qh_n sigmoid(T) + qh_f sigmoid(-T) = q_n``: the forward value is
+    ``round(s)`` up to float error. The gradient is
+    ``ds~/ds = (1 + 2d) sigmoid(T) sigmoid(-T) T (1 + k_f) / (|g_n - g_f| + eps)``, positive and
+    finite on ``[0, 1]``: ``|g_n - g_f| >= (1 - k_f) / 2 > 0``, its minimum at ``s -> 0.5``.
+
+    Our choice (the paper's text was not at hand): similarities ``1 - |s - q|`` rather than
+    negative distances. With negative distances the kernel (``k_f < 1``) shrinks the far
+    level's *penalty*, which flips the argmax for ``s`` within ~0.03 of 0.5 and breaks
+    ``soft == round``; with positive similarities it only widens the gap. It also keeps the
+    gap away from zero at ``s = 0.5``, so ``eps`` only matters when ``sigma -> inf``.
+
+    Args:
+      s: scores, any shape, values in ``[0, 1]`` (e.g. sigmoid outputs).
+      temperature: ``T`` > 0; larger = sharper weights and larger corrected-level offset.
+      sigma: width of the Gaussian kernel over the levels.
+      eps: guards the adaptive temperature's denominator.
+
+    Returns:
+      The soft-rounded scores, same shape as ``s``; numerically ``round(s)``.
+    """
+    s = jnp.asarray(s, jnp.float32)
+    t = jnp.asarray(temperature, jnp.float32)
+    nearest = (s > 0.5).astype(s.dtype)
+    k_far = jnp.exp(-1.0 / (2.0 * jnp.square(jnp.asarray(sigma, jnp.float32))))
+    # Logits of level 0 and level 1; the kernel down-weights whichever is not nearest.
+    # phi = 1 - |s - q| written without the abs: no kink at s = 0 or 1, and outside [0, 1]
+    # the nearest level still gets the larger logit.
+    g0 = (1.0 - s) * jnp.where(nearest > 0, k_far, 1.0)
+    g1 = s * jnp.where(nearest > 0, 1.0, k_far)
+    beta = jax.lax.stop_gradient(t / (jnp.abs(g1 - g0) + eps))
+    w1 = jax.nn.sigmoid(beta * (g1 - g0))  # = softmax(beta * (g0, g1))[1]
+    lo, hi = corrected_levels(t)
+    return (1.0 - w1) * lo + w1 * hi
+
+
+def binarize(
+    scores: jax.Array,
+    temperature: float | jax.Array = 2.0,
+    sigma: float | jax.Array = 2.0,
+) -> jax.Array:
+    """Exact 0/1 gates with DAQ gradients: ``round(s) + daq(s) - stop_gradient(daq(s))``.
+
+    The forward value is ``round(s)`` bit for bit (``x - x == 0`` in floating point); the
+    backward pass is that of `daq_soft`.
+    """
+    soft = daq_soft(scores, temperature, sigma)
+    hard = (jnp.asarray(scores, jnp.float32) > 0.5).astype(jnp.float32)
+    return hard + (soft - jax.lax.stop_gradient(soft))
+
+
+def daq_soft_tree(
+    scores: Mapping[str, jax.Array],
+    temperature: float | jax.Array = 2.0,
+    sigma: float | jax.Array = 2.0,
+) -> dict[str, jax.Array]:
+    """`daq_soft` on every site of a ``site -> f32[B, C]`` dict (site order kept)."""
+    return {site: daq_soft(s, temperature, sigma) for site, s in scores.items()}
+
+
+def binarize_tree(
+    scores: Mapping[str, jax.Array],
+    temperature: float | jax.Array = 2.0,
+    sigma: float | jax.Array = 2.0,
+) -> dict[str, jax.Array]:
+    """`binarize` on every site of a ``site -> f32[B, C]`` dict: the gates (site order kept)."""
+    return {site: binarize(s, temperature, sigma) for site, s in scores.items()}

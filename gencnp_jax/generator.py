@@ -1,0 +1,152 @@
+"""The GEN-CNP generator: clean classifier features -> per-site importance scores.
+
+RFE (shallow -> deep embeddings), PDN (class code z and auxiliary class head q), RPD (deep ->
+shallow decoders emitting scores); DAQ turns the scores into binary gates (DESIGN §3).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gencnp_jax import daq
+
+CELLS = ("gru", "lstm", "mlp")
+POOLINGS = ("avg", "max")
+
+
+class Cell(nnx.Module):
+    """A recurrent cell with one interface for all kinds: ``(carry, u) -> (carry, h)``.
+
+    ``"gru"`` is `nnx.GRUCell`, ``"lstm"`` is `nnx.LSTMCell` (carry ``(c, h)``), ``"mlp"`` is
+    ``h' = tanh(Dense([h, u]))``. `from_hidden` builds a carry from a hidden vector.
+    """
+
+    def __init__(self, kind: str, features: int, *, rngs: nnx.Rngs):
+        if kind not in CELLS:
+            raise ValueError(f"unknown recurrent cell {kind!r}: choose one of {CELLS}")
+        self.kind = kind
+        if kind == "gru":
+            self.core = nnx.GRUCell(features, features, rngs=rngs)
+        elif kind == "lstm":
+            self.core = nnx.LSTMCell(features, features, rngs=rngs)
+        else:
+            self.core = nnx.Linear(2 * features, features, rngs=rngs)
+
+    def from_hidden(self, h_BxD: jax.Array):
+        """The carry whose hidden state is `h_BxD` (LSTM memory starts at zero)."""
+        return (jnp.zeros_like(h_BxD), h_BxD) if self.kind == "lstm" else h_BxD
+
+    def __call__(self, carry, u_BxD: jax.Array):
+        if self.kind == "mlp":
+            h = jnp.tanh(self.core(jnp.concatenate([carry, u_BxD], axis=-1)))
+            return h, h
+        return self.core(carry, u_BxD)
+
+
+def pool(feats_BxHxWxC: jax.Array, pooling: Sequence[str]) -> jax.Array:
+    """Global pools of a feature map, concatenated: ``f32[B, len(pooling) * C]``."""
+    pooled = []
+    for name in pooling:
+        if name == "avg":
+            pooled.append(jnp.mean(feats_BxHxWxC, axis=(1, 2)))
+        elif name == "max":
+            pooled.append(jnp.max(feats_BxHxWxC, axis=(1, 2)))
+        else:
+            raise ValueError(f"unknown pooling {name!r}: choose from {POOLINGS}")
+    return jnp.concatenate(pooled, axis=-1)
+
+
+class Generator(nnx.Module):
+    """GEN-CNP generator (DESIGN §3): ``features -> (scores, q_logits)``.
+
+    Per-site submodules live in `nnx.List`s indexed in the order of `site_channels`
+    (shallow to deep), so site names with ``"/"`` never become attribute names.
+    """
+
+    def __init__(
+        self,
+        site_channels: Mapping[str, int],
+        num_classes: int,
+        hidden: int = 128,
+        cell: str = "gru",
+        pooling: Sequence[str] = ("avg", "max"),
+        init_open: float = 0.85,
+        *,
+        rngs: nnx.Rngs,
+    ):
+        if not 0.0 < init_open < 1.0:
+            raise ValueError(f"init_open must lie in (0, 1), got {init_open}")
+        for name in pooling:
+            if name not in POOLINGS:
+                raise ValueError(f"unknown pooling {name!r}: choose from {POOLINGS}")
+        self.sites = tuple(site_channels)
+        self.site_channels = dict(site_channels)
+        self.pooling = tuple(pooling)
+        self.hidden = hidden
+        d, npool = hidden, len(self.pooling)
+        # RFE: u_l = Dense([GAP, GMP]), e_l = Cell(e_{l-1}, u_l).
+        channels = list(site_channels.values())
+        self.rfe_in = nnx.List([nnx.Linear(npool * c, d, rngs=rngs) for c in channels])
+        self.rfe_cells = nnx.List([Cell(cell, d, rngs=rngs) for _ in self.sites])
+        # PDN: z = MLP([e_L, mean_l e_l]); q = W z.
+        self.pdn_1 = nnx.Linear(2 * d, d, rngs=rngs)
+        self.pdn_2 = nnx.Linear(d, d, rngs=rngs)
+        self.q_head = nnx.Linear(d, num_classes, rngs=rngs)
+        # RPD: h_{L+1} = tanh(Dense(z)), h_l = Cell(h_{l+1}, Dense([z, e_l])), s_l = sigmoid(.).
+        self.rpd_init = nnx.Linear(d, d, rngs=rngs)
+        self.rpd_in = nnx.List([nnx.Linear(2 * d, d, rngs=rngs) for _ in self.sites])
+        self.rpd_cells = nnx.List([Cell(cell, d, rngs=rngs) for _ in self.sites])
+        # Small kernels and bias logit(init_open): gates start mostly open, not collapsed.
+        small = nnx.initializers.variance_scaling(0.1, "fan_in", "truncated_normal")
+        bias = nnx.initializers.constant(math.log(init_open / (1.0 - init_open)))
+        self.score_heads = nnx.List(
+            [nnx.Linear(d, c, kernel_init=small, bias_init=bias, rngs=rngs) for c in channels]
+        )
+
+    def embed(self, features: Mapping[str, jax.Array]) -> list[jax.Array]:
+        """RFE, shallow to deep: ``[e_1, ..., e_L]``, each ``f32[B, D]``."""
+        missing = [s for s in self.sites if s not in features]
+        if missing:
+            raise KeyError(f"features lack gate sites {missing}; generator sites: {self.sites}")
+        batch = features[self.sites[0]].shape[0]
+        carry = self.rfe_cells[0].from_hidden(jnp.zeros((batch, self.hidden), jnp.float32))
+        embeddings = []
+        for i, site in enumerate(self.sites):
+            # The classifier is frozen: no gradient flows into its features.
+            feats = jax.lax.stop_gradient(features[site]).astype(jnp.float32)
+            u_BxD = self.rfe_in[i](pool(feats, self.pooling))
+            carry, e_BxD = self.rfe_cells[i](carry, u_BxD)
+            embeddings.append(e_BxD)
+        return embeddings
+
+    def __call__(self, features: Mapping[str, jax.Array]) -> tuple[dict[str, jax.Array], jax.Array]:
+        """Scores ``site -> f32[B, C_site]`` in ``[0, 1]`` and PDN logits ``f32[B, K]``."""
+        embeddings = self.embed(features)
+        e_mean = jnp.mean(jnp.stack(embeddings), axis=0)
+        z_BxD = self.pdn_2(nnx.gelu(self.pdn_1(jnp.concatenate([embeddings[-1], e_mean], -1))))
+        q_logits_BxK = self.q_head(z_BxD)
+        carry = self.rpd_cells[-1].from_hidden(jnp.tanh(self.rpd_init(z_BxD)))
+        scores = {}
+        for i in reversed(range(len(self.sites))):
+            u_BxD = self.rpd_in[i](jnp.concatenate([z_BxD, embeddings[i]], axis=-1))
+            carry, h_BxD = self.rpd_cells[i](carry, u_BxD)
+            scores[self.sites[i]] = jax.nn.sigmoid(self.score_heads[i](h_BxD))
+        return {site: scores[site] for site in self.sites}, q_logits_BxK
+
+
+def explain_scores(
+    gen_graphdef: nnx.GraphDef,
+    gen_state: nnx.State,
+    features: Mapping[str, jax.Array],
+    temperature: float | jax.Array = 2.0,
+    sigma: float | jax.Array = 2.0,
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array], jax.Array]:
+    """Pure generator pass: ``(scores, gates, q_logits_BxK)``; gates are exact 0/1 (DAQ)."""
+    generator = nnx.merge(gen_graphdef, gen_state)
+    scores, q_logits_BxK = generator(features)
+    return scores, daq.binarize_tree(scores, temperature, sigma), q_logits_BxK

@@ -1,0 +1,60 @@
+"""Property tests of DAQ: soft value = round(s), binary gates, finite non-zero gradients."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gencnp_jax import daq
+
+GRID = np.concatenate([np.linspace(0.0, 0.499, 500), np.linspace(0.501, 1.0, 500)])
+
+
+@pytest.mark.parametrize("temperature,sigma", [(2.0, 2.0), (1.0, 0.5), (5.0, 10.0)])
+def test_soft_value_equals_round(temperature, sigma):
+    s = jnp.asarray(GRID, jnp.float32)
+    soft = daq.daq_soft(s, temperature, sigma)
+    np.testing.assert_allclose(soft, np.round(GRID), atol=1e-6)
+
+
+def test_corrected_levels():
+    lo, hi = daq.corrected_levels(2.0)
+    np.testing.assert_allclose([lo, hi], [-1 / (np.e**2 - 1), 1 + 1 / (np.e**2 - 1)], rtol=1e-6)
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_binarize_is_exactly_binary(use_jit):
+    fn = jax.jit(daq.binarize) if use_jit else daq.binarize
+    s = jax.random.uniform(jax.random.key(0), (8, 16))
+    gates = fn(s, 2.0, 2.0)
+    assert set(np.unique(np.asarray(gates)).tolist()) <= {0.0, 1.0}
+    np.testing.assert_array_equal(gates, (np.asarray(s) > 0.5).astype(np.float32))
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+@pytest.mark.parametrize("fn", [daq.daq_soft, daq.binarize])
+def test_gradient_finite_and_nonzero(fn, use_jit):
+    grad = jax.vmap(jax.grad(lambda x: fn(x, 2.0, 2.0)))
+    grad = jax.jit(grad) if use_jit else grad
+    g = grad(jnp.asarray(np.append(GRID, 0.5), jnp.float32))
+    chex.assert_tree_all_finite(g)
+    assert np.all(np.asarray(g) > 0.0)
+
+
+def test_gradient_matches_formula():
+    t, sigma, s = 2.0, 2.0, 0.3
+    k_far = np.exp(-1 / (2 * sigma**2))
+    gap = abs(k_far * s - (1 - s))
+    sig_t = 1 / (1 + np.exp(-t))
+    expected = (1 + 2 / np.expm1(t)) * sig_t * (1 - sig_t) * t * (1 + k_far) / gap
+    np.testing.assert_allclose(jax.grad(daq.daq_soft)(s, t, sigma), expected, rtol=1e-5)
+
+
+def test_tree_versions_keep_sites():
+    scores = {"b/conv1": jnp.full((2, 3), 0.7), "a/conv1": jnp.full((2, 5), 0.2)}
+    gates = daq.binarize_tree(scores)
+    assert list(gates) == list(scores)
+    chex.assert_trees_all_equal(gates, {"b/conv1": jnp.ones((2, 3)), "a/conv1": jnp.zeros((2, 5))})
+    soft = daq.daq_soft_tree(scores)
+    chex.assert_trees_all_close(soft, gates, atol=1e-6)

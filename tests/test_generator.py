@@ -1,0 +1,89 @@
+"""Generator: one score vector per gate site, starts open, learns on a fixed batch."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from gencnp_jax import classifiers, daq, losses
+from gencnp_jax.generator import Generator, explain_scores
+
+IMAGES = jax.random.normal(jax.random.key(0), (4, 16, 16, 1))
+
+
+@functools.cache
+def _classifier(name, widths):
+    """Built once per architecture: building is the slow part on two CPU cores."""
+    classifier = classifiers.make_classifier(name, widths, 10, 1)
+    return classifier, classifier(IMAGES)[1]
+
+
+def _setup(name, widths, cell="gru"):
+    classifier, features = _classifier(name, widths)
+    generator = Generator(classifier.site_channels, 10, hidden=16, cell=cell, rngs=nnx.Rngs(1))
+    return classifier, features, generator
+
+
+@pytest.mark.parametrize(
+    "name,widths,cell",
+    [("vgg", (8, 16, 16, 16), "gru"), ("resnet", (8, 16, 16), "lstm"), ("vgg", (8, 16), "mlp")],
+)
+def test_one_score_vector_per_site(name, widths, cell):
+    classifier, features, generator = _setup(name, widths, cell)
+    scores, q_logits = generator(features)
+    assert list(scores) == list(classifier.site_channels)
+    for site, c in classifier.site_channels.items():
+        chex.assert_shape(scores[site], (4, c))
+    chex.assert_shape(q_logits, (4, 10))
+    graphdef, state = nnx.split(generator)
+    scores, gates, _ = jax.jit(explain_scores)(graphdef, state, features, 2.0, 2.0)
+    assert set(gates) == set(classifier.site_channels)
+    for site, c in classifier.site_channels.items():
+        chex.assert_shape(gates[site], (4, c))
+        assert set(np.unique(np.asarray(gates[site])).tolist()) <= {0.0, 1.0}
+    # Gates start mostly open: scores near init_open.
+    mean_score = float(losses.sparsity(scores))
+    assert 0.8 < mean_score < 0.9
+
+
+def test_bad_options_raise():
+    with pytest.raises(ValueError, match="unknown recurrent cell"):
+        Generator({"a/b": 4}, 3, hidden=8, cell="transformer", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="unknown pooling"):
+        Generator({"a/b": 4}, 3, hidden=8, pooling=("median",), rngs=nnx.Rngs(0))
+
+
+def test_features_get_no_gradient():
+    _, features, generator = _setup("vgg", (8, 16, 16, 16))
+    grads = jax.grad(lambda f: losses.sparsity(generator(f)[0]))(features)
+    chex.assert_trees_all_equal(grads, jax.tree.map(jnp.zeros_like, grads))
+
+
+def test_optimiser_steps_lower_the_loss():
+    classifier, features, generator = _setup("vgg", (8, 16, 16, 16))
+    clf_graphdef, clf_state = nnx.split(classifier)
+    full_logits = classifiers.forward(clf_graphdef, clf_state, IMAGES)[0]
+    optimizer = nnx.Optimizer(generator, optax.adam(3e-2), wrt=nnx.Param)
+
+    def loss_fn(generator):
+        scores, _ = generator(features)
+        gates = daq.binarize_tree(scores)
+        pathway_logits = classifiers.forward(clf_graphdef, clf_state, IMAGES, gates)[0]
+        kd = losses.distillation_kl(full_logits, pathway_logits, 1.0)
+        return kd + 0.5 * losses.sparsity(scores)
+
+    @nnx.jit
+    def step(generator, optimizer):
+        loss, grads = nnx.value_and_grad(loss_fn)(generator)
+        optimizer.update(generator, grads)
+        return loss
+
+    first = float(step(generator, optimizer))
+    for _ in range(15):
+        last = float(step(generator, optimizer))
+    assert np.isfinite(last) and last < first
