@@ -1,0 +1,246 @@
+"""The run report: one static HTML page (tables, figures, gallery, config) and a Markdown table.
+
+The page opens from disk: inline CSS, no scripts, no network; images sit beside it.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import html
+import json
+import math
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+
+# Known metrics, in table order: (description, which direction is better).
+METRICS = {
+    "mIC": ("% of instances whose confidence rises under the pathway", "higher"),
+    "mDC": ("mean relative drop in confidence under the pathway, %", "lower"),
+    "agreement": ("fraction predicting the same class under the pathway", "higher"),
+    "density_mean": ("mean fraction of kept neurons", "lower"),
+    "density_std": ("spread of density over instances", "context"),
+    "acIOU": ("mean IoU of same-class pathways", "higher"),
+    "inter_class_iou": ("mean IoU of different-class pathways", "lower"),
+    "necessity_drop": ("confidence drop when the pathway is removed", "higher"),
+    "deletion_auc": ("confidence AUC while deleting neurons by score", "lower"),
+    "insertion_auc": ("confidence AUC while inserting neurons by score", "higher"),
+    "leakage": ("pathway of x makes other-class x' predict x's class", "lower"),
+    "null_confidence": ("class confidence of the pathway on a blank image", "lower"),
+    "class_leakage": ("class pathway turns other-class samples into its class", "lower"),
+    "other_class_drop": ("class pathway lowers other classes' own confidence", "higher"),
+    "seconds_per_image": ("explanation time per image", "lower"),
+}
+ARROW = {"higher": " ↑", "lower": " ↓", "context": ""}
+MISSING = "–"
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0 auto;
+max-width:1400px;padding:1em 2em;color:#222;line-height:1.4}
+h1{border-bottom:2px solid #1f77b4}h2{margin-top:1.6em;color:#1f4e79}
+nav a{margin-right:1em}.scroll{overflow-x:auto}
+table{border-collapse:collapse;font-size:.9em;margin:.5em 0}
+th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right;white-space:nowrap}
+th{background:#eef3f8;white-space:normal;vertical-align:bottom}td:first-child,th:first-child{text-align:left}
+td{background:#fff}tr:nth-child(even) td{background:#fafafa}
+td:first-child,th:first-child{position:sticky;left:0}tr.ours td{background:#fff4e5;font-weight:600}
+figure{margin:1em 0}figure img{max-width:100%;border:1px solid #ddd}
+figcaption{color:#555;font-size:.9em}.gallery{display:flex;flex-wrap:wrap;gap:1em}
+.gallery figure{flex:1 1 320px;max-width:560px}.muted{color:#777;font-size:.9em}
+pre{background:#f6f8fa;padding:1em;overflow-x:auto;font-size:.85em}
+"""
+
+
+def fmt(value, scale: float | None = None) -> str:
+    """A number for a table cell: NaN/None -> "–", ints as is, floats to a readable precision.
+
+    Args:
+      value: the number (or any value, shown with ``str``).
+      scale: the largest magnitude in the value's column, so that a column shares its decimals.
+    """
+    value = value.item() if hasattr(value, "item") else value  # numpy / jax scalars
+    if value is None or isinstance(value, bool):
+        return MISSING if value is None else str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return MISSING if math.isnan(value) else str(value)
+        mag = abs(value)
+        ref = max(mag, scale or 0.0)
+        if mag == 0:
+            return "0"
+        if mag < 1e-3 or ref >= 1e5:
+            return f"{value:.2e}"
+        return f"{value:.{3 if ref < 10 else 2 if ref < 1000 else 0}f}"
+    return str(value)
+
+
+def _header(metric: str) -> str:
+    return metric + ARROW[METRICS[metric][1]] if metric in METRICS else metric
+
+
+def _cells(methods: Mapping[str, Mapping], cols: list[str]) -> dict[str, list[str]]:
+    """Formatted table cells per method, each column with its own precision."""
+    scale = {}
+    for c in cols:
+        vals = [abs(float(m[c])) for m in methods.values() if isinstance(m.get(c), int | float)]
+        scale[c] = max([v for v in vals if math.isfinite(v)], default=None)
+    return {name: [fmt(m.get(c), scale[c]) for c in cols] for name, m in methods.items()}
+
+
+def _columns(methods: Mapping[str, Mapping]) -> list[str]:
+    seen = {k for m in methods.values() for k in m}
+    return [k for k in METRICS if k in seen] + sorted(seen - set(METRICS))
+
+
+def results_markdown(results: Mapping) -> str:
+    """The methods-by-metrics table of ``eval/results.json`` as Markdown (``eval/results.md``)."""
+    methods = results.get("methods", {})
+    cols = _columns(methods)
+    lines = ["| method | " + " | ".join(_header(c) for c in cols) + " |"]
+    lines.append("|---|" + "---:|" * len(cols))
+    for name, cells in _cells(methods, cols).items():
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    extra = [f"{k}: {fmt(v)}" for k, v in results.items() if k != "methods"]
+    return "\n".join(lines) + ("\n\n" + ", ".join(extra) + "\n" if extra else "\n")
+
+
+def _results_html(results: Mapping) -> str:
+    methods = results.get("methods", {})
+    cols = _columns(methods)
+    e = html.escape
+    # <wbr> lets long metric names wrap at their underscores, so the table fits the page.
+    head = "".join(
+        f'<th title="{e(METRICS.get(c, ("",))[0])}">{e(_header(c)).replace("_", "_<wbr>")}</th>'
+        for c in cols
+    )
+    rows = []
+    for name, cells in _cells(methods, cols).items():
+        cls = ' class="ours"' if name.startswith("gencnp") else ""
+        tds = "".join(f"<td>{e(cell)}</td>" for cell in cells)
+        rows.append(f"<tr{cls}><td>{e(name)}</td>{tds}</tr>")
+    extra = ", ".join(f"{e(k)}: {e(fmt(v))}" for k, v in results.items() if k != "methods")
+    legend = "".join(
+        f"<li><b>{e(c)}</b>{ARROW[METRICS[c][1]]}: {e(METRICS[c][0])}</li>"
+        for c in cols
+        if c in METRICS
+    )
+    return (
+        f'<p class="muted">{extra}</p><div class="scroll"><table><thead><tr><th>method</th>'
+        f"{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
+        f'<details><summary>metric definitions</summary><ul class="muted">{legend}</ul></details>'
+    )
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _kv_table(tree: Mapping) -> str:
+    e = html.escape
+    rows = "".join(
+        f"<tr><td>{e(str(k))}</td><td>{e(fmt(v) if not isinstance(v, list) else str(v))}</td></tr>"
+        for k, v in _flatten(tree).items()
+    )
+    return f'<div class="scroll"><table><tbody>{rows}</tbody></table></div>'
+
+
+def _load_json(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _local_image(path: str, report_dir: str) -> str | None:
+    """The image's path relative to the report dir, copying it there if it lives elsewhere."""
+    beside = path if os.path.isabs(path) else os.path.join(report_dir, path)
+    if os.path.isfile(beside) and os.path.abspath(beside).startswith(report_dir + os.sep):
+        return os.path.relpath(beside, report_dir)
+    if not os.path.isfile(path):
+        return None
+    os.makedirs(os.path.join(report_dir, "figures"), exist_ok=True)
+    stem, ext = os.path.splitext(os.path.basename(path))
+    dest, n = os.path.join(report_dir, "figures", stem + ext), 1
+    while os.path.exists(dest) and not filecmp.cmp(path, dest, shallow=False):
+        dest, n = os.path.join(report_dir, "figures", f"{stem}_{n}{ext}"), n + 1  # name clash
+    shutil.copyfile(path, dest)
+    return os.path.relpath(dest, report_dir)
+
+
+def _figure_html(path: str, caption: str, report_dir: str) -> str:
+    e = html.escape
+    rel = _local_image(path, report_dir)
+    if rel is None:
+        return f'<p class="muted">missing figure: {e(caption)} ({e(path)})</p>'
+    src = e("/".join(rel.split(os.sep)))
+    cap = e(caption)
+    return f'<figure><img src="{src}" alt="{cap}"><figcaption>{cap}</figcaption></figure>'
+
+
+def write_report(
+    workdir: str,
+    results: Mapping,
+    figures: Mapping[str, str],
+    config_text: str,
+    gallery: Sequence[Mapping] | None = None,
+) -> str:
+    """Writes ``WORKDIR/report/index.html`` and returns its path.
+
+    Args:
+      workdir: the run's folder; ``classifier/metrics.json``, ``generator/metrics.json`` and
+        ``bench.json`` in it are shown when present.
+      results: the evaluation results (the content of ``eval/results.json``).
+      figures: caption -> PNG path (relative to the report folder, or elsewhere: then copied
+        into ``report/figures/``).
+      config_text: the run's config, shown verbatim.
+      gallery: sample explanations, each ``{"image": PNG path, "caption": str, ...}``; other
+        keys are listed under the image.
+
+    Returns:
+      The path of ``index.html``.
+    """
+    report_dir = os.path.abspath(os.path.join(workdir, "report"))
+    os.makedirs(report_dir, exist_ok=True)
+    e = html.escape
+    sections = [("results", "Results", _results_html(results))]
+    if figures:
+        body = "".join(_figure_html(p, cap, report_dir) for cap, p in figures.items())
+        sections.append(("figures", "Figures", body))
+    if gallery:
+        items = []
+        for item in gallery:
+            fig = _figure_html(item["image"], str(item.get("caption", "")), report_dir)
+            rest = {k: v for k, v in item.items() if k not in ("image", "caption")}
+            items.append(f"<div>{fig}{_kv_table(rest) if rest else ''}</div>")
+        sections.append(
+            ("gallery", "Sample gallery", f'<div class="gallery">{"".join(items)}</div>')
+        )
+    for key, title, rel in (
+        ("classifier", "Classifier", "classifier/metrics.json"),
+        ("generator", "Generator training", "generator/metrics.json"),
+        ("bench", "Benchmark", "bench.json"),
+    ):
+        data = _load_json(os.path.join(workdir, rel))
+        if data is not None:
+            sections.append((key, title, _kv_table(data)))
+    sections.append(("config", "Config", f"<pre>{e(config_text)}</pre>"))
+    nav = "".join(f'<a href="#{sid}">{e(title)}</a>' for sid, title, _ in sections)
+    body = "".join(f'<h2 id="{sid}">{e(title)}</h2>{content}' for sid, title, content in sections)
+    page = (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>GEN-CNP report</title><style>{CSS}</style></head><body>"
+        f'<h1>GEN-CNP report</h1><p class="muted">{e(os.path.abspath(workdir))}</p>'
+        f"<nav>{nav}</nav>{body}</body></html>\n"
+    )
+    path = os.path.join(report_dir, "index.html")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(page)
+    return path

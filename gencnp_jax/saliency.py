@@ -1,0 +1,133 @@
+"""Input-space explanations of a (gated) classifier: Grad-CAM and the pathway gradient.
+
+Pure jnp functions; jit them with `graphdef` and `site` bound (e.g. `functools.partial`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gencnp_jax import classifiers
+from gencnp_jax import gates as gates_lib
+
+
+def _class_logit(logits_BxK: jax.Array, classes_B: jax.Array) -> jax.Array:
+    """``f32[B]``: each row's logit of its class (pre-softmax, as in Grad-CAM)."""
+    return jnp.take_along_axis(logits_BxK, classes_B[:, None].astype(jnp.int32), axis=1)[:, 0]
+
+
+def _full_gates(features: Mapping[str, jax.Array], gates: Mapping[str, jax.Array] | None):
+    """`gates` itself, or all-open gates for every site when `gates` is None."""
+    if gates is not None:
+        return dict(gates)
+    return {s: jnp.ones((a.shape[0], a.shape[-1]), jnp.float32) for s, a in features.items()}
+
+
+def site_activation_and_grad(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    images_BxHxWxC: jax.Array,
+    classes_B: jax.Array,
+    site: str,
+    gates: Mapping[str, jax.Array] | None = None,
+    fills: Mapping[str, jax.Array] | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """The gated activation at `site` and the gradient of the class logit w.r.t. it.
+
+    The activation is what flows on from the site, ``g * a + (1 - g) * fill``. Its
+    gradient is exact (no division by the activation): a second pass closes every
+    element of `site` (4-D gate of zeros) and passes that activation in as the fill
+    value, so the layers after `site` see it unchanged and it is the only input
+    there; ``jax.grad`` w.r.t. it is ``d y_c / d act``. This relies on
+    `apply_gate` broadcasting a per-element fill ``f32[B, h, w, C]``.
+
+    Returns:
+      ``(act_Bxhxwxc, grad_Bxhxwxc)``.
+    """
+    _, features = classifiers.forward(graphdef, state, images_BxHxWxC, gates, fills)
+    if site not in features:
+        raise KeyError(f"unknown gate site {site!r}; the classifier's sites: {list(features)}")
+    gates = _full_gates(features, gates)
+    act = gates_lib.apply_gate(features[site], site, gates, fills)
+    act = jax.lax.stop_gradient(act)
+
+    def logit_sum(act_in):
+        site_gates = {**gates, site: jnp.zeros(act_in.shape, jnp.float32)}
+        site_fills = {**(fills or {}), site: act_in}
+        logits, _ = classifiers.forward(graphdef, state, images_BxHxWxC, site_gates, site_fills)
+        # Instances are independent at inference, so the sum's gradient is per-instance.
+        return jnp.sum(_class_logit(logits, classes_B))
+
+    return act, jax.grad(logit_sum)(act)
+
+
+def grad_cam(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    images_BxHxWxC: jax.Array,
+    classes_B: jax.Array,
+    site: str,
+    gates: Mapping[str, jax.Array] | None = None,
+    fills: Mapping[str, jax.Array] | None = None,
+) -> jax.Array:
+    """Grad-CAM (Selvaraju et al. 2017) of the class logit at a gate site.
+
+    ``alpha_k = mean_ij d y_c / d A_ij^k``, ``cam = ReLU(sum_k alpha_k A^k)`` with
+    ``A`` the site's gated activation (so the map shows the pathway model when
+    `gates` is given, the full model when None), bilinearly upsampled to the image
+    size and divided by its per-image maximum (an all-zero map stays zero).
+
+    Args:
+      graphdef: the classifier's graph definition.
+      state: the classifier's state.
+      images_BxHxWxC: input images.
+      classes_B: the class to explain per image (int).
+      site: the gate site whose activation is used (often the deepest).
+      gates: the pathway's gates (``site -> f32[B, C]``); None = full model.
+      fills: ablation value of closed gates (``site -> f32[C]``); None = zero.
+
+    Returns:
+      ``f32[B, H, W]`` in ``[0, 1]``.
+    """
+    act, grad = site_activation_and_grad(
+        graphdef, state, images_BxHxWxC, classes_B, site, gates, fills
+    )
+    alpha_BxC = jnp.mean(grad, axis=(1, 2))
+    cam_Bxhxw = jax.nn.relu(jnp.einsum("bhwc,bc->bhw", act, alpha_BxC))
+    b, h, w = images_BxHxWxC.shape[:3]
+    cam_BxHxW = jax.nn.relu(jax.image.resize(cam_Bxhxw, (b, h, w), method="bilinear"))
+    peak = jnp.max(cam_BxHxW, axis=(1, 2), keepdims=True)
+    return jnp.where(peak > 0, cam_BxHxW / jnp.where(peak > 0, peak, 1.0), 0.0)
+
+
+def pathway_gradient(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    images_BxHxWxC: jax.Array,
+    classes_B: jax.Array,
+    gates: Mapping[str, jax.Array] | None,
+    fills: Mapping[str, jax.Array] | None = None,
+) -> jax.Array:
+    """Pathway gradient (Khakzar et al. 2021): ``d y_c / d x`` through the gated model.
+
+    Args:
+      graphdef: the classifier's graph definition.
+      state: the classifier's state.
+      images_BxHxWxC: input images.
+      classes_B: the class whose logit ``y_c`` is differentiated, per image.
+      gates: the pathway's gates; None gives the plain input gradient.
+      fills: ablation value of closed gates; None = zero.
+
+    Returns:
+      ``f32[B, H, W, C]``, the same shape as the images.
+    """
+
+    def logit_sum(x):
+        logits, _ = classifiers.forward(graphdef, state, x, gates, fills)
+        return jnp.sum(_class_logit(logits, classes_B))
+
+    return jax.grad(logit_sum)(images_BxHxWxC)
