@@ -1,6 +1,6 @@
 """gencnp_jax entry point: flags, optional multi-host start, one library call per mode.
 
-    python launch.py --config=configs/default.py --workdir=runs/default --mode=all
+python launch.py --config=configs/default.py --workdir=runs/default --mode=all
 """
 
 from absl import app, flags
@@ -9,12 +9,14 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.")
 _MODE = flags.DEFINE_enum(
-    "mode", "all",
+    "mode",
+    "all",
     ["train_classifier", "train_generator", "build_bank", "evaluate", "report", "bench", "all"],
     "Which stage to run; `all` runs every stage, skipping those already complete.",
 )
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0, for multi-host runs.")
+    "coordinator_address", None, "host:port of process 0, for multi-host runs."
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (hosts).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["workdir"])

@@ -20,7 +20,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "fashion_mnist"  # our offline TFDS builder; others use stock TFDS builders
     c.data.data_dir = "~/tensorflow_datasets"
-    c.data.manual_dir = "/usr/share/datasets/fashion-mnist"  # IDX files (apt: dataset-fashion-mnist)
+    c.data.manual_dir = (
+        "/usr/share/datasets/fashion-mnist"  # IDX files (apt: dataset-fashion-mnist)
+    )
     c.data.train_limit = 0  # 0 = the whole split; >0 caps it (tests)
     c.data.test_limit = 0
 
@@ -34,6 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.classifier.weight_decay = 1e-4
     c.classifier.warmup_steps = 100
     c.classifier.grad_clip = 1.0
+    c.classifier.channel_dropout = 0.2  # ours: channel redundancy that sparse pathways need
     c.classifier.checkpoint_every = 200
     c.classifier.log_every = 50
     c.classifier.eval_batch_size = 500

@@ -1,6 +1,6 @@
 """ResNet-style variant of the default config (basic blocks with skip connections).
 
-    python launch.py --config=configs/resnet.py --workdir=runs/resnet --mode=train_classifier
+python launch.py --config=configs/resnet.py --workdir=runs/resnet --mode=train_classifier
 """
 
 from configs import default

@@ -70,8 +70,12 @@ class Checkpointer:
                 )
                 return s, restored.state, dict(restored.meta or {})
             except Exception as err:  # any read failure means this step is unusable
-                log.warning("checkpoint step %d in %s is damaged (%s); trying an older one",
-                            s, self.directory, type(err).__name__)
+                log.warning(
+                    "checkpoint step %d in %s is damaged (%s); trying an older one",
+                    s,
+                    self.directory,
+                    type(err).__name__,
+                )
                 damaged.append(s)
         raise CheckpointError(
             f"no usable checkpoint in {self.directory}: steps {damaged} are damaged. "

@@ -83,7 +83,9 @@ class BasicBlock(nnx.Module):
         self.conv2 = ConvBN(cout, cout, rngs=rngs)
         needs_proj = stride != 1 or cin != cout
         self.proj = nnx.data(
-            nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs) if needs_proj else None
+            nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs)
+            if needs_proj
+            else None
         )
 
     def __call__(self, x, site, gates, fills, features, train):
@@ -145,7 +147,9 @@ def make_classifier(
         return VGG(widths, num_classes, in_channels, depth, rngs=rngs)
     if name == "resnet":
         return ResNet(widths, num_classes, in_channels, depth, rngs=rngs)
-    raise ValueError(f"unknown classifier {name!r}: choose one of {CLASSIFIERS} (config.classifier.name)")
+    raise ValueError(
+        f"unknown classifier {name!r}: choose one of {CLASSIFIERS} (config.classifier.name)"
+    )
 
 
 def forward(graphdef: nnx.GraphDef, state: nnx.State, images, gates=None, fills=None):

@@ -33,9 +33,7 @@ class Classifier:
 def load_data(config, split: str) -> data.ArraySplit:
     """Loads a split as uint8 numpy arrays, capped by `data.{train,test}_limit`."""
     d = config.data
-    arrays = data.load_split(
-        d.dataset, split, os.path.expanduser(d.data_dir), d.manual_dir or None
-    )
+    arrays = data.load_split(d.dataset, split, os.path.expanduser(d.data_dir), d.manual_dir or None)
     limit = d.train_limit if split == "train" else d.test_limit
     if limit and limit < len(arrays.labels):
         arrays = dataclasses.replace(

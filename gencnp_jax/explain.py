@@ -1,7 +1,7 @@
 """Explaining inputs with a trained generator: the pure `explain` and a notebook helper.
 
-    explainer = Explainer.from_workdir(config, "runs/default")
-    pathway = explainer(images_uint8)        # Pathway: gates, scores, logits
+explainer = Explainer.from_workdir(config, "runs/default")
+pathway = explainer(images_uint8)        # Pathway: gates, scores, logits
 """
 
 from __future__ import annotations
@@ -30,33 +30,48 @@ def explain(
 ) -> Pathway:
     """GEN-CNP in one pass: clean forward, generator, gated forward (pure, jit-able)."""
     full_logits_BxK, features = classifiers.forward(cls_graphdef, cls_state, images_BxHxWxC)
-    scores, gates, _ = generator.explain_scores(gen_graphdef, gen_state, features,
-                                                temperature, sigma)
-    pathway_logits_BxK, _ = classifiers.forward(cls_graphdef, cls_state, images_BxHxWxC,
-                                                gates, fills)
+    scores, gates, _ = generator.explain_scores(
+        gen_graphdef, gen_state, features, temperature, sigma
+    )
+    pathway_logits_BxK, _ = classifiers.forward(
+        cls_graphdef, cls_state, images_BxHxWxC, gates, fills
+    )
     return Pathway.create(gates, scores, full_logits_BxK, pathway_logits_BxK)
 
 
 def channel_means(cls_graphdef, cls_state, images_uint8, normalize, batch_size=500):
     """Training-set mean activation per channel of every site (mean-ablation fills)."""
-    fwd = jax.jit(lambda s, x: jax.tree.map(lambda a: jnp.sum(a, axis=(0, 1, 2)),
-                                            classifiers.forward(cls_graphdef, s, x)[1]))
+    fwd = jax.jit(
+        lambda s, x: jax.tree.map(
+            lambda a: jnp.sum(a, axis=(0, 1, 2)), classifiers.forward(cls_graphdef, s, x)[1]
+        )
+    )
     sums, count = None, 0
     for start in range(0, len(images_uint8), batch_size):
-        batch = images_uint8[start:start + batch_size]
+        batch = images_uint8[start : start + batch_size]
         out = fwd(cls_state, normalize(batch))
         sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
         count += len(batch)
-    _, feats = jax.eval_shape(lambda s, x: classifiers.forward(cls_graphdef, s, x), cls_state,
-                              jnp.zeros((1, *images_uint8.shape[1:]), jnp.float32))
+    _, feats = jax.eval_shape(
+        lambda s, x: classifiers.forward(cls_graphdef, s, x),
+        cls_state,
+        jnp.zeros((1, *images_uint8.shape[1:]), jnp.float32),
+    )
     per_pixel = {s: f.shape[1] * f.shape[2] for s, f in feats.items()}
     return {s: np.asarray(v) / (count * per_pixel[s]) for s, v in sums.items()}
 
 
 def new_generator(config, site_channels, num_classes) -> generator.Generator:
     g = config.generator
-    return generator.Generator(site_channels, num_classes, g.hidden, g.cell, tuple(g.pooling),
-                               g.init_open, rngs=nnx.Rngs(config.seed + 1))
+    return generator.Generator(
+        site_channels,
+        num_classes,
+        g.hidden,
+        g.cell,
+        tuple(g.pooling),
+        g.init_open,
+        rngs=nnx.Rngs(config.seed + 1),
+    )
 
 
 def generator_dir(workdir: str) -> str:
@@ -74,7 +89,8 @@ def load_generator(config, workdir: str, classifier: context.Classifier):
     if restored is None:
         raise context.StageOrderError(
             f"no trained generator in {generator_dir(workdir)}: run "
-            f"`python launch.py --config=... --workdir={workdir} --mode=train_generator` first")
+            f"`python launch.py --config=... --workdir={workdir} --mode=train_generator` first"
+        )
     _, tree, _ = restored
     fills = tree["means"] if config.generator.ablation == "mean" else None
     return graphdef, tree["generator"], fills, tree["means"]
@@ -87,8 +103,11 @@ class Explainer:
         self.config, self.classifier = config, classifier
         self.gen_graphdef, self.gen_state, self.fills = gen_graphdef, gen_state, fills
         g = config.generator
-        self._explain = jax.jit(lambda gs, cs, x, f: explain(
-            gen_graphdef, gs, classifier.graphdef, cs, x, g.daq_temperature, g.daq_sigma, f))
+        self._explain = jax.jit(
+            lambda gs, cs, x, f: explain(
+                gen_graphdef, gs, classifier.graphdef, cs, x, g.daq_temperature, g.daq_sigma, f
+            )
+        )
 
     @classmethod
     def from_workdir(cls, config, workdir: str) -> Explainer:

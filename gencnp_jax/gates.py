@@ -12,7 +12,9 @@ import jax
 import jax.numpy as jnp
 
 Gates = dict[str, jax.Array]
-Fills = dict[str, jax.Array]  # site -> f32[C] (or broadcastable, e.g. f32[B,H,W,C]): what a closed gate leaves
+Fills = dict[
+    str, jax.Array
+]  # site -> f32[C] (or broadcastable, e.g. f32[B,H,W,C]): what a closed gate leaves
 SiteChannels = dict[str, int]  # site -> channel count, ordered shallow to deep
 
 

@@ -45,8 +45,14 @@ class MetricWriter:
 
 def progress(total: int, initial: int = 0, desc: str = ""):
     """A tqdm bar on process 0 only (disabled elsewhere)."""
-    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
-                disable=jax.process_index() != 0, mininterval=1.0)
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        dynamic_ncols=True,
+        disable=jax.process_index() != 0,
+        mininterval=1.0,
+    )
 
 
 def write_json(path: str, payload: dict) -> None:

@@ -106,9 +106,7 @@ def run_all(config, workdir: str) -> dict:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from gencnp_jax import checkpointing, context, data
-
-    from gencnp_jax import validation
+    from gencnp_jax import checkpointing, context, data, validation
 
     errors = [UserError, validation.ConfigError, context.StageOrderError, checkpointing.CheckpointError,
               data.DatasetError, FloatingPointError]

@@ -20,17 +20,34 @@ from gencnp_jax import checkpointing, classifiers, context, data, logging_utils,
 
 def make_optimizer(lr: float, weight_decay: float, warmup: int, total: int, clip: float):
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup, total - 1), total)
-    return optax.chain(optax.clip_by_global_norm(clip), optax.adamw(schedule, weight_decay=weight_decay))
+    return optax.chain(
+        optax.clip_by_global_norm(clip), optax.adamw(schedule, weight_decay=weight_decay)
+    )
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
-    """`step(state, images, labels) -> (state, metrics)`, compiled once, state donated."""
+def channel_dropout_gates(key, site_channels, batch: int, rate: jax.Array):
+    """Inverted channel dropout expressed as gates: kept channels scaled by 1/(1-rate)."""
+    keys = jax.random.split(key, len(site_channels))
+    keep = 1.0 - rate
+    return {
+        site: jax.random.bernoulli(k, keep, (batch, c)).astype(jnp.float32) / keep
+        for k, (site, c) in zip(keys, sorted(site_channels.items()), strict=True)
+    }
 
-    def step(state, images_BxHxWxC, labels_B):
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, site_channels):
+    """`step(state, images, labels, key, dropout) -> (state, metrics)`, compiled once.
+
+    `dropout` is the channel-dropout rate at every gate site (0 = none): it trains the
+    classifier to tolerate closed channels, the redundancy sparse pathways need.
+    """
+
+    def step(state, images_BxHxWxC, labels_B, key, dropout):
         model = nnx.merge(graphdef, state["params"], state["rest"])
+        gates = channel_dropout_gates(key, site_channels, images_BxHxWxC.shape[0], dropout)
 
         def loss_fn(model):
-            logits_BxK, _ = model(images_BxHxWxC, train=True)
+            logits_BxK, _ = model(images_BxHxWxC, gates, train=True)
             loss = optax.softmax_cross_entropy_with_integer_labels(logits_BxK, labels_B).mean()
             return loss, jnp.mean(jnp.argmax(logits_BxK, -1) == labels_B)
 
@@ -38,8 +55,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
         params = nnx.state(model, nnx.Param)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         _, _, rest = nnx.split(model, nnx.Param, ...)
-        new_state = {"params": optax.apply_updates(params, updates), "rest": rest,
-                     "opt_state": opt_state}
+        new_state = {
+            "params": optax.apply_updates(params, updates),
+            "rest": rest,
+            "opt_state": opt_state,
+        }
         return new_state, {"train/loss": loss, "train/accuracy": accuracy}
 
     return jax.jit(step, donate_argnums=0)
@@ -47,7 +67,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
 
 def make_predict(graphdef: nnx.GraphDef):
     """`predict(state, images, gates=None) -> logits`, jit-compiled (gates optional)."""
-    return jax.jit(lambda state, images, gates=None: classifiers.forward(graphdef, state, images, gates)[0])
+    return jax.jit(
+        lambda state, images, gates=None: classifiers.forward(graphdef, state, images, gates)[0]
+    )
 
 
 def predict_split(predict, state, images_uint8, config, mesh, batch_size, gates_fn=None):
@@ -64,8 +86,10 @@ def random_drop_agreement(predict, state, split, config, mesh, site_channels, fu
     """Agreement with the full model when `frac` of all channels are closed at random."""
     bs = config.classifier.eval_batch_size
     rng = np.random.default_rng(config.seed)
-    masks = {s: (rng.random((len(split.labels), c)) >= frac).astype(np.float32)
-             for s, c in site_channels.items()}
+    masks = {
+        s: (rng.random((len(split.labels), c)) >= frac).astype(np.float32)
+        for s, c in site_channels.items()
+    }
     gates_fn = lambda idx: {s: sharding.shard_batch(mesh, m[idx]) for s, m in masks.items()}
     logits = predict_split(predict, state, split.images, config, mesh, bs, gates_fn)
     return float(np.mean(logits.argmax(-1) == full_pred))
@@ -90,7 +114,9 @@ def train_classifier(config, workdir: str) -> dict:
     if restored is not None:
         state = restored[1]
     state = sharding.replicate(mesh, state)
-    step_fn = make_train_step(graphdef, tx)
+    step_fn = make_train_step(graphdef, tx, dict(model.site_channels))
+    dropout = jnp.float32(c.channel_dropout)
+    root_key = jax.random.key(config.seed)
     writer = logging_utils.MetricWriter(out_dir)
     bar = logging_utils.progress(total, start, "train_classifier")
     t0, pending = time.time(), None
@@ -99,7 +125,8 @@ def train_classifier(config, workdir: str) -> dict:
         images, labels = sharding.shard_batch(
             mesh, context.normalize(config, train.images[idx]), train.labels[idx]
         )
-        state, metrics = step_fn(state, images, labels)
+        key = jax.random.fold_in(root_key, step)
+        state, metrics = step_fn(state, images, labels, key, dropout)
         if pending is not None:  # the previous step's metrics: no host stall on this one
             _log(writer, bar, *pending)
         pending = (step + 1, metrics) if (step + 1) % c.log_every == 0 else None
@@ -116,8 +143,20 @@ def train_classifier(config, workdir: str) -> dict:
     final_ckpt = checkpointing.Checkpointer(os.path.join(out_dir, "final"), max_to_keep=1)
     final_ckpt.save(total, final)
     final_ckpt.close()
-    return _evaluate(config, workdir, graphdef, final, model, train, test, mesh, total,
-                     train_seconds, start, writer)
+    return _evaluate(
+        config,
+        workdir,
+        graphdef,
+        final,
+        model,
+        train,
+        test,
+        mesh,
+        total,
+        train_seconds,
+        start,
+        writer,
+    )
 
 
 def _log(writer, bar, step, metrics):
@@ -126,11 +165,15 @@ def _log(writer, bar, step, metrics):
         bad = [k for k, v in values.items() if not np.isfinite(v)]
         raise FloatingPointError(f"non-finite {bad} at step {step}: lower the learning rate")
     writer.write(step, values)
-    bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in values.items()})
+    shown = {
+        k.split("/")[-1]: f"{v:.3f}" for k, v in values.items() if k.startswith(("loss/", "train/"))
+    }
+    bar.set_postfix(shown)
 
 
-def _evaluate(config, workdir, graphdef, final, model, train, test, mesh, total, secs, start,
-              writer):
+def _evaluate(
+    config, workdir, graphdef, final, model, train, test, mesh, total, secs, start, writer
+):
     full_model = nnx.merge(graphdef, final["params"], final["rest"])
     gd, full_state = nnx.split(full_model)
     predict = make_predict(gd)
@@ -141,7 +184,8 @@ def _evaluate(config, workdir, graphdef, final, model, train, test, mesh, total,
         "test_accuracy": float(np.mean(pred == test.labels)),
         "num_params": classifiers.num_params(full_state),
         "random_drop10_agreement": random_drop_agreement(
-            predict, full_state, test, config, mesh, model.site_channels, pred),
+            predict, full_state, test, config, mesh, model.site_channels, pred
+        ),
         "train_steps": total,
         "train_seconds": secs,
         "train_steps_per_second": (total - start) / max(secs, 1e-9),

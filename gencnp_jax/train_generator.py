@@ -17,8 +17,19 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gencnp_jax import (checkpointing, classifiers, context, daq, data, explain, losses,
-                        logging_utils, metrics, sharding, train_classifier)
+from gencnp_jax import (
+    checkpointing,
+    classifiers,
+    context,
+    daq,
+    data,
+    explain,
+    logging_utils,
+    losses,
+    metrics,
+    sharding,
+    train_classifier,
+)
 from gencnp_jax import gates as gates_lib
 
 
@@ -37,15 +48,24 @@ class StepHParams:
 
 def hparams_from_config(g) -> tuple[StepHParams, losses.LossWeights]:
     f = lambda v: jnp.asarray(v, jnp.float32)
-    hp = StepHParams(f(g.daq_temperature), f(g.daq_sigma), f(g.tau), f(g.hinge_margin),
-                     f(g.leak_margin), f(g.sparsity_ramp_steps), f(g.bank_decay))
-    weights = losses.LossWeights.create(kd=g.w_kd, hinge=g.w_hinge, sparsity=g.w_sparsity,
-                                        pdn=g.w_pdn, pull=g.w_pull, leak=g.w_leak)
+    hp = StepHParams(
+        f(g.daq_temperature),
+        f(g.daq_sigma),
+        f(g.tau),
+        f(g.hinge_margin),
+        f(g.leak_margin),
+        f(g.sparsity_ramp_steps),
+        f(g.bank_decay),
+    )
+    weights = losses.LossWeights.create(
+        kd=g.w_kd, hinge=g.w_hinge, sparsity=g.w_sparsity, pdn=g.w_pdn, pull=g.w_pull, leak=g.w_leak
+    )
     return hp, weights
 
 
-def _loss_terms(model, cls_graphdef, cls_state, fills, images, full_logits, pred, partner,
-                has_partner, bank, hp):
+def _loss_terms(
+    model, cls_graphdef, cls_state, fills, images, full_logits, pred, partner, has_partner, bank, hp
+):
     """Every loss term of §4 for one batch; one gated pass covers x and its partners x'."""
     features = classifiers.forward(cls_graphdef, cls_state, images)[1]
     scores, q_logits_BxK = model(features)
@@ -61,8 +81,9 @@ def _loss_terms(model, cls_graphdef, cls_state, fills, images, full_logits, pred
         "sparsity": losses.sparsity(scores),
         "pdn": losses.pdn_kl(full_logits, q_logits_BxK),
         "pull": losses.class_pull(scores_flat, bank["scores"], pred, bank["counts"]),
-        "leak": losses.leakage_hinge(full_logits[partner], partner_logits, pred, has_partner,
-                                     hp.leak_margin),
+        "leak": losses.leakage_hinge(
+            full_logits[partner], partner_logits, pred, has_partner, hp.leak_margin
+        ),
     }
     return terms, gates, pathway_logits, scores_flat
 
@@ -74,31 +95,49 @@ def make_train_step(gen_graphdef: nnx.GraphDef, cls_graphdef: nnx.GraphDef, tx):
         full_logits = classifiers.forward(cls_graphdef, cls_state, images)[0]
         pred = jnp.argmax(full_logits, -1)
         partner, has_partner = losses.partner_indices(pred)
-        w = weights.replace(sparsity=losses.sparsity_ramp(step_idx, hp.ramp_steps,
-                                                          weights.sparsity))
+        w = weights.replace(
+            sparsity=losses.sparsity_ramp(step_idx, hp.ramp_steps, weights.sparsity)
+        )
         model = nnx.merge(gen_graphdef, gen["params"], gen["rest"])
 
         def loss_fn(model):
             terms, gates, pathway_logits, scores_flat = _loss_terms(
-                model, cls_graphdef, cls_state, fills, images, full_logits, pred, partner,
-                has_partner, bank, hp)
+                model,
+                cls_graphdef,
+                cls_state,
+                fills,
+                images,
+                full_logits,
+                pred,
+                partner,
+                has_partner,
+                bank,
+                hp,
+            )
             loss, aux = losses.total_loss(terms, w)
             return loss, (aux, gates, pathway_logits, scores_flat)
 
         (_, (aux, gates, pathway_logits, scores_flat)), grads = nnx.value_and_grad(
-            loss_fn, has_aux=True)(model)
+            loss_fn, has_aux=True
+        )(model)
         params = nnx.state(model, nnx.Param)
         updates, opt_state = tx.update(grads, gen["opt_state"], params)
-        new_gen = {"params": optax.apply_updates(params, updates), "rest": gen["rest"],
-                   "opt_state": opt_state}
+        new_gen = {
+            "params": optax.apply_updates(params, updates),
+            "rest": gen["rest"],
+            "opt_state": opt_state,
+        }
         new_scores, new_counts = losses.bank_ema_update(
-            bank["scores"], bank["counts"], scores_flat, pred, hp.bank_decay)
+            bank["scores"], bank["counts"], scores_flat, pred, hp.bank_decay
+        )
         density_B = gates_lib.density(gates)
-        out = {**aux, "train/density": jnp.mean(density_B),
-               "train/density_std": jnp.std(density_B),
-               "train/agreement": metrics.agreement(full_logits, pathway_logits),
-               **{f"gates/{s}/density": jnp.mean(d)
-                  for s, d in gates_lib.site_density(gates).items()}}
+        out = {
+            **aux,
+            "train/density": jnp.mean(density_B),
+            "train/density_std": jnp.std(density_B),
+            "train/agreement": metrics.agreement(full_logits, pathway_logits),
+            **{f"gates/{s}/density": jnp.mean(d) for s, d in gates_lib.site_density(gates).items()},
+        }
         return new_gen, {"scores": new_scores, "counts": new_counts}, out
 
     return jax.jit(step, donate_argnums=(0, 1))
@@ -108,12 +147,13 @@ def _init(config, classifier):
     g = config.generator
     model = explain.new_generator(config, classifier.site_channels, classifier.num_classes)
     gen_graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = train_classifier.make_optimizer(g.learning_rate, 0.0, g.warmup_steps, g.steps,
-                                         g.grad_clip)
+    tx = train_classifier.make_optimizer(g.learning_rate, 0.0, g.warmup_steps, g.steps, g.grad_clip)
     n = sum(classifier.site_channels.values())
     gen = {"params": params, "rest": rest, "opt_state": tx.init(params)}
-    bank = {"scores": jnp.zeros((classifier.num_classes, n), jnp.float32),
-            "counts": jnp.zeros((classifier.num_classes,), jnp.float32)}
+    bank = {
+        "scores": jnp.zeros((classifier.num_classes, n), jnp.float32),
+        "counts": jnp.zeros((classifier.num_classes,), jnp.float32),
+    }
     return gen_graphdef, tx, gen, bank
 
 
@@ -144,8 +184,9 @@ def train_generator(config, workdir: str) -> dict:
     for step in range(start, g.steps):
         idx = data.batch_indices(len(train.labels), g.batch_size, config.seed + 1, step)
         images = sharding.shard_batch(mesh, norm(train.images[idx]))
-        gen, bank, out = step_fn(gen, bank, cls_state, fills_dev, images, jnp.int32(step),
-                                 weights, hp)
+        gen, bank, out = step_fn(
+            gen, bank, cls_state, fills_dev, images, jnp.int32(step), weights, hp
+        )
         if pending is not None:
             train_classifier._log(writer, bar, *pending)
         pending = (step + 1, out) if (step + 1) % g.log_every == 0 else None
@@ -163,8 +204,12 @@ def train_generator(config, workdir: str) -> dict:
     final.save(g.steps, {"generator": gen_state, "means": means})
     final.close()
     result = evaluate_split(config, classifier, gen_graphdef, gen_state, fills_dev, test, mesh)
-    result.update(train_seconds=seconds, train_steps=g.steps, resumed_from_step=start,
-                  train_steps_per_second=(g.steps - start) / max(seconds, 1e-9))
+    result.update(
+        train_seconds=seconds,
+        train_steps=g.steps,
+        resumed_from_step=start,
+        train_steps_per_second=(g.steps - start) / max(seconds, 1e-9),
+    )
     writer.write(g.steps, {f"test/{k}": v for k, v in result.items()})
     writer.close()
     logging_utils.write_json(os.path.join(out_dir, "metrics.json"), result)
@@ -175,15 +220,22 @@ def pathway_outputs(gen_graphdef, cls_graphdef, temperature, sigma):
     """A jitted fn: per-instance outputs of GEN-CNP on a batch, for the metrics."""
 
     def fn(gen_state, cls_state, fills, images):
-        p = explain.explain(gen_graphdef, gen_state, cls_graphdef, cls_state, images,
-                            temperature, sigma, fills)
+        p = explain.explain(
+            gen_graphdef, gen_state, cls_graphdef, cls_state, images, temperature, sigma, fills
+        )
         partner, has_partner = metrics.different_class_partners(p.explained_class)
-        partner_logits, _ = classifiers.forward(cls_graphdef, cls_state, images[partner],
-                                                p.gates, fills)
-        return {"full_logits": p.full_logits, "pathway_logits": p.pathway_logits,
-                "classes": p.explained_class, "gates_flat": gates_lib.flatten(p.gates),
-                "partner_logits": partner_logits, "partner_classes": p.explained_class[partner],
-                "has_partner": has_partner}
+        partner_logits, _ = classifiers.forward(
+            cls_graphdef, cls_state, images[partner], p.gates, fills
+        )
+        return {
+            "full_logits": p.full_logits,
+            "pathway_logits": p.pathway_logits,
+            "classes": p.explained_class,
+            "gates_flat": gates_lib.flatten(p.gates),
+            "partner_logits": partner_logits,
+            "partner_classes": p.explained_class[partner],
+            "has_partner": has_partner,
+        }
 
     return jax.jit(fn)
 
@@ -208,6 +260,7 @@ def evaluate_split(config, classifier, gen_graphdef, gen_state, fills, split, me
         "density_std": float(jnp.std(density_B)),
         "mDC": float(metrics.mDC(c["full_logits"], c["pathway_logits"])),
         "mIC": float(metrics.mIC(c["full_logits"], c["pathway_logits"])),
-        "leakage": float(metrics.leakage(c["partner_logits"], c["classes"],
-                                         c["partner_classes"], pairs)),
+        "leakage": float(
+            metrics.leakage(c["partner_logits"], c["classes"], c["partner_classes"], pairs)
+        ),
     }

@@ -16,8 +16,9 @@ def check_config(config) -> None:
     """Raises ConfigError for unknown names and impossible sizes."""
     c = config.classifier
     if c.name not in classifiers.CLASSIFIERS:
-        raise ConfigError(f"config.classifier.name={c.name!r} is unknown: choose one of "
-                          f"{classifiers.CLASSIFIERS}")
+        raise ConfigError(
+            f"config.classifier.name={c.name!r} is unknown: choose one of {classifiers.CLASSIFIERS}"
+        )
     if not c.widths or any(int(w) <= 0 for w in c.widths):
         raise ConfigError(f"config.classifier.widths={tuple(c.widths)} must be positive ints")
     for section in ("classifier", "generator"):
@@ -25,8 +26,10 @@ def check_config(config) -> None:
         if bs <= 0:
             raise ConfigError(f"config.{section}.batch_size={bs} must be positive")
     if config.generator.ablation not in ("zero", "mean"):
-        raise ConfigError(f"config.generator.ablation={config.generator.ablation!r}: "
-                          "choose 'zero' or 'mean'")
+        raise ConfigError(
+            f"config.generator.ablation={config.generator.ablation!r}: choose 'zero' or 'mean'"
+        )
     if config.bank.class_source not in ("prediction", "label"):
-        raise ConfigError(f"config.bank.class_source={config.bank.class_source!r}: "
-                          "choose 'prediction' or 'label'")
+        raise ConfigError(
+            f"config.bank.class_source={config.bank.class_source!r}: choose 'prediction' or 'label'"
+        )
