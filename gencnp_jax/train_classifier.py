@@ -25,26 +25,37 @@ def make_optimizer(lr: float, weight_decay: float, warmup: int, total: int, clip
     )
 
 
-def channel_dropout_gates(key, site_channels, batch: int, rate: jax.Array):
-    """Inverted channel dropout expressed as gates: kept channels scaled by 1/(1-rate)."""
-    keys = jax.random.split(key, len(site_channels))
-    keep = 1.0 - rate
+def channel_dropout_gates(key, site_channels, batch: int, rate: jax.Array, variable: jax.Array):
+    """Channel dropout expressed as gates at every site.
+
+    Fixed mode (`variable` = 0): inverted dropout at `rate` (kept channels scaled by
+    1/(1-rate)). Variable mode (`variable` = 1): each sample draws its own rate from
+    U(0, rate) and kept channels are *not* rescaled, so the classifier trains on exactly
+    the kind of 0/1-gated inputs it is explained with, at densities from 1 down to 1-rate.
+    """
+    rate_key, *keys = jax.random.split(key, len(site_channels) + 1)
+    sample_rate_B = jax.random.uniform(rate_key, (batch,), maxval=rate)
+    rate_B = jnp.where(variable > 0, sample_rate_B, rate)[:, None]
+    keep_B = 1.0 - rate_B
+    scale_B = jnp.where(variable > 0, 1.0, 1.0 / keep_B)
     return {
-        site: jax.random.bernoulli(k, keep, (batch, c)).astype(jnp.float32) / keep
+        site: jax.random.bernoulli(k, keep_B, (batch, c)).astype(jnp.float32) * scale_B
         for k, (site, c) in zip(keys, sorted(site_channels.items()), strict=True)
     }
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, site_channels):
-    """`step(state, images, labels, key, dropout) -> (state, metrics)`, compiled once.
+    """`step(state, images, labels, key, dropout, variable) -> (state, metrics)`, compiled once.
 
     `dropout` is the channel-dropout rate at every gate site (0 = none): it trains the
     classifier to tolerate closed channels, the redundancy sparse pathways need.
     """
 
-    def step(state, images_BxHxWxC, labels_B, key, dropout):
+    def step(state, images_BxHxWxC, labels_B, key, dropout, variable):
         model = nnx.merge(graphdef, state["params"], state["rest"])
-        gates = channel_dropout_gates(key, site_channels, images_BxHxWxC.shape[0], dropout)
+        gates = channel_dropout_gates(
+            key, site_channels, images_BxHxWxC.shape[0], dropout, variable
+        )
 
         def loss_fn(model):
             logits_BxK, _ = model(images_BxHxWxC, gates, train=True)
@@ -116,6 +127,7 @@ def train_classifier(config, workdir: str) -> dict:
     state = sharding.replicate(mesh, state)
     step_fn = make_train_step(graphdef, tx, dict(model.site_channels))
     dropout = jnp.float32(c.channel_dropout)
+    variable = jnp.float32(c.dropout_mode == "variable")
     root_key = jax.random.key(config.seed)
     writer = logging_utils.MetricWriter(out_dir)
     bar = logging_utils.progress(total, start, "train_classifier")
@@ -126,7 +138,7 @@ def train_classifier(config, workdir: str) -> dict:
             mesh, context.normalize(config, train.images[idx]), train.labels[idx]
         )
         key = jax.random.fold_in(root_key, step)
-        state, metrics = step_fn(state, images, labels, key, dropout)
+        state, metrics = step_fn(state, images, labels, key, dropout, variable)
         if pending is not None:  # the previous step's metrics: no host stall on this one
             _log(writer, bar, *pending)
         pending = (step + 1, metrics) if (step + 1) % c.log_every == 0 else None

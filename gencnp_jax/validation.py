@@ -25,6 +25,10 @@ def check_config(config) -> None:
         bs = config[section].batch_size
         if bs <= 0:
             raise ConfigError(f"config.{section}.batch_size={bs} must be positive")
+    if c.dropout_mode not in ("fixed", "variable"):
+        raise ConfigError(
+            f"config.classifier.dropout_mode={c.dropout_mode!r}: choose 'fixed' or 'variable'"
+        )
     if config.generator.ablation not in ("zero", "mean"):
         raise ConfigError(
             f"config.generator.ablation={config.generator.ablation!r}: choose 'zero' or 'mean'"
