@@ -1,0 +1,74 @@
+"""Tests of the stage pipeline (pipeline.py): `run_all` runs every stage once, in order.
+
+On the tiny config and synthetic data, then again: the second run must find every stage
+complete (its DONE file present) and call none of them. The training stages start from the
+session's trained run (conftest); tests/test_notebook.py runs all five from scratch.
+"""
+
+import os
+import shutil
+
+import pytest
+
+from gencnp_jax import pipeline
+
+
+def _no_stage(mode):
+    raise AssertionError(f"stage {mode!r} was run although it is complete")
+
+
+@pytest.mark.slow  # the evaluation stage: 40-90 s on two busy CPU cores
+def test_run_all_then_skip(tiny_config, generator_workdir, tmp_path, capsys, monkeypatch):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(
+        generator_workdir,
+        workdir,
+        ignore=shutil.ignore_patterns(
+            *(os.path.dirname(pipeline.DONE_FILES[m]) for m in pipeline.STAGES[2:])
+        ),
+    )
+    timings = pipeline.run_all(tiny_config, workdir)
+    out = capsys.readouterr().out
+    assert list(timings) == list(pipeline.STAGES)
+    assert timings["train_classifier"] == timings["train_generator"] == "skipped"
+    for mode in pipeline.STAGES:
+        assert pipeline.is_done(mode, workdir), mode
+    for mode in pipeline.STAGES[2:]:
+        assert isinstance(timings[mode], float), (mode, timings[mode])
+        assert f"[{mode}] done in" in out
+    report = os.path.join(workdir, "report", "index.html")
+    assert f"Report: {report}" in out
+
+    monkeypatch.setattr(pipeline, "_stage_fn", _no_stage)
+    timings = pipeline.run_all(tiny_config, workdir)
+    out = capsys.readouterr().out
+    assert timings == {mode: "skipped" for mode in pipeline.STAGES}
+    for mode in pipeline.STAGES:
+        assert f"[{mode}] already complete in {workdir}: skipped" in out
+    assert f"Report: {report}" in out
+
+
+def test_run_all_resumes_after_the_last_complete_stage(tmp_path, capsys, monkeypatch):
+    """Stages already complete are skipped; the others run in order (fake stages)."""
+    workdir = str(tmp_path)
+    calls = []
+
+    def fake_stage(mode):
+        def run(config, wd):
+            assert wd == workdir and config == "config"
+            calls.append(mode)
+            path = os.path.join(wd, pipeline.DONE_FILES[mode])
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            open(path, "w").close()
+
+        return run
+
+    monkeypatch.setattr(pipeline, "_stage_fn", fake_stage)
+    for mode in pipeline.STAGES[:2]:
+        fake_stage(mode)("config", workdir)
+    calls.clear()
+    timings = pipeline.run_all("config", workdir)
+    assert calls == list(pipeline.STAGES[2:])
+    assert [timings[m] for m in pipeline.STAGES[:2]] == ["skipped", "skipped"]
+    out = capsys.readouterr().out
+    assert out.count("already complete") == 2 and "Summary:" in out
