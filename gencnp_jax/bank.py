@@ -1,0 +1,328 @@
+"""Class pathways (DESIGN §5): build a bank from the generator's pathways of `j` samples per
+class, store it with orbax next to a fingerprint of the classifier, and transfer it to new inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import Mapping
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gencnp_jax import checkpointing, classifiers, context, data, explain, logging_utils, sharding
+from gencnp_jax import gates as gates_lib
+
+log = logging.getLogger(__name__)
+BANK_JSON = "bank.json"
+CLASS_SOURCES = ("prediction", "label")
+
+
+class BankMismatchError(Exception):
+    """A stored bank does not belong to the classifier (or config) it is loaded against."""
+
+
+@flax.struct.dataclass
+class ClassBank:
+    """Class pathways of a classifier with ``K`` classes.
+
+    Attributes:
+      freq: ``site -> f32[K, C]``: ``F_c[site, k]``, the fraction of class-c samples whose
+        pathway keeps neuron k.
+      masks: ``site -> f32[K, C]``: the class pathways ``1[F_c >= threshold]`` (exactly 0/1).
+      counts: ``i32[K]``: samples aggregated per class (at most `samples_per_class`). A class
+        with no sample has ``F_c = 0`` and an empty (all-closed) pathway: no evidence was seen
+        for it, and an all-open pathway would pass for a perfect explanation.
+      samples_per_class: ``j``, the samples asked for per class.
+      threshold: ``rho``.
+      class_source: how samples were assigned to classes: "prediction" or "label".
+      fingerprint: `fingerprint` of the classifier the bank was built for.
+    """
+
+    freq: dict[str, jax.Array]
+    masks: dict[str, jax.Array]
+    counts: jax.Array
+    samples_per_class: int = flax.struct.field(pytree_node=False, default=0)
+    threshold: float = flax.struct.field(pytree_node=False, default=0.5)
+    class_source: str = flax.struct.field(pytree_node=False, default="prediction")
+    fingerprint: str = flax.struct.field(pytree_node=False, default="")
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.counts.shape[0])
+
+    @property
+    def site_channels(self) -> dict[str, int]:
+        return {s: int(f.shape[-1]) for s, f in self.freq.items()}
+
+    def class_density(self) -> np.ndarray:
+        """Kept neurons / all neurons of each class pathway: ``f64[K]``."""
+        return np.asarray(gates_lib.density(self.masks), np.float64)
+
+
+def fingerprint(cls_state, site_channels: Mapping[str, int]) -> str:
+    """sha256 over the classifier state's leaves (sorted by path) and its sites with channels."""
+    digest = hashlib.sha256()
+    leaves, _ = jax.tree_util.tree_flatten_with_path(cls_state)
+    for path, leaf in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
+        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            leaf = leaf.addressable_data(0)  # replicated on every device: any shard is all of it
+        array = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape};".encode())
+        digest.update(array.tobytes())
+    digest.update(repr(sorted(site_channels.items())).encode())
+    return digest.hexdigest()
+
+
+def aggregate(
+    gates: Mapping[str, jax.Array],
+    classes_B: jax.Array,
+    num_classes: int,
+    threshold: float,
+    valid_B: jax.Array | None = None,
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array], jax.Array]:
+    """``(freq, masks, counts)``: per-class mean of binary gates and ``freq >= threshold``.
+
+    A class with no (valid) sample gets ``freq = 0`` and so an empty pathway.
+    """
+    w_B = jnp.ones(classes_B.shape, jnp.float32) if valid_B is None else valid_B.astype(jnp.float32)
+    onehot_BxK = jax.nn.one_hot(classes_B, num_classes) * w_B[:, None]
+    counts_K = onehot_BxK.sum(0)
+    freq = {s: (onehot_BxK.T @ g) / jnp.maximum(counts_K, 1.0)[:, None] for s, g in gates.items()}
+    masks = {
+        s: ((f >= threshold) & (counts_K[:, None] > 0)).astype(jnp.float32) for s, f in freq.items()
+    }
+    return freq, masks, counts_K.astype(jnp.int32)
+
+
+def transfer(bank: ClassBank, classes_B: jax.Array) -> gates_lib.Gates:
+    """Class pathway of each sample's class: ``site -> f32[B, C]`` (no generator call; jit-able)."""
+    return {s: m[classes_B] for s, m in bank.masks.items()}
+
+
+def bank_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "bank")
+
+
+def _check_source(class_source: str) -> None:
+    if class_source not in CLASS_SOURCES:
+        raise ValueError(
+            f"config.bank.class_source={class_source!r}: choose one of {CLASS_SOURCES}"
+        )
+
+
+def first_per_class(classes_N: np.ndarray, num_classes: int, j: int) -> np.ndarray:
+    """Indices of the first `j` samples of each class in dataset order, class by class."""
+    return np.concatenate([np.flatnonzero(classes_N == c)[:j] for c in range(num_classes)])
+
+
+def _select(config, classifier, train: data.ArraySplit, mesh) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(indices, classes, scanned)``: the first j training samples of each class.
+
+    By prediction, the split is scanned in batches only until every class has j samples.
+    """
+    j, num_classes = config.bank.samples_per_class, classifier.num_classes
+    if config.bank.class_source == "label":
+        idx = first_per_class(train.labels, num_classes, j)
+        return idx, train.labels[idx].astype(np.int32), len(train.labels)
+    predict = jax.jit(
+        lambda s, x: jnp.argmax(classifiers.forward(classifier.graphdef, s, x)[0], -1)
+    )
+    preds, scanned = [], 0
+    for idx, valid in data.eval_batches(len(train.labels), config.eval.batch_size):
+        images = sharding.shard_batch(mesh, context.normalize(config, train.images[idx]))
+        preds.append(np.asarray(sharding.to_host(predict(classifier.state, images)))[:valid])
+        scanned += valid
+        if np.bincount(np.concatenate(preds), minlength=num_classes).min() >= j:
+            break
+    preds_N = np.concatenate(preds)
+    idx = first_per_class(preds_N, num_classes, j)
+    return idx, preds_N[idx].astype(np.int32), scanned
+
+
+def save_bank(
+    bank: ClassBank, workdir: str, site_order: list[str], extra: dict | None = None
+) -> dict:
+    """Writes the bank checkpoint, then `bank/bank.json` (the stage's completion marker), last.
+
+    Returns:
+      The metadata written to bank.json.
+    """
+    ckpt_dir = os.path.join(bank_dir(workdir), "checkpoint")
+    if jax.process_index() == 0 and os.path.exists(ckpt_dir):
+        shutil.rmtree(ckpt_dir)  # a rebuilt bank replaces the old one (save keeps existing steps)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("bank: old checkpoint removed")
+    counts = [int(n) for n in np.asarray(bank.counts)]
+    meta = {
+        "samples_per_class": bank.samples_per_class,
+        "threshold": bank.threshold,
+        "class_source": bank.class_source,
+        "fingerprint": bank.fingerprint,
+        "num_classes": bank.num_classes,
+        "sites": list(site_order),
+        "site_channels": {s: bank.site_channels[s] for s in site_order},
+    }
+    ckpt = checkpointing.Checkpointer(ckpt_dir, max_to_keep=1)
+    ckpt.save(0, {"freq": bank.freq, "masks": bank.masks, "counts": bank.counts}, meta)
+    ckpt.close()
+    summary = {
+        **meta,
+        "counts": counts,
+        "empty_classes": [c for c, n in enumerate(counts) if n == 0],
+        "class_density": [float(d) for d in bank.class_density()],
+        "class_site_density": {
+            s: [float(v) for v in np.asarray(m).mean(-1)] for s, m in bank.masks.items()
+        },
+        **(extra or {}),
+    }
+    logging_utils.write_json(os.path.join(bank_dir(workdir), BANK_JSON), summary)
+    return summary
+
+
+def _mismatch(workdir: str, why: str) -> BankMismatchError:
+    return BankMismatchError(
+        f"the class-pathway bank in {bank_dir(workdir)} was built for another classifier or "
+        f"config ({why}): rebuild it with `python launch.py --config=... --workdir={workdir} "
+        f"--mode=build_bank`"
+    )
+
+
+def load_bank(config, workdir: str, classifier: context.Classifier) -> ClassBank:
+    """Restores the bank of `workdir` and checks it belongs to `classifier` and `config.bank`.
+
+    Raises:
+      context.StageOrderError: no bank in `workdir`.
+      BankMismatchError: other gate sites, other classifier weights, or other bank settings.
+    """
+    meta = logging_utils.read_json(os.path.join(bank_dir(workdir), BANK_JSON))
+    if meta is None:
+        raise context.StageOrderError(
+            f"no class-pathway bank in {bank_dir(workdir)}: run `python launch.py --config=... "
+            f"--workdir={workdir} --mode=build_bank` first"
+        )
+    sites = dict(classifier.site_channels)
+    if meta["site_channels"] != sites or meta["num_classes"] != classifier.num_classes:
+        raise _mismatch(
+            workdir,
+            f"bank sites {meta['site_channels']} and "
+            f"{meta['num_classes']} classes, classifier sites {sites} and "
+            f"{classifier.num_classes} classes",
+        )
+    k = meta["num_classes"]
+    template = {
+        "freq": {s: np.zeros((k, c), np.float32) for s, c in sites.items()},
+        "masks": {s: np.zeros((k, c), np.float32) for s, c in sites.items()},
+        "counts": np.zeros((k,), np.int32),
+    }
+    ckpt = checkpointing.Checkpointer(os.path.join(bank_dir(workdir), "checkpoint"), max_to_keep=1)
+    restored = ckpt.restore(template)
+    ckpt.close()
+    if restored is None:
+        raise context.StageOrderError(
+            f"{bank_dir(workdir)} has bank.json but no checkpoint: rerun --mode=build_bank"
+        )
+    _, tree, stored = restored
+    current = fingerprint(classifier.state, sites)
+    if stored.get("fingerprint") != current:
+        raise _mismatch(
+            workdir,
+            f"classifier fingerprint {stored.get('fingerprint', '?')[:12]} "
+            f"in the bank, {current[:12]} now: the classifier's weights differ",
+        )
+    b = config.bank
+    wanted = {
+        "samples_per_class": b.samples_per_class,
+        "threshold": b.threshold,
+        "class_source": b.class_source,
+    }
+    differ = {f: (stored.get(f), v) for f, v in wanted.items() if stored.get(f) != v}
+    if differ:
+        raise _mismatch(
+            workdir,
+            "bank vs config.bank: "
+            + ", ".join(f"{f} {a!r} vs {v!r}" for f, (a, v) in differ.items()),
+        )
+    return ClassBank(
+        freq=dict(tree["freq"]),
+        masks=dict(tree["masks"]),
+        counts=jnp.asarray(tree["counts"]),
+        samples_per_class=stored["samples_per_class"],
+        threshold=stored["threshold"],
+        class_source=stored["class_source"],
+        fingerprint=current,
+    )
+
+
+def build_bank(config, workdir: str) -> dict:
+    """Builds the class-pathway bank of `workdir` (launch.py ``--mode=build_bank``).
+
+    Takes the first ``j = config.bank.samples_per_class`` training samples of each class (by
+    the classifier's prediction or by label, `config.bank.class_source`), explains them with
+    the trained generator, and stores ``F_c`` and ``F_c >= config.bank.threshold``. Classes with
+    fewer samples use what there is (`counts` in bank.json); a class with none gets an empty
+    pathway and is listed in ``empty_classes`` (with a warning).
+
+    Returns:
+      The metadata written to ``WORKDIR/bank/bank.json``.
+    """
+    _check_source(config.bank.class_source)
+    t0 = time.time()
+    classifier = context.load_classifier(config, workdir)
+    gen_graphdef, gen_state, fills, _ = explain.load_generator(config, workdir, classifier)
+    train = context.load_data(config, "train")
+    mesh = context.make_mesh(config)
+    sharding.check_batch_size(mesh, config.eval.batch_size)
+    cls_state, gen_state, fills = sharding.replicate(mesh, (classifier.state, gen_state, fills))
+    classifier = dataclasses.replace(classifier, state=cls_state)
+    idx_M, classes_M, scanned = _select(config, classifier, train, mesh)
+    g = config.generator
+    explain_fn = jax.jit(
+        lambda gs, cs, x, f: (
+            explain.explain(
+                gen_graphdef, gs, classifier.graphdef, cs, x, g.daq_temperature, g.daq_sigma, f
+            ).gates
+        )
+    )
+    chunks = []
+    for rows, valid in data.eval_batches(len(idx_M), config.eval.batch_size):
+        images = sharding.shard_batch(mesh, context.normalize(config, train.images[idx_M[rows]]))
+        gates = sharding.to_host(explain_fn(gen_state, classifier.state, images, fills))
+        chunks.append({s: np.asarray(v)[:valid] for s, v in gates.items()})
+    gates_M = {s: jnp.asarray(np.concatenate([c[s] for c in chunks])) for s in chunks[0]}
+    freq, masks, counts = aggregate(
+        gates_M, jnp.asarray(classes_M), classifier.num_classes, config.bank.threshold
+    )
+    bank = ClassBank(
+        freq,
+        masks,
+        counts,
+        config.bank.samples_per_class,
+        float(config.bank.threshold),
+        config.bank.class_source,
+        fingerprint(classifier.state, classifier.site_channels),
+    )
+    short = [(c, int(n)) for c, n in enumerate(np.asarray(counts)) if n < bank.samples_per_class]
+    if short:
+        log.warning(
+            "class-pathway bank: classes with fewer than j=%d samples (class, count): %s",
+            bank.samples_per_class,
+            short,
+        )
+    extra = {
+        "scanned_train_examples": int(scanned),
+        "seconds": round(time.time() - t0, 2),
+        "sample_density_mean": float(jnp.mean(gates_lib.density(gates_M))),
+    }
+    return save_bank(bank, workdir, list(classifier.site_channels), extra)
