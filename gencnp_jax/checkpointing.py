@@ -10,6 +10,7 @@ import logging
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -17,6 +18,18 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint where one was expected."""
+
+
+def _replicated_abstract(leaf) -> jax.ShapeDtypeStruct:
+    """Restore target: the leaf's shape and dtype, replicated over every device.
+
+    Never the sharding the checkpoint was saved with: a run saved on 2 devices must
+    restore on 1 (or on 8, or across hosts).
+    """
+    shape_dtype = ocp.utils.to_shape_dtype_struct(leaf)
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.ShapeDtypeStruct(shape_dtype.shape, shape_dtype.dtype, sharding=replicated)
 
 
 class Checkpointer:
@@ -58,7 +71,7 @@ class Checkpointer:
         steps = [step] if step is not None else self.steps()[::-1]
         if not steps:
             return None
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+        abstract = jax.tree.map(_replicated_abstract, template)
         damaged = []
         for s in steps:
             try:
@@ -71,10 +84,11 @@ class Checkpointer:
                 return s, restored.state, dict(restored.meta or {})
             except Exception as err:  # any read failure means this step is unusable
                 log.warning(
-                    "checkpoint step %d in %s is damaged (%s); trying an older one",
+                    "checkpoint step %d in %s is damaged (%s: %s); trying an older one",
                     s,
                     self.directory,
                     type(err).__name__,
+                    str(err)[:300],
                 )
                 damaged.append(s)
         raise CheckpointError(

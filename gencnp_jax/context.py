@@ -61,17 +61,21 @@ def classifier_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "classifier")
 
 
-def classifier_template(config) -> tuple[nnx.Module, dict]:
-    """A fresh model and the train-state pytree its checkpoints have."""
+def classifier_template(config, abstract: bool = False) -> tuple[nnx.Module, dict]:
+    """A fresh model and the train-state pytree its checkpoints have.
+
+    `abstract` builds shapes only (`nnx.eval_shape`): enough to restore into, and free.
+    """
     hwc, num_classes = data.dataset_info(config.data.dataset)
-    model = new_classifier(config, num_classes, hwc[-1])
+    build = lambda: new_classifier(config, num_classes, hwc[-1])
+    model = nnx.eval_shape(build) if abstract else build()
     _, params, rest = nnx.split(model, nnx.Param, ...)
     return model, {"params": params, "rest": rest}
 
 
 def load_classifier(config, workdir: str) -> Classifier:
     """The trained classifier of `workdir` (error naming the missing stage if absent)."""
-    model, template = classifier_template(config)
+    model, template = classifier_template(config, abstract=True)
     ckpt = checkpointing.Checkpointer(os.path.join(classifier_dir(workdir), "final"))
     restored = ckpt.restore(template)
     ckpt.close()

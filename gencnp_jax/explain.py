@@ -80,9 +80,13 @@ def generator_dir(workdir: str) -> str:
 
 def load_generator(config, workdir: str, classifier: context.Classifier):
     """`(graphdef, state, fills)` of the trained generator of `workdir`."""
-    model = new_generator(config, classifier.site_channels, classifier.num_classes)
+    model = nnx.eval_shape(
+        lambda: new_generator(config, classifier.site_channels, classifier.num_classes)
+    )  # shapes only: restoring needs no real initial weights
     graphdef, state = nnx.split(model)
-    fills = {s: np.zeros((c,), np.float32) for s, c in classifier.site_channels.items()}
+    fills = {
+        s: jax.ShapeDtypeStruct((c,), jnp.float32) for s, c in classifier.site_channels.items()
+    }
     ckpt = checkpointing.Checkpointer(os.path.join(generator_dir(workdir), "final"))
     restored = ckpt.restore({"generator": state, "means": fills})
     ckpt.close()
