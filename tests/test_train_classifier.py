@@ -1,0 +1,166 @@
+"""Classifier training: the step learns and compiles once; the stage writes its metrics,
+resumes bit for bit, and rejects an unknown classifier with one clear error."""
+
+import copy
+import json
+import os
+import shutil
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from gencnp_jax import checkpointing, classifiers, context, pipeline, train_classifier, validation
+
+
+@pytest.fixture(scope="module")
+def step_setup(tiny_config):
+    """A classifier train step whose optimizer counts how often the step is traced."""
+    model, template = context.classifier_template(tiny_config)
+    base = train_classifier.make_optimizer(1e-2, 0.0, 1, 100, 1.0)
+    traces = []
+
+    def counting_update(updates, state, params=None):
+        traces.append(1)  # runs at trace time only
+        return base.update(updates, state, params)
+
+    tx = optax.GradientTransformation(base.init, counting_update)
+    state = {**template, "opt_state": tx.init(template["params"])}
+    step_fn = train_classifier.make_train_step(nnx.graphdef(model), tx, dict(model.site_channels))
+    train = context.load_data(tiny_config, "train")
+    return step_fn, traces, state, train
+
+
+def _batch(config, train, start, size=32):
+    images = context.normalize(config, train.images[start : start + size])
+    return jnp.asarray(images), jnp.asarray(train.labels[start : start + size])
+
+
+_F = jnp.float32
+
+
+def _fresh(state):
+    return jax.tree.map(jnp.copy, state)  # the step donates its state
+
+
+def test_train_steps_lower_the_loss_on_a_fixed_batch(step_setup, tiny_config):
+    step_fn, _, state0, train = step_setup
+    images, labels = _batch(tiny_config, train, 0)
+    state, losses = _fresh(state0), []
+    for i in range(8):
+        state, metrics = step_fn(state, images, labels, jax.random.key(i), _F(0.0), _F(0.0))
+        losses.append(float(metrics["train/loss"]))
+    chex.assert_tree_all_finite(state)
+    assert losses[-1] < 0.8 * losses[0], losses
+    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state["params"], state0["params"])
+    assert all(jax.tree.leaves(changed)), "every parameter should move"
+
+
+def test_train_step_compiles_once(step_setup, tiny_config):
+    step_fn, traces, state0, train = step_setup
+    state = _fresh(state0)
+    settings = [(0.0, 0.0), (0.2, 0.0), (0.5, 1.0), (0.1, 1.0)]  # (rate, variable mode)
+    for i, (rate, variable) in enumerate(settings):
+        images, labels = _batch(tiny_config, train, 32 * i)
+        state, metrics = step_fn(state, images, labels, jax.random.key(i), _F(rate), _F(variable))
+        assert np.isfinite(float(metrics["train/loss"]))
+    # New batches, keys, dropout rates and modes reuse the one trace (shared with the test
+    # above, which ran the same step).
+    assert len(traces) == 1
+
+
+SITE_CHANNELS = {"b/conv1": 3, "a/conv1": 500}
+
+
+def test_channel_dropout_gates_fixed_mode():
+    rate = _F(0.25)
+    gates = train_classifier.channel_dropout_gates(
+        jax.random.key(0), SITE_CHANNELS, 8, rate, _F(0.0)
+    )
+    assert set(gates) == set(SITE_CHANNELS)
+    for site, c in SITE_CHANNELS.items():
+        chex.assert_shape(gates[site], (8, c))
+        g = np.asarray(gates[site])
+        assert np.all((g == 0.0) | np.isclose(g, 1.0 / 0.75)), np.unique(g)  # inverted dropout
+    kept = float(jnp.mean(gates["a/conv1"] > 0))
+    assert abs(kept - 0.75) < 0.03
+
+
+def test_channel_dropout_gates_variable_mode():
+    gates = train_classifier.channel_dropout_gates(
+        jax.random.key(0), SITE_CHANNELS, 64, _F(0.6), _F(1.0)
+    )
+    g = np.asarray(gates["a/conv1"])
+    assert np.all((g == 0.0) | (g == 1.0))  # binary, like the gates it is explained with
+    kept_B = g.mean(-1)
+    assert kept_B.min() > 0.4 - 0.1 and kept_B.max() <= 1.0  # rates in U(0, 0.6)
+    assert kept_B.std() > 0.1  # each sample draws its own rate
+
+
+@pytest.mark.parametrize("variable", [0.0, 1.0])
+def test_channel_dropout_gates_at_rate_zero_are_all_open(variable):
+    gates = train_classifier.channel_dropout_gates(
+        jax.random.key(0), SITE_CHANNELS, 8, _F(0.0), _F(variable)
+    )
+    chex.assert_trees_all_equal(gates, jax.tree.map(jnp.ones_like, gates))
+
+
+def test_metrics_json(trained_workdir, tiny_config):
+    out_dir = context.classifier_dir(trained_workdir)
+    with open(os.path.join(out_dir, "metrics.json")) as f:
+        metrics = json.load(f)
+    classifier = context.load_classifier(tiny_config, trained_workdir)
+    assert metrics["num_params"] == classifiers.num_params(classifier.state)
+    assert metrics["site_channels"] == classifier.site_channels
+    assert metrics["train_steps"] == 32  # 2 epochs of 512 examples in batches of 32
+    assert metrics["num_devices"] == 1 and metrics["resumed_from_step"] == 0
+    assert 0.0 <= metrics["random_drop10_agreement"] <= 1.0
+    # The synthetic classes are easy: well above chance (0.1) after 32 steps.
+    assert metrics["test_accuracy"] > 0.3
+    # The reported accuracy is the saved final classifier's.
+    test = context.load_data(tiny_config, "test")
+    images = jnp.asarray(context.normalize(tiny_config, test.images))
+    predict = jax.jit(lambda state, x: classifiers.forward(classifier.graphdef, state, x)[0])
+    logits = predict(classifier.state, images)
+    accuracy = float(np.mean(np.asarray(logits).argmax(-1) == test.labels))
+    assert abs(accuracy - metrics["test_accuracy"]) <= 1.0 / len(test.labels) + 1e-9
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    losses = [r["train/loss"] for r in rows if "train/loss" in r]
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(4, 33, 4))
+    assert all(np.isfinite(losses))
+    assert any(r.get("test/accuracy") == metrics["test_accuracy"] for r in rows)
+
+
+def test_resume_gives_the_same_classifier(trained_workdir, tiny_config, tmp_path):
+    """Train 32 steps (the fixture); here: keep only its step-24 checkpoint and resume."""
+    workdir = str(tmp_path / "resumed")
+    src, dst = context.classifier_dir(trained_workdir), context.classifier_dir(workdir)
+    shutil.copytree(os.path.join(src, "checkpoints"), os.path.join(dst, "checkpoints"))
+    ckpt = checkpointing.Checkpointer(os.path.join(dst, "checkpoints"))
+    assert ckpt.steps() == [24, 32]
+    ckpt.close()
+    shutil.rmtree(os.path.join(dst, "checkpoints", "32"))
+    metrics = train_classifier.train_classifier(tiny_config, workdir)
+    assert metrics["resumed_from_step"] == 24
+    original = context.load_classifier(tiny_config, trained_workdir)
+    resumed = context.load_classifier(tiny_config, workdir)
+    chex.assert_trees_all_equal(resumed.state, original.state)
+
+
+def test_unknown_classifier_is_one_clear_error(tiny_config, tmp_path, capsys):
+    config = copy.deepcopy(tiny_config)
+    config.classifier.name = "alexnet"
+    with pytest.raises(validation.ConfigError, match=r"config.classifier.name='alexnet'"):
+        validation.check_config(config)
+    with pytest.raises(SystemExit) as exit_info:
+        pipeline.run("train_classifier", config, str(tmp_path / "run"))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "config.classifier.name='alexnet'" in err[0], err
+    assert not os.path.exists(context.classifier_dir(str(tmp_path / "run")))
+    validation.check_config(tiny_config)  # the unchanged config passes

@@ -1,0 +1,215 @@
+"""Generator training: the frozen classifier never changes, the step learns and compiles once,
+the stage checks its order, writes its metrics and a checkpoint that `explain` loads."""
+
+import copy
+import json
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from gencnp_jax import checkpointing, classifiers, context, explain, losses, train_generator
+from gencnp_jax import train_classifier as train_classifier_lib
+
+NUM_LEARN_STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def scenario(tiny_config):
+    """Runs the jitted generator step against a small classifier (two gate sites: a quick
+    compile) and records what the tests check: the classifier before and after, the losses
+    on a fixed batch, the trace count.
+
+    Phase 1: `NUM_LEARN_STEPS` steps on one batch with fixed weights (lr 1e-2, sparsity on
+    from step 0). Phase 2: other batches, step indices, loss weights and DAQ settings.
+    """
+    config = copy.deepcopy(tiny_config)
+    model = classifiers.make_classifier("vgg", (8, 16), 10, 1, 1, seed=0)
+    graphdef, state = classifiers.split(model)
+    classifier = context.Classifier(graphdef, state, dict(model.site_channels), 10)
+    cls_before = jax.tree.map(np.array, classifier.state)  # host copies
+    gen_graphdef, _, gen, bank = train_generator._init(config, classifier)
+    base = train_classifier_lib.make_optimizer(1e-2, 0.0, 1, 100, 1.0)
+    traces = []
+
+    def counting_update(updates, state, params=None):
+        traces.append(1)  # runs at trace time only
+        return base.update(updates, state, params)
+
+    tx = optax.GradientTransformation(base.init, counting_update)
+    gen = {**gen, "opt_state": tx.init(gen["params"])}
+    gen_params_before = jax.tree.map(np.array, gen["params"])
+    step_fn = train_generator.make_train_step(gen_graphdef, classifier.graphdef, tx)
+    config.generator.sparsity_ramp_steps = 0
+    config.generator.w_sparsity = 2.0
+    hp, weights = train_generator.hparams_from_config(config.generator)
+    train = context.load_data(config, "train")
+
+    def batch(i):
+        return jnp.asarray(context.normalize(config, train.images[32 * i : 32 * (i + 1)]))
+
+    images = batch(0)
+    learn = []
+    for i in range(NUM_LEARN_STEPS):
+        gen, bank, out = step_fn(
+            gen, bank, classifier.state, None, images, jnp.int32(i), weights, hp
+        )
+        learn.append(jax.tree.map(float, out))
+    traces_after_learning = len(traces)
+    other_weights = losses.LossWeights.create(
+        kd=0.5, hinge=0.0, sparsity=0.1, pdn=1.0, pull=2.0, leak=0.3
+    )
+    other_hp = hp.replace(temperature=jnp.float32(3.0), ramp_steps=jnp.float32(50.0))
+    for i, (w, h) in enumerate(
+        [(other_weights, hp), (weights, other_hp), (other_weights, other_hp)]
+    ):
+        gen, bank, out = step_fn(
+            gen, bank, classifier.state, None, batch(i + 1), jnp.int32(100 * i + 7), w, h
+        )
+        chex.assert_tree_all_finite(out)
+    return {
+        "classifier": classifier,
+        "cls_before": cls_before,
+        "gen": gen,
+        "gen_params_before": gen_params_before,
+        "bank": bank,
+        "learn": learn,
+        "traces_after_learning": traces_after_learning,
+        "traces": len(traces),
+    }
+
+
+def test_classifier_is_bit_identical_after_generator_steps(scenario):
+    state = scenario["classifier"].state
+    assert not any(x.is_deleted() for x in jax.tree.leaves(state))  # not donated
+    # Every leaf, BatchNorm statistics included (the step must run H in inference mode).
+    assert len(jax.tree.leaves(state)) == len(jax.tree.leaves(scenario["cls_before"])) > 0
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, state), scenario["cls_before"])
+    # ...while the generator did change (the steps were not no-ops).
+    moved = jax.tree.map(
+        lambda a, b: bool(np.any(np.asarray(a) != b)),
+        scenario["gen"]["params"],
+        scenario["gen_params_before"],
+    )
+    assert np.mean(jax.tree.leaves(moved)) > 0.8
+
+
+def test_generator_steps_lower_the_loss_on_a_fixed_batch(scenario):
+    totals = [out["loss/total"] for out in scenario["learn"]]
+    sparsity = [out["loss/sparsity"] for out in scenario["learn"]]
+    assert all(np.isfinite(totals))
+    assert totals[-1] < totals[0] - 0.05, totals
+    assert sparsity[-1] < sparsity[0], sparsity
+    assert scenario["learn"][0]["weight/sparsity"] == pytest.approx(2.0)  # no ramp: full weight
+
+
+def test_generator_step_compiles_once(scenario):
+    assert scenario["traces_after_learning"] == 1
+    # Other batches, step indices, loss weights and DAQ settings: still the one trace.
+    assert scenario["traces"] == 1
+
+
+def test_bank_counts_the_predicted_classes(scenario):
+    counts = np.asarray(scenario["bank"]["counts"])
+    assert counts.shape == (10,) and counts.sum() > 0 and np.all(counts >= 0)
+    scores = np.asarray(scenario["bank"]["scores"])
+    chex.assert_shape(scores, (10, sum(scenario["classifier"].site_channels.values())))
+    assert np.all(scores[counts == 0] == 0.0) and np.all((scores >= 0) & (scores <= 1))
+
+
+def test_train_generator_needs_a_trained_classifier(tiny_config, tmp_path):
+    with pytest.raises(context.StageOrderError, match="--mode=train_classifier"):
+        train_generator.train_generator(tiny_config, str(tmp_path))
+
+
+def test_explainer_needs_a_trained_generator(tiny_config, trained_workdir):
+    with pytest.raises(context.StageOrderError, match="--mode=train_generator"):
+        explain.Explainer.from_workdir(tiny_config, trained_workdir)
+
+
+def test_generator_metrics_json(generator_workdir):
+    path = os.path.join(explain.generator_dir(generator_workdir), "metrics.json")
+    with open(path) as f:
+        metrics = json.load(f)
+    for key in ("agreement", "density_mean", "density_std", "leakage"):
+        assert 0.0 <= metrics[key] <= 1.0, (key, metrics[key])
+    for key in ("mDC", "mIC"):
+        assert 0.0 <= metrics[key] <= 100.0, (key, metrics[key])
+    assert metrics["num_examples"] == 128 and metrics["train_steps"] == 24
+
+
+def test_final_checkpoint_round_trip(tiny_config, generator_workdir, tmp_path):
+    classifier = context.load_classifier(tiny_config, generator_workdir)
+    gd, state, fills, means = explain.load_generator(tiny_config, generator_workdir, classifier)
+    assert fills is None  # zero ablation in the tiny config; the means are kept anyway
+    train = context.load_data(tiny_config, "train")
+    expected_means = explain.channel_means(
+        classifier.graphdef,
+        classifier.state,
+        train.images,
+        lambda x: context.normalize(tiny_config, x),
+    )
+    assert set(means) == set(classifier.site_channels)
+    for site, c in classifier.site_channels.items():
+        chex.assert_shape(means[site], (c,))
+        np.testing.assert_allclose(means[site], expected_means[site], rtol=1e-5, atol=1e-6)
+    fresh = nnx.state(explain.new_generator(tiny_config, classifier.site_channels, 10))
+    assert jax.tree.structure(state) == jax.tree.structure(fresh)
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(fresh), strict=True)
+    )
+    # The checkpoint is the generator that was evaluated: its metrics come out again.
+    test = context.load_data(tiny_config, "test")
+    mesh = context.make_mesh(tiny_config)
+    again = train_generator.evaluate_split(tiny_config, classifier, gd, state, fills, test, mesh)
+    with open(os.path.join(explain.generator_dir(generator_workdir), "metrics.json")) as f:
+        saved = json.load(f)
+    for key, value in again.items():
+        assert value == pytest.approx(saved[key], abs=1e-6), key
+    # Save -> load_generator gives back exactly what was saved.
+    perturbed = jax.tree.map(
+        lambda x: x + 0.5 if jnp.issubdtype(x.dtype, jnp.floating) else x, state
+    )
+    mean_fills = {s: np.full((c,), 0.25, np.float32) for s, c in classifier.site_channels.items()}
+    ckpt = checkpointing.Checkpointer(os.path.join(explain.generator_dir(str(tmp_path)), "final"))
+    ckpt.save(3, {"generator": perturbed, "means": mean_fills})
+    ckpt.close()
+    mean_config = copy.deepcopy(tiny_config)
+    mean_config.generator.ablation = "mean"
+    _, loaded, fills, means = explain.load_generator(mean_config, str(tmp_path), classifier)
+    chex.assert_trees_all_equal(
+        jax.tree.map(np.asarray, loaded), jax.tree.map(np.asarray, perturbed)
+    )
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, fills), mean_fills)
+
+
+def test_explainer_returns_binary_pathways(tiny_config, generator_workdir):
+    explainer = explain.Explainer.from_workdir(tiny_config, generator_workdir)
+    test = context.load_data(tiny_config, "test")
+    images = test.images[:16]
+    pathway = explainer(images)
+    site_channels = explainer.classifier.site_channels
+    assert set(pathway.gates) == set(site_channels) == set(pathway.scores)
+    for site, c in site_channels.items():
+        gates = np.asarray(pathway.gates[site])
+        chex.assert_shape(gates, (16, c))
+        assert np.all((gates == 0.0) | (gates == 1.0)), site
+        scores = np.asarray(pathway.scores[site])
+        assert np.all((scores >= 0.0) & (scores <= 1.0))
+    chex.assert_shape([pathway.full_logits, pathway.pathway_logits], (16, 10))
+    normalized = jnp.asarray(context.normalize(tiny_config, images))
+    cls = explainer.classifier
+    full, _ = classifiers.forward(cls.graphdef, cls.state, normalized)
+    gated, _ = classifiers.forward(cls.graphdef, cls.state, normalized, pathway.gates)
+    chex.assert_trees_all_close(pathway.full_logits, full, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(pathway.pathway_logits, gated, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(pathway.explained_class, np.argmax(full, -1))
+    # Float images are used as they are: the same pathway as for the uint8 batch.
+    again = explainer(np.asarray(normalized))
+    chex.assert_trees_all_equal(again.gates, pathway.gates)
