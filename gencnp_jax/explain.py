@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gencnp_jax import checkpointing, classifiers, context, generator, pathway
+from gencnp_jax import checkpointing, classifiers, context, data, generator, pathway
 
 Pathway = pathway.Pathway
 
@@ -79,7 +79,11 @@ def generator_dir(workdir: str) -> str:
 
 
 def load_generator(config, workdir: str, classifier: context.Classifier):
-    """`(graphdef, state, fills)` of the trained generator of `workdir`."""
+    """`(graphdef, state, fills, means)` of the trained generator of `workdir`.
+
+    `means` are the training-set channel means; `fills` is `means` under mean ablation,
+    else None (zero ablation).
+    """
     model = nnx.eval_shape(
         lambda: new_generator(config, classifier.site_channels, classifier.num_classes)
     )  # shapes only: restoring needs no real initial weights
@@ -120,8 +124,21 @@ class Explainer:
         return cls(config, classifier, gd, state, fills)
 
     def __call__(self, images) -> Pathway:
-        """Explains a batch: uint8 images are normalised first, float ones used as they are."""
+        """Explains a batch: uint8 images are normalised first, float ones used as they are.
+
+        Raises:
+          ValueError: not NxHxWxC of the classifier's size, an integer dtype other than
+            uint8, or NaN/inf values.
+        """
         images = np.asarray(images)
         if images.dtype == np.uint8:
             images = context.normalize(self.config, images)
+        elif not np.issubdtype(images.dtype, np.floating):
+            raise ValueError(
+                f"images of dtype {images.dtype}: pass uint8 pixels (0..255, normalised here) "
+                f"or float images normalised with data.normalize"
+            )
+        d = self.config.data
+        hwc, _ = data.dataset_info(d.dataset, os.path.expanduser(d.data_dir))
+        data.validate_images(images, hwc)
         return self._explain(self.gen_state, self.classifier.state, images, self.fills)

@@ -113,6 +113,7 @@ def train_classifier(config, workdir: str) -> dict:
     train, test = context.load_data(config, "train"), context.load_data(config, "test")
     mesh = context.make_mesh(config)
     sharding.check_batch_size(mesh, c.batch_size)
+    sharding.check_batch_size(mesh, c.eval_batch_size)  # fail now, not after training
     model, template = context.classifier_template(config)
     graphdef = nnx.graphdef(model)
     steps_per_epoch = len(train.labels) // c.batch_size
@@ -144,9 +145,12 @@ def train_classifier(config, workdir: str) -> dict:
         pending = (step + 1, metrics) if (step + 1) % c.log_every == 0 else None
         bar.update(1)
         if (step + 1) % c.checkpoint_every == 0 and step + 1 < total:
+            check_finite(step + 1, metrics)  # never checkpoint a diverged state
             ckpt.save(step + 1, state)
     if pending is not None:
         _log(writer, bar, *pending)
+    elif start < total:
+        check_finite(total, metrics)
     bar.close()
     ckpt.save(total, state)
     ckpt.close()
@@ -171,11 +175,29 @@ def train_classifier(config, workdir: str) -> dict:
     )
 
 
-def _log(writer, bar, step, metrics):
+def check_finite(step: int, metrics: dict) -> dict[str, float]:
+    """The metrics as floats; FloatingPointError naming the non-finite loss terms and `step`.
+
+    Loss terms (`loss/kd`, `train/loss`...) are named first, the most specific first: when
+    one term alone diverges, `loss/total` and the term are the only non-finite losses.
+    """
     values = {k: float(v) for k, v in metrics.items()}
-    if not all(np.isfinite(v) for v in values.values()):
-        bad = [k for k, v in values.items() if not np.isfinite(v)]
-        raise FloatingPointError(f"non-finite {bad} at step {step}: lower the learning rate")
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
+    if not bad:
+        return values
+    losses = sorted((k for k in bad if "loss" in k), key=lambda k: (k.endswith("total"), k))
+    others = [k for k in bad if k not in losses]
+    what = ", ".join(losses) if losses else ", ".join(others[:3])
+    also = f" (and {len(others)} other non-finite metrics)" if losses and others else ""
+    raise FloatingPointError(
+        f"non-finite {what} at step {step}{also}: training stopped before saving this state; "
+        f"lower this stage's learning_rate in the config and rerun (it resumes from the last "
+        f"checkpoint)"
+    )
+
+
+def _log(writer, bar, step, metrics):
+    values = check_finite(step, metrics)
     writer.write(step, values)
     shown = {
         k.split("/")[-1]: f"{v:.3f}" for k, v in values.items() if k.startswith(("loss/", "train/"))

@@ -165,6 +165,7 @@ def train_generator(config, workdir: str) -> dict:
     train, test = context.load_data(config, "train"), context.load_data(config, "test")
     mesh = context.make_mesh(config)
     sharding.check_batch_size(mesh, g.batch_size)
+    sharding.check_batch_size(mesh, g.eval_batch_size)  # fail now, not after training
     norm = lambda x: context.normalize(config, x)
     means = explain.channel_means(classifier.graphdef, classifier.state, train.images, norm)
     fills = means if g.ablation == "mean" else None
@@ -192,9 +193,12 @@ def train_generator(config, workdir: str) -> dict:
         pending = (step + 1, out) if (step + 1) % g.log_every == 0 else None
         bar.update(1)
         if (step + 1) % g.checkpoint_every == 0 and step + 1 < g.steps:
+            train_classifier.check_finite(step + 1, out)  # never checkpoint a diverged state
             ckpt.save(step + 1, {"gen": gen, "bank": bank})
     if pending is not None:
         train_classifier._log(writer, bar, *pending)
+    elif start < g.steps:
+        train_classifier.check_finite(g.steps, out)
     bar.close()
     seconds = time.time() - t0
     ckpt.save(g.steps, {"gen": gen, "bank": bank})
