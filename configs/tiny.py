@@ -21,6 +21,7 @@ def get_config():
     c.generator.batch_size = 32
     c.generator.steps = 24
     c.generator.warmup_steps = 4
+    c.generator.learning_rate = 2e-2  # few steps: move fast enough to sparsify
     c.generator.sparsity_ramp_steps = 8
     c.generator.checkpoint_every = 8
     c.generator.log_every = 4
