@@ -3,7 +3,7 @@
 python launch.py --config=configs/default.py --workdir=runs/default --mode=all
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", lock_config=True)
@@ -24,6 +24,7 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # absl INFO lines (e.g. 'no TPU backend') are noise
     import jax
 
     if _CONFIG.value.cpu_devices > 0:  # host devices: a 2-device CPU mesh uses both cores

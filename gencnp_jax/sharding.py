@@ -34,7 +34,17 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 
 
 def replicate(mesh: Mesh, tree):
-    """Places every leaf of `tree` on every device of the mesh."""
+    """Places every leaf of `tree` on every device of the mesh.
+
+    On several processes every process holds the same values; an array already committed to
+    a local device would need a cross-host transfer (which CPU and GPU backends lack), so such
+    leaves are placed from host copies instead.
+    """
+    if jax.process_count() > 1:
+        tree = jax.tree.map(
+            lambda x: np.asarray(x) if isinstance(x, jax.Array) and x.is_fully_addressable else x,
+            tree,
+        )
     return jax.device_put(tree, replicated(mesh))
 
 
@@ -68,3 +78,27 @@ def to_host(tree):
     if jax.process_count() > 1:
         return multihost_utils.process_allgather(tree, tiled=True)
     return jax.tree.map(np.asarray, tree)
+
+
+def process_0_first(fn, name: str):
+    """Runs `fn()` on process 0, then, after a barrier, on every other process.
+
+    For work that writes shared files, such as preparing a TFDS dataset in a shared data dir:
+    run concurrently, two processes race to rename the same folder. If process 0 fails, it
+    still reaches the barrier before raising, so the others run `fn` (and fail the same way)
+    instead of waiting forever.
+    """
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
+
+    result, error = None, None
+    if jax.process_index() == 0:
+        try:
+            result = fn()
+        except Exception as err:  # re-raised after the barrier
+            error = err
+    multihost_utils.sync_global_devices(f"process_0_first:{name}")
+    if error is not None:
+        raise error
+    return result if jax.process_index() == 0 else fn()

@@ -1,0 +1,459 @@
+"""Throughput of explaining and training on the trained models of a workdir (`--mode=bench`).
+
+Writes `WORKDIR/bench.json` and prints a table: images/s of the classifier forward, GEN-CNP,
+class-pathway transfer, CDRP and NeuronMCT; train steps/s per device count; peak memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gencnp_jax import (
+    baselines,
+    classifiers,
+    context,
+    explain,
+    generator,
+    logging_utils,
+    sharding,
+    train_classifier,
+    train_generator,
+    validation,
+)
+
+INFERENCE = ("forward", "gencnp", "transfer", "cdrp", "neuron_mct")
+LABELS = {
+    "forward": "classifier forward",
+    "gencnp": "GEN-CNP explanation",
+    "transfer": "class-pathway transfer",
+    "cdrp": "CDRP",
+    "neuron_mct": "NeuronMCT",
+    "gencnp/clean_pass": "  clean pass (logits+features)",
+    "gencnp/generator": "  generator + DAQ",
+    "gencnp/gated_pass": "  gated pass",
+}
+
+
+def measure(call: Callable[[], object], repeats: int, jitted=None, warmup: int = 2) -> dict:
+    """Times `call()` (blocking on its outputs): median of `repeats` runs after `warmup` runs.
+
+    The first run includes compilation and is reported apart as `first_call_seconds`. Two
+    warm-up runs by default: a train step's second call feeds the first call's outputs back
+    in, which would recompile if their shardings differed from the inputs'. `compilations` is
+    the cache size of `jitted` afterwards (1 = compiled once).
+    """
+    t0 = time.perf_counter()
+    jax.block_until_ready(call())
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        jax.block_until_ready(call())
+    seconds = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(call())
+        seconds.append(time.perf_counter() - t0)
+    out = {
+        "median_seconds": statistics.median(seconds),
+        "first_call_seconds": first,
+        "seconds": seconds,
+    }
+    cache_size = getattr(jitted, "_cache_size", None)
+    if cache_size is not None:
+        out["compilations"] = int(cache_size())
+    return out
+
+
+def _per_image(timing: dict, batch: int) -> dict:
+    return {
+        **timing,
+        "images_per_second": batch / timing["median_seconds"],
+        "seconds_per_image": timing["median_seconds"] / batch,
+    }
+
+
+def _per_step(timing: dict) -> dict:
+    return {**timing, "steps_per_second": 1.0 / timing["median_seconds"]}
+
+
+@dataclasses.dataclass
+class _Models:
+    """What every measurement reads: trained classifier, trained generator, a real batch."""
+
+    classifier: context.Classifier
+    gen_graphdef: nnx.GraphDef
+    gen_state: nnx.State
+    fills: dict | None
+    images: np.ndarray  # f32[B, H, W, C], normalised
+    labels: np.ndarray  # i32[B]
+
+
+def _batch(config, batch_size: int, notes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    test = context.load_data(config, "test")
+    n = len(test.labels)
+    if n < batch_size:
+        notes.append(f"the test split holds {n} images: the batch of {batch_size} repeats them")
+    idx = np.arange(batch_size) % n
+    return context.normalize(config, test.images[idx]), np.asarray(test.labels[idx], np.int32)
+
+
+def _inference(models: _Models, config, mesh, repeats: int, bank) -> dict:
+    """(a) forward, (b) GEN-CNP (+ its three stages), (c) transfer, (d) CDRP, (e) NeuronMCT."""
+    cls, g, e = models.classifier, config.generator, config.eval
+    cls_gd, gen_gd = cls.graphdef, models.gen_graphdef
+    batch = models.images.shape[0]
+    cls_state, gen_state, fills = sharding.replicate(
+        mesh, (cls.state, models.gen_state, models.fills)
+    )
+    images, labels = sharding.shard_batch(mesh, models.images, models.labels)
+    temp, sigma = g.daq_temperature, g.daq_sigma
+
+    fns = {
+        "forward": jax.jit(lambda cs, x: classifiers.forward(cls_gd, cs, x)[0]),
+        "gencnp": jax.jit(
+            lambda gs, cs, x, f: explain.explain(gen_gd, gs, cls_gd, cs, x, temp, sigma, f)
+        ),
+        "cdrp": jax.jit(
+            lambda cs, x, f: baselines.cdrp(
+                cls_gd,
+                cs,
+                x,
+                steps=e.cdrp_steps,
+                gamma=e.cdrp_gamma,
+                lr=e.cdrp_lr,
+                threshold=e.cdrp_threshold,
+                fills=f,
+            )
+        ),
+        "neuron_mct": jax.jit(
+            lambda cs, x, f: baselines.neuron_mct(cls_gd, cs, x, density=0.5, fills=f)
+        ),
+    }
+    calls = {
+        "forward": lambda: fns["forward"](cls_state, images),
+        "gencnp": lambda: fns["gencnp"](gen_state, cls_state, images, fills),
+        "cdrp": lambda: fns["cdrp"](cls_state, images, fills),
+        "neuron_mct": lambda: fns["neuron_mct"](cls_state, images, fills),
+    }
+    # Where GEN-CNP's time goes: the three parts of `explain.explain`, each jitted alone and
+    # measured in order, each on the outputs of the one before.
+    stage = {}
+    fns["gencnp/clean_pass"] = jax.jit(lambda cs, x: classifiers.forward(cls_gd, cs, x))
+    fns["gencnp/generator"] = jax.jit(
+        lambda gs, feats: generator.explain_scores(gen_gd, gs, feats, temp, sigma)[1]
+    )
+    fns["gencnp/gated_pass"] = jax.jit(
+        lambda cs, x, gates, f: classifiers.forward(cls_gd, cs, x, gates, f)[0]
+    )
+    calls["gencnp/clean_pass"] = lambda: fns["gencnp/clean_pass"](cls_state, images)
+    calls["gencnp/generator"] = lambda: fns["gencnp/generator"](gen_state, stage["features"])
+    calls["gencnp/gated_pass"] = lambda: fns["gencnp/gated_pass"](
+        cls_state, images, stage["gates"], fills
+    )
+    then = {
+        "gencnp/clean_pass": lambda: stage.update(features=calls["gencnp/clean_pass"]()[1]),
+        "gencnp/generator": lambda: stage.update(gates=calls["gencnp/generator"]()),
+    }
+    if bank is not None:
+        fns["transfer"] = jax.jit(_transfer_fn(cls_gd, config.bank.class_source))
+        bank_dev = sharding.replicate(mesh, bank)
+        calls["transfer"] = lambda: fns["transfer"](bank_dev, cls_state, images, labels, fills)
+    results = {}
+    for name in (*INFERENCE, "gencnp/clean_pass", "gencnp/generator", "gencnp/gated_pass"):
+        if name not in calls:
+            continue
+        results[name] = _per_image(measure(calls[name], repeats, fns[name]), batch)
+        if name in then:
+            then[name]()
+    results["cdrp"]["steps"] = int(e.cdrp_steps)
+    results["neuron_mct"]["density"] = 0.5
+    if "transfer" in results:
+        results["transfer"]["class_source"] = config.bank.class_source
+    return results
+
+
+def _transfer_fn(cls_graphdef, class_source: str):
+    """Class-pathway transfer: the class (H's prediction or the label), its bank gates, and
+    the gated pass. No generator call."""
+    from gencnp_jax import bank as bank_lib
+
+    def fn(bank, cls_state, images, labels, fills):
+        if class_source == "label":
+            classes_B = labels
+        else:
+            classes_B = jnp.argmax(classifiers.forward(cls_graphdef, cls_state, images)[0], -1)
+        gates = bank_lib.transfer(bank, classes_B)
+        return classifiers.forward(cls_graphdef, cls_state, images, gates, fills)[0]
+
+    return fn
+
+
+def _load_bank(config, workdir: str, classifier, notes: list[str]):
+    """The class-pathway bank of `workdir` (a pytree), or None with a note if there is none."""
+    try:
+        from gencnp_jax import bank as bank_lib
+    except ImportError as err:
+        notes.append(f"transfer skipped: gencnp_jax.bank cannot be imported ({err})")
+        return None
+    try:
+        return bank_lib.load_bank(config, workdir, classifier)
+    except context.StageOrderError:
+        notes.append(
+            "transfer skipped: no class-pathway bank in the workdir (run --mode=build_bank first)"
+        )
+        return None
+
+
+class _TrainLoop:
+    """Calls a donating train step repeatedly, feeding its new state back in."""
+
+    def __init__(self, step_fn, state: tuple, make_args: Callable[[tuple, int], tuple]):
+        self.step_fn, self.state, self.make_args, self.count = step_fn, state, make_args, 0
+
+    def __call__(self):
+        out = self.step_fn(*self.make_args(self.state, self.count))
+        self.state, self.count = tuple(out[: len(self.state)]), self.count + 1
+        return out
+
+
+def _host_copy(tree):
+    """An owning numpy copy: each mesh gets fresh buffers that its donating step may consume."""
+    return jax.tree.map(lambda x: np.array(x, copy=True), tree)
+
+
+def _train_states(models: _Models, config):
+    """Host copies of the classifier and generator train states (trained weights)."""
+    c, g = config.classifier, config.generator
+    cls_model = nnx.merge(models.classifier.graphdef, models.classifier.state)
+    cls_gd, params, rest = nnx.split(cls_model, nnx.Param, ...)
+    cls_tx = train_classifier.make_optimizer(
+        c.learning_rate, c.weight_decay, c.warmup_steps, 10_000, c.grad_clip
+    )
+    cls_state = {"params": params, "rest": rest, "opt_state": cls_tx.init(params)}
+    gen_model = nnx.merge(models.gen_graphdef, models.gen_state)
+    gen_gd, gparams, grest = nnx.split(gen_model, nnx.Param, ...)
+    gen_tx = train_classifier.make_optimizer(
+        g.learning_rate, 0.0, g.warmup_steps, max(g.steps, 2), g.grad_clip
+    )
+    n = sum(models.classifier.site_channels.values())
+    k = models.classifier.num_classes
+    gen = {"params": gparams, "rest": grest, "opt_state": gen_tx.init(gparams)}
+    bank = {"scores": np.zeros((k, n), np.float32), "counts": np.zeros((k,), np.float32)}
+    return (
+        (cls_gd, cls_tx, _host_copy(cls_state)),
+        (gen_gd, gen_tx, _host_copy(gen), _host_copy(bank)),
+    )
+
+
+def _train(models: _Models, config, mesh, repeats: int, states) -> dict:
+    """Train steps/s of the classifier and of the generator step on `mesh`."""
+    (cls_gd, cls_tx, cls_host), (gen_gd, gen_tx, gen_host, bank_host) = states
+    images, labels = sharding.shard_batch(mesh, models.images, models.labels)
+    cls_step = train_classifier.make_train_step(cls_gd, cls_tx, models.classifier.site_channels)
+    root_key = jax.random.key(config.seed)
+    # the extra step arguments exactly as train_classifier.train_classifier passes them
+    c = config.classifier
+    dropout = jnp.float32(c.get("channel_dropout", 0.0))
+    variable = jnp.float32(c.get("dropout_mode", "fixed") == "variable")
+    cls_loop = _TrainLoop(
+        cls_step,
+        (sharding.replicate(mesh, _host_copy(cls_host)),),
+        lambda st, i: (*st, images, labels, jax.random.fold_in(root_key, i), dropout, variable),
+    )
+    gen_step = train_generator.make_train_step(gen_gd, models.classifier.graphdef, gen_tx)
+    hp, weights = sharding.replicate(mesh, train_generator.hparams_from_config(config.generator))
+    gen, bank, cls_state, fills = sharding.replicate(
+        mesh, (_host_copy(gen_host), _host_copy(bank_host), models.classifier.state, models.fills)
+    )
+    gen_loop = _TrainLoop(
+        gen_step,
+        (gen, bank),
+        lambda st, i: (*st, cls_state, fills, images, jnp.int32(i), weights, hp),
+    )
+    return {
+        "classifier": _per_step(measure(cls_loop, repeats, cls_step)),
+        "generator": _per_step(measure(gen_loop, repeats, gen_step)),
+    }
+
+
+def _gencnp_on(models: _Models, config, mesh, repeats: int) -> dict:
+    g = config.generator
+    cls_gd, gen_gd = models.classifier.graphdef, models.gen_graphdef
+    fn = jax.jit(
+        lambda gs, cs, x, f: explain.explain(
+            gen_gd, gs, cls_gd, cs, x, g.daq_temperature, g.daq_sigma, f
+        )
+    )
+    gen_state, cls_state, fills = sharding.replicate(
+        mesh, (models.gen_state, models.classifier.state, models.fills)
+    )
+    images = sharding.shard_batch(mesh, models.images)
+    return _per_image(
+        measure(lambda: fn(gen_state, cls_state, images, fills), repeats, fn),
+        models.images.shape[0],
+    )
+
+
+def _scaling(models, config, main_mesh, main_train, main_gencnp, repeats, states, notes):
+    """Steps/s of both train steps and GEN-CNP images/s on meshes over the first n devices."""
+    out = {}
+    available, batch = jax.device_count(), models.images.shape[0]
+    for n in config.bench.device_counts:
+        n = int(n)
+        reason = None
+        if n > available:
+            reason = f"only {available} device(s) visible"
+        elif batch % n:
+            reason = f"batch size {batch} does not split over {n} devices"
+        elif jax.process_count() > 1 and n != available:
+            reason = "multi-host run: only the mesh over all devices is measured"
+        if reason:
+            out[str(n)] = {"skipped": reason}
+            notes.append(f"device count {n} skipped: {reason}")
+            continue
+        if n == main_mesh.size:
+            train, gencnp = main_train, main_gencnp
+        else:
+            mesh = sharding.make_mesh(n)
+            train = _train(models, config, mesh, repeats, states)
+            gencnp = _gencnp_on(models, config, mesh, repeats)
+        out[str(n)] = {
+            "classifier_steps_per_second": train["classifier"]["steps_per_second"],
+            "generator_steps_per_second": train["generator"]["steps_per_second"],
+            "gencnp_images_per_second": gencnp["images_per_second"],
+        }
+    return out
+
+
+def _memory() -> dict:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    rss_mb = rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+    out = {"peak_host_rss_mb": rss_mb}
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        out["peak_device_memory_mb"] = stats["peak_bytes_in_use"] / 2**20
+    return out
+
+
+def _environment(mesh, batch: int, repeats: int) -> dict:
+    device = jax.devices()[0]
+    return {
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+        "local_device_count": jax.local_device_count(),
+        "process_count": jax.process_count(),
+        "mesh_devices": mesh.size,
+        "jax_version": jax.__version__,
+        "flax_version": flax.__version__,
+        "python": platform.python_version(),
+        "batch_size": batch,
+        "repeats": repeats,
+    }
+
+
+def bench(config, workdir: str) -> dict:
+    """Measures everything on the trained classifier and generator of `workdir`.
+
+    Each number is the median of `config.bench.repeats` timed calls on a batch of
+    `config.bench.batch_size` real test images, after warm-up (compilation excluded), with
+    `jax.block_until_ready`. Inference and the headline train steps run on the config's mesh
+    (`config.num_devices`, 0 = all); `scaling` repeats the train steps and GEN-CNP over the
+    first n devices for each n of `config.bench.device_counts`.
+
+    Returns:
+      The dict written to `WORKDIR/bench.json`: `environment`, `inference` (images/s per
+      method), `ratios` (`gencnp_vs_forward` = GEN-CNP's time per image / the forward's;
+      `cdrp_vs_gencnp` = CDRP's / GEN-CNP's), `train` (steps/s), `scaling`, `memory`, `notes`.
+    """
+    b = config.bench
+    repeats, batch = int(b.repeats), int(b.batch_size)
+    mesh = context.make_mesh(config)
+    if batch % mesh.size:
+        raise validation.ConfigError(
+            f"config.bench.batch_size={batch} does not split over {mesh.size} devices: choose "
+            f"a multiple of {mesh.size}"
+        )
+    notes: list[str] = []
+    classifier = context.load_classifier(config, workdir)
+    gen_graphdef, gen_state, fills, _ = explain.load_generator(config, workdir, classifier)
+    images, labels = _batch(config, batch, notes)
+    models = _Models(classifier, gen_graphdef, gen_state, fills, images, labels)
+    bank = _load_bank(config, workdir, classifier, notes)
+
+    inference = _inference(models, config, mesh, repeats, bank)
+    per_image = lambda k: inference[k]["seconds_per_image"]
+    ratios = {
+        "gencnp_vs_forward": per_image("gencnp") / per_image("forward"),
+        "cdrp_vs_gencnp": per_image("cdrp") / per_image("gencnp"),
+    }
+    if "transfer" in inference:
+        ratios["transfer_vs_forward"] = per_image("transfer") / per_image("forward")
+    states = _train_states(models, config)
+    train = _train(models, config, mesh, repeats, states)
+    scaling = _scaling(models, config, mesh, train, inference["gencnp"], repeats, states, notes)
+    result = {
+        "environment": _environment(mesh, batch, repeats),
+        "inference": inference,
+        "ratios": ratios,
+        "train": train,
+        "scaling": scaling,
+        "memory": _memory(),
+        "notes": notes,
+    }
+    logging_utils.write_json(os.path.join(os.path.abspath(workdir), "bench.json"), result)
+    if jax.process_index() == 0:
+        print(format_table(result), flush=True)
+    return result
+
+
+def format_table(result: dict) -> str:
+    """The bench result as a plain-text table."""
+    env = result["environment"]
+    lines = [
+        f"bench: {env['device_kind']} ({env['platform']}) x{env['mesh_devices']} of "
+        f"{env['device_count']}, {env['process_count']} process(es), jax "
+        f"{env['jax_version']}, batch {env['batch_size']}, median of {env['repeats']}",
+        f"{'what':34s} {'images/s':>12s} {'ms/batch':>10s} {'1st call s':>11s}",
+    ]
+    for name, r in result["inference"].items():
+        extra = f" ({r['steps']} steps)" if "steps" in r else ""
+        lines.append(
+            f"{LABELS[name] + extra:34s} {r['images_per_second']:12.1f} "
+            f"{1e3 * r['median_seconds']:10.2f} {r['first_call_seconds']:11.2f}"
+        )
+    lines.append(f"{'train step':34s} {'steps/s':>12s} {'ms/step':>10s} {'1st call s':>11s}")
+    for name, r in result["train"].items():
+        lines.append(
+            f"{name:34s} {r['steps_per_second']:12.2f} "
+            f"{1e3 * r['median_seconds']:10.2f} {r['first_call_seconds']:11.2f}"
+        )
+    lines.append(
+        f"{'devices':8s} {'classifier steps/s':>19s} {'generator steps/s':>18s} "
+        f"{'GEN-CNP images/s':>17s}"
+    )
+    for n, r in result["scaling"].items():
+        if "skipped" in r:
+            lines.append(f"{n:8s} skipped: {r['skipped']}")
+        else:
+            lines.append(
+                f"{n:8s} {r['classifier_steps_per_second']:19.2f} "
+                f"{r['generator_steps_per_second']:18.2f} "
+                f"{r['gencnp_images_per_second']:17.1f}"
+            )
+    lines.append("ratios: " + ", ".join(f"{k} = {v:.2f}" for k, v in result["ratios"].items()))
+    lines.append("memory: " + ", ".join(f"{k} = {v:.0f}" for k, v in result["memory"].items()))
+    lines += [f"note: {n}" for n in result["notes"]]
+    return "\n".join(lines)

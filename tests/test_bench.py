@@ -1,0 +1,110 @@
+"""Tests for bench.py: `bench` on the tiny trained workdir writes every number, each positive,
+and every jitted function it times compiles once. No timing assertions."""
+
+import copy
+import json
+import math
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from gencnp_jax import bench
+
+
+def _numbers(tree, path=""):
+    """Every int/float leaf of a nested dict/list, with its path."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _numbers(v, f"{path}/{k}")
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            yield from _numbers(v, f"{path}[{i}]")
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        yield path, tree
+
+
+def test_measure_counts_compilations_and_takes_the_median():
+    fn = jax.jit(lambda x: x * 2.0)
+    x = jnp.ones((4,))
+    out = bench.measure(lambda: fn(x), repeats=3, jitted=fn)
+    assert out["compilations"] == 1
+    assert len(out["seconds"]) == 3
+    assert out["median_seconds"] == sorted(out["seconds"])[1]
+    assert out["first_call_seconds"] > 0
+
+
+@pytest.fixture(name="bench_workdir")
+def fixture_bench_workdir(tiny_config, generator_workdir, tmp_path):
+    """A copy of the trained tiny run, with a class-pathway bank when bank.py is there."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(generator_workdir, workdir)
+    try:
+        from gencnp_jax import bank
+    except ImportError:
+        return workdir, False
+    bank.build_bank(tiny_config, workdir)
+    return workdir, True
+
+
+def test_bench_writes_every_number(tiny_config, bench_workdir, capsys):
+    workdir, has_bank = bench_workdir
+    config = copy.deepcopy(tiny_config)
+    config.bench.repeats = 2
+    too_many = jax.device_count() + 1
+    config.bench.device_counts = (1, too_many)
+    result = bench.bench(config, workdir)
+
+    with open(os.path.join(workdir, "bench.json")) as f:
+        saved = json.load(f)
+    assert saved == json.loads(json.dumps(result))  # what was returned is what was written
+    assert set(saved) == {
+        "environment",
+        "inference",
+        "ratios",
+        "train",
+        "scaling",
+        "memory",
+        "notes",
+    }
+    env = saved["environment"]
+    assert env["batch_size"] == config.bench.batch_size and env["repeats"] == 2
+    assert env["device_count"] == jax.device_count() and env["jax_version"] == jax.__version__
+
+    expected = {
+        "forward",
+        "gencnp",
+        "cdrp",
+        "neuron_mct",
+        "gencnp/clean_pass",
+        "gencnp/generator",
+        "gencnp/gated_pass",
+    } | ({"transfer"} if has_bank else set())
+    assert set(saved["inference"]) == expected
+    if not has_bank:
+        assert any("transfer skipped" in n for n in saved["notes"])
+    for name, r in saved["inference"].items():
+        assert r["compilations"] == 1, name  # compile once: no retrace across repeats
+        assert len(r["seconds"]) == 2
+    assert saved["inference"]["cdrp"]["steps"] == config.eval.cdrp_steps
+    assert set(saved["ratios"]) >= {"gencnp_vs_forward", "cdrp_vs_gencnp"}
+    for name in ("classifier", "generator"):
+        # the second call feeds the first call's outputs back: same shardings, no recompile
+        assert saved["train"][name]["compilations"] == 1, name
+    assert set(saved["scaling"]["1"]) == {
+        "classifier_steps_per_second",
+        "generator_steps_per_second",
+        "gencnp_images_per_second",
+    }
+    assert "skipped" in saved["scaling"][str(too_many)]
+    assert saved["memory"]["peak_host_rss_mb"] > 0
+
+    numbers = dict(_numbers(saved))
+    assert len(numbers) > 40
+    bad = {k: v for k, v in numbers.items() if not (math.isfinite(v) and v > 0)}
+    assert not bad, f"non-positive or non-finite numbers: {bad}"
+
+    table = capsys.readouterr().out
+    assert "GEN-CNP explanation" in table and "generator" in table and "ratios:" in table
