@@ -37,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.classifier.warmup_steps = 100
     c.classifier.grad_clip = 1.0
     c.classifier.channel_dropout = 0.5  # ours: channel redundancy that sparse pathways need
-    c.classifier.dropout_mode = "variable"  # "fixed" (inverted, at the rate) | "variable" (U(0, rate))
+    c.classifier.dropout_mode = "variable"  # "fixed" | "variable": U(0, rate)
     c.classifier.checkpoint_every = 200
     c.classifier.log_every = 50
     c.classifier.eval_batch_size = 500

@@ -6,8 +6,11 @@ fall back past damaged steps with a warning, and say what to delete if none is g
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import sys
+import traceback
 
 import jax
 import numpy as np
@@ -16,8 +19,30 @@ import orbax.checkpoint as ocp
 log = logging.getLogger(__name__)
 
 
+# Key of the state's checksum in `meta`: orbax reads a bit-flipped array file without error.
+CHECKSUM_KEY = "_state_sha256"
+
+
 class CheckpointError(RuntimeError):
     """No usable checkpoint where one was expected."""
+
+
+def tree_checksum(tree) -> str:
+    """sha256 over every leaf's dtype, shape and bytes, in `jax.tree.leaves` order.
+
+    Replicated leaves spread over several hosts are read from one local shard (all equal).
+    """
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(tree):
+        if isinstance(leaf, jax.Array):
+            if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+                leaf = jax.random.key_data(leaf)
+            if not leaf.is_fully_addressable:
+                leaf = leaf.addressable_data(0)
+        array = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{array.dtype}{array.shape};".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 def _replicated_abstract(leaf) -> jax.ShapeDtypeStruct:
@@ -32,15 +57,63 @@ def _replicated_abstract(leaf) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape_dtype.shape, shape_dtype.dtype, sharding=replicated)
 
 
+def _is_read_echo(exc: BaseException | None, obj) -> bool:
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+        return True
+    code = getattr(obj, "cr_code", None)  # an un-awaited orbax read coroutine
+    return code is not None and "orbax" in code.co_filename
+
+
+class _ReadEchoFilter(logging.Filter):
+    """Drops asyncio's reports of orbax / TensorStore reads nobody awaited any more."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "exception was never retrieved" not in message:
+            return True
+        tb = record.exc_info[2] if record.exc_info else None
+        files = " ".join(f.filename for f in traceback.extract_tb(tb)) if tb else ""
+        return not any(w in message + files for w in ("orbax", "tensorstore", "OCDBT"))
+
+
+_quiet = False
+
+
+def _quiet_failed_reads() -> None:
+    """Silences the echoes of a failed orbax read (once per process; idempotent).
+
+    When one array of a step cannot be read, orbax stops and closes its event loop while
+    TensorStore still completes the other reads; each completion reports "Event loop is
+    closed", and un-awaited read tasks are reported when collected: hundreds of lines of
+    tracebacks for one damaged step that our warning already names. Only those are dropped.
+    """
+    global _quiet
+    if _quiet:
+        return
+    _quiet = True
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _is_read_echo(unraisable.exc_value, unraisable.object):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_ReadEchoFilter())
+
+
 class Checkpointer:
     """A thin wrapper over `ocp.CheckpointManager` with damaged-step fallback."""
 
     def __init__(self, directory: str, max_to_keep: int = 2, async_save: bool = False):
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
+            max_to_keep=max_to_keep,
+            create=True,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,  # what a save that was killed half-way leaves
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._damaged: set[int] = set()  # steps `restore` found unreadable: `save` replaces them
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -52,13 +125,16 @@ class Checkpointer:
     def save(self, step: int, state, meta: dict | None = None) -> None:
         """Saves `state` at `step` (every process must call this) and waits for it.
 
-        A step that is already saved is kept as it is (a resumed run re-reaching it).
+        A step that is already saved is kept as it is (a resumed run re-reaching it), unless
+        `restore` found it damaged: then it is replaced. `meta` also gets the state's checksum.
         """
         if step in self._manager.all_steps():
-            return
-        args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {})
-        )
+            if step not in self._damaged:
+                return
+            self._manager.delete(step)
+            self._damaged.discard(step)
+        meta = {**(meta or {}), CHECKSUM_KEY: tree_checksum(state)}
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         self._manager.save(step, args=args, force=True)
         self._manager.wait_until_finished()
 
@@ -66,7 +142,11 @@ class Checkpointer:
         """Restores `(step, state, meta)` shaped like `template`; None if there is no checkpoint.
 
         Without `step`, tries the newest step first and falls back to older ones when a
-        step cannot be read (a warning names the damaged step).
+        step cannot be read or its arrays do not match the checksum saved with them (a
+        warning names the damaged step).
+
+        Raises:
+          CheckpointError: every step is damaged; the message says what to delete.
         """
         steps = [step] if step is not None else self.steps()[::-1]
         if not steps:
@@ -81,19 +161,26 @@ class Checkpointer:
                         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
                     ),
                 )
-                return s, restored.state, dict(restored.meta or {})
+                meta = dict(restored.meta or {})
+                saved_sum = meta.pop(CHECKSUM_KEY, None)  # absent in checkpoints of old runs
+                if saved_sum is not None and saved_sum != tree_checksum(restored.state):
+                    raise ValueError("its arrays do not match the checksum saved with them")
+                return s, restored.state, meta
             except Exception as err:  # any read failure means this step is unusable
+                _quiet_failed_reads()
                 log.warning(
                     "checkpoint step %d in %s is damaged (%s: %s); trying an older one",
                     s,
                     self.directory,
                     type(err).__name__,
-                    str(err)[:300],
+                    " ".join(str(err).split())[:300],  # one line
                 )
                 damaged.append(s)
+                self._damaged.add(s)
         raise CheckpointError(
-            f"no usable checkpoint in {self.directory}: steps {damaged} are damaged. "
-            f"Delete that directory to start this stage over."
+            f"no usable checkpoint in {self.directory}: steps {damaged} are damaged or were "
+            f"saved with another config (see the warnings above). Delete that directory to "
+            f"start this stage over, or use another --workdir."
         )
 
     def close(self) -> None:

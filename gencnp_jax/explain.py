@@ -28,7 +28,17 @@ def explain(
     sigma: float | jax.Array = 2.0,
     fills: dict[str, jax.Array] | None = None,
 ) -> Pathway:
-    """GEN-CNP in one pass: clean forward, generator, gated forward (pure, jit-able)."""
+    """GEN-CNP in one pass: clean forward, generator, gated forward (pure, jit-able).
+
+    Raises:
+      ValueError: images that are not a float NHWC batch (a static check: works under jit;
+        `Explainer` also checks the size and the values).
+    """
+    if images_BxHxWxC.ndim != 4 or not jnp.issubdtype(images_BxHxWxC.dtype, jnp.floating):
+        raise ValueError(
+            f"images must be a float NHWC batch (rank 4), got shape {tuple(images_BxHxWxC.shape)} "
+            f"of {images_BxHxWxC.dtype}: normalise uint8 images with data.normalize"
+        )
     full_logits_BxK, features = classifiers.forward(cls_graphdef, cls_state, images_BxHxWxC)
     scores, gates, _ = generator.explain_scores(
         gen_graphdef, gen_state, features, temperature, sigma

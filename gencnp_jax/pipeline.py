@@ -24,8 +24,13 @@ DONE_FILES = {
     "report": "report/index.html",
     "bench": "bench.json",
 }
-_CLUSTER_ENV = ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
-                "JAX_COORDINATOR_ADDRESS", "OMPI_COMM_WORLD_SIZE")
+_CLUSTER_ENV = (
+    "SLURM_NTASKS",
+    "TPU_WORKER_HOSTNAMES",
+    "MEGASCALE_COORDINATOR_ADDRESS",
+    "JAX_COORDINATOR_ADDRESS",
+    "OMPI_COMM_WORLD_SIZE",
+)
 
 
 class UserError(Exception):
@@ -39,8 +44,10 @@ def init_distributed(coordinator: str | None, num_processes: int | None, process
     if not (explicit or from_env):
         return
     if explicit and (coordinator is None or num_processes is None or process_id is None):
-        raise SystemExit("multi-host: give all of --coordinator_address, --num_processes, "
-                         "--process_id (or none, to read them from the cluster environment)")
+        raise SystemExit(
+            "multi-host: give all of --coordinator_address, --num_processes, "
+            "--process_id (or none, to read them from the cluster environment)"
+        )
     if jax.config.jax_platforms in (None, "", "cpu") and explicit:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if explicit:
@@ -81,8 +88,10 @@ def check_workdir(workdir: str) -> str:
             f.write("ok")
         os.remove(probe)
     except OSError as err:
-        raise UserError(f"workdir {workdir} is not writable ({err.strerror}): choose another "
-                        f"--workdir or fix its permissions") from err
+        raise UserError(
+            f"workdir {workdir} is not writable ({err.strerror}): choose another "
+            f"--workdir or fix its permissions"
+        ) from err
     return workdir
 
 
@@ -108,8 +117,14 @@ def run_all(config, workdir: str) -> dict:
 def _user_errors() -> tuple[type[Exception], ...]:
     from gencnp_jax import checkpointing, context, data, validation
 
-    errors = [UserError, validation.ConfigError, context.StageOrderError, checkpointing.CheckpointError,
-              data.DatasetError, FloatingPointError]
+    errors = [
+        UserError,
+        validation.ConfigError,
+        context.StageOrderError,
+        checkpointing.CheckpointError,
+        data.DatasetError,
+        FloatingPointError,
+    ]
     try:
         from gencnp_jax import bank
 
@@ -129,10 +144,20 @@ def run(mode: str, config, workdir: str):
 
         validation.check_config(config)
         if jax.process_index() == 0:
-            logging_utils.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+            logging_utils.write_text(
+                os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2)
+            )
         if mode == "all":
             return run_all(config, workdir)
         return _stage_fn(mode)(config, workdir)
     except user_errors as err:
+        _close_progress_bars()  # else the message lands at the end of a half-drawn bar
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+
+
+def _close_progress_bars() -> None:
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()

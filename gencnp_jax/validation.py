@@ -1,19 +1,41 @@
-"""Config checks that fail fast with one clear message, before any JAX work.
+"""Config checks that fail fast with one clear message, before any training or data work.
 
 Each error names the config field and the values it accepts.
 """
 
 from __future__ import annotations
 
-from gencnp_jax import classifiers
+import os
+
+import jax
+from flax import nnx
+
+from gencnp_jax import classifiers, data, generator
 
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the field."""
 
 
+# Fields that must be positive integers (a zero `log_every` would divide by zero mid-run).
+_POSITIVE = {
+    "classifier": ("batch_size", "eval_batch_size", "checkpoint_every", "log_every"),
+    "generator": ("batch_size", "eval_batch_size", "steps", "checkpoint_every", "log_every"),
+    "eval": ("batch_size",),
+    "bank": ("samples_per_class",),
+}
+# Batches split over the devices of the mesh: they must be multiples of its size.
+_SHARDED_BATCHES = (
+    ("classifier", "batch_size"),
+    ("classifier", "eval_batch_size"),
+    ("generator", "batch_size"),
+    ("generator", "eval_batch_size"),
+    ("eval", "batch_size"),
+)
+
+
 def check_config(config) -> None:
-    """Raises ConfigError for unknown names and impossible sizes."""
+    """Raises ConfigError for unknown names, impossible sizes and unknown gate sites."""
     c = config.classifier
     if c.name not in classifiers.CLASSIFIERS:
         raise ConfigError(
@@ -21,19 +43,88 @@ def check_config(config) -> None:
         )
     if not c.widths or any(int(w) <= 0 for w in c.widths):
         raise ConfigError(f"config.classifier.widths={tuple(c.widths)} must be positive ints")
+    for section, fields in _POSITIVE.items():
+        for field in fields:
+            value = config[section][field]
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"config.{section}.{field}={value!r} must be a positive int")
+    limit = config.data.train_limit
     for section in ("classifier", "generator"):
-        bs = config[section].batch_size
-        if bs <= 0:
-            raise ConfigError(f"config.{section}.batch_size={bs} must be positive")
+        if 0 < limit < config[section].batch_size:
+            raise ConfigError(
+                f"config.data.train_limit={limit} is below config.{section}.batch_size="
+                f"{config[section].batch_size}: raise the limit (0 = the whole split) or lower "
+                f"the batch size"
+            )
+    if not c.epochs > 0:
+        raise ConfigError(f"config.classifier.epochs={c.epochs!r} must be positive")
     if c.dropout_mode not in ("fixed", "variable"):
         raise ConfigError(
             f"config.classifier.dropout_mode={c.dropout_mode!r}: choose 'fixed' or 'variable'"
         )
-    if config.generator.ablation not in ("zero", "mean"):
+    g = config.generator
+    if g.ablation not in ("zero", "mean"):
+        raise ConfigError(f"config.generator.ablation={g.ablation!r}: choose 'zero' or 'mean'")
+    if g.cell not in generator.CELLS:
+        raise ConfigError(f"config.generator.cell={g.cell!r}: choose one of {generator.CELLS}")
+    pooling = tuple(g.pooling)
+    if not pooling or any(p not in generator.POOLINGS for p in pooling):
         raise ConfigError(
-            f"config.generator.ablation={config.generator.ablation!r}: choose 'zero' or 'mean'"
+            f"config.generator.pooling={pooling}: choose one or more of {generator.POOLINGS}"
         )
     if config.bank.class_source not in ("prediction", "label"):
         raise ConfigError(
             f"config.bank.class_source={config.bank.class_source!r}: choose 'prediction' or 'label'"
+        )
+    if not 0.0 <= config.bank.threshold <= 1.0:
+        raise ConfigError(f"config.bank.threshold={config.bank.threshold!r} must be in [0, 1]")
+    _check_devices(config)
+    hwc, num_classes = _dataset_info(config)
+    _check_sites(config, hwc, num_classes)
+
+
+def _check_devices(config) -> None:
+    visible = jax.device_count()
+    n = config.num_devices or visible
+    if n < 0 or n > visible:
+        raise ConfigError(
+            f"config.num_devices={config.num_devices} but {visible} devices are visible: "
+            f"choose 1..{visible}, or 0 for all of them"
+        )
+    for section, field in _SHARDED_BATCHES:
+        value = config[section][field]
+        if value % n:
+            raise ConfigError(
+                f"config.{section}.{field}={value} does not split over {n} devices: choose a "
+                f"multiple of {n} (or set config.num_devices)"
+            )
+
+
+def _dataset_info(config) -> tuple[tuple[int, int, int], int]:
+    name = config.data.dataset
+    try:
+        return data.dataset_info(name, os.path.expanduser(config.data.data_dir))
+    except data.DatasetError as err:
+        raise ConfigError(
+            f"config.data.dataset={name!r} cannot be used ({err}): choose fashion_mnist, "
+            f"mnist, cifar10 or another TFDS dataset prepared in config.data.data_dir"
+        ) from None
+
+
+def _check_sites(config, hwc, num_classes) -> None:
+    """Gate sites named in the config must be sites of the configured classifier."""
+    site = config.eval.get("gradcam_site", "")
+    if not site:
+        return
+    c = config.classifier
+    model = nnx.eval_shape(  # shapes only: free
+        lambda: classifiers.make_classifier(
+            c.name, tuple(c.widths), num_classes, hwc[-1], c.depth, seed=0
+        )
+    )
+    sites = list(model.site_channels)
+    if site not in sites:
+        raise ConfigError(
+            f"config.eval.gradcam_site={site!r} is not a gate site of this classifier: "
+            f"choose one of {sites} (or '' for the last)"
         )
