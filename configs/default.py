@@ -4,8 +4,9 @@ Run everything (classifier, generator, class pathways, evaluation, report):
 
     python launch.py --config=configs/default.py --workdir=runs/default --mode=all
 
-On 2 CPU cores the classifier stage takes about 4 minutes and reaches about 91%
-test accuracy; see README.md for the whole pipeline's time.
+On 2 CPU cores (shared with other work when measured) the classifier stage took 7 min
+and reached 91.1% test accuracy; the whole pipeline took 21 min. The generator
+reaches agreement 0.938 at density 0.57 (leakage 0.007); see README.md.
 """
 
 import ml_collections
