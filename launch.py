@@ -6,12 +6,14 @@ python launch.py --config=configs/default.py --workdir=runs/default --mode=all
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from gencnp_jax.stages import modes
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.")
 _MODE = flags.DEFINE_enum(
     "mode",
     "all",
-    ["train_classifier", "train_generator", "build_bank", "evaluate", "report", "bench", "all"],
+    list(modes.NAMES),
     "Which stage to run; `all` runs every stage, skipping those already complete.",
 )
 _COORDINATOR = flags.DEFINE_string(
@@ -29,7 +31,7 @@ def main(argv):
 
     if _CONFIG.value.cpu_devices > 0:  # host devices: a 2-device CPU mesh uses both cores
         jax.config.update("jax_num_cpu_devices", _CONFIG.value.cpu_devices)
-    from gencnp_jax import pipeline
+    from gencnp_jax.stages import pipeline
 
     pipeline.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     pipeline.run(_MODE.value, _CONFIG.value, _WORKDIR.value)

@@ -17,12 +17,12 @@ def get_config():
     c.classifier.checkpoint_every = 8
     c.classifier.log_every = 4
     c.classifier.eval_batch_size = 64
-    c.generator.hidden = 16
+    c.generator.model.hidden = 16
     c.generator.batch_size = 32
     c.generator.steps = 24
-    c.generator.warmup_steps = 4
-    c.generator.learning_rate = 2e-2  # few steps: move fast enough to sparsify
-    c.generator.sparsity_ramp_steps = 8
+    c.generator.opt.warmup_steps = 4
+    c.generator.opt.learning_rate = 2e-2  # few steps: move fast enough to sparsify
+    c.generator.loss.sparsity_ramp_steps = 8
     c.generator.checkpoint_every = 8
     c.generator.log_every = 4
     c.generator.eval_batch_size = 64

@@ -76,7 +76,8 @@ def generator_steps_on_meshes(config, counts, steps: int, sgd_lr: float = 0.0) -
     import optax
     from flax import nnx
 
-    from gencnp_jax import context, data, sharding, train_generator
+    from gencnp_jax.io import data, sharding
+    from gencnp_jax.stages import context, train_generator
 
     hwc, num_classes = data.dataset_info(config.data.dataset)
     model = context.new_classifier(config, num_classes, hwc[-1])
@@ -136,7 +137,7 @@ def _task_worker():
     config = _CONFIG.value
     if config.cpu_devices > 0:
         jax.config.update("jax_num_cpu_devices", config.cpu_devices)
-    from gencnp_jax import pipeline, train_generator
+    from gencnp_jax.stages import pipeline, train_generator
 
     pipeline.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     captured = {}
@@ -179,7 +180,8 @@ def _task_load_data():
     import jax
     import numpy as np
 
-    from gencnp_jax import context, pipeline, sharding
+    from gencnp_jax.io import sharding
+    from gencnp_jax.stages import context, pipeline
 
     config = _CONFIG.value
     pipeline.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

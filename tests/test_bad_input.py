@@ -18,18 +18,19 @@ import pytest
 from flax import nnx
 from launch_helpers import run_launch
 
-from gencnp_jax import (
-    bank,
-    classifiers,
+from gencnp_jax.io import data
+from gencnp_jax.method import class_bank as bank
+from gencnp_jax.method import explain, losses
+from gencnp_jax.models import classifiers
+from gencnp_jax.stages import (
+    build_bank,
     context,
-    data,
-    explain,
-    losses,
     pipeline,
     train_classifier,
     train_generator,
     validation,
 )
+from gencnp_jax.stages import explainer as explainer_lib
 
 
 def _one_error_line(capsys) -> str:
@@ -57,9 +58,9 @@ def explainer(tiny_config):
     model = context.new_classifier(tiny_config, k, c)
     graphdef, state = classifiers.split(model)
     classifier = context.Classifier(graphdef, state, dict(model.site_channels), k)
-    gen = explain.new_generator(tiny_config, classifier.site_channels, k)
+    gen = explainer_lib.new_generator(tiny_config, classifier.site_channels, k)
     gen_graphdef, gen_state = nnx.split(gen)
-    return explain.Explainer(tiny_config, classifier, gen_graphdef, gen_state, None)
+    return explainer_lib.Explainer(tiny_config, classifier, gen_graphdef, gen_state, None)
 
 
 def _images(shape, dtype=np.uint8):
@@ -191,10 +192,10 @@ def test_empty_dataset_directory_through_launch(tiny_config, tmp_path):
         ("data.dataset", "imagenet_typo", "config.data.dataset='imagenet_typo' cannot be used "
          "(unknown TFDS dataset 'imagenet_typo'): choose fashion_mnist, mnist, cifar10 or "
          "another TFDS dataset prepared in config.data.data_dir"),
-        ("generator.cell", "rnn", "config.generator.cell='rnn': choose one of ('gru', 'lstm', "
-         "'mlp')"),
-        ("generator.pooling", ("avg", "median"), "config.generator.pooling=('avg', 'median'): "
-         "choose one or more of ('avg', 'max')"),
+        ("generator.model.cell", "rnn",
+         "config.generator.model.cell='rnn': choose one of ('gru', 'lstm', 'mlp')"),
+        ("generator.model.pooling", ("avg", "median"),
+         "config.generator.model.pooling=('avg', 'median'): choose one or more of ('avg', 'max')"),
         ("classifier.log_every", 0, "config.classifier.log_every=0 must be a positive int"),
         ("generator.steps", -5, "config.generator.steps=-5 must be a positive int"),
         ("bank.threshold", 1.5, "config.bank.threshold=1.5 must be in [0, 1]"),
@@ -288,7 +289,7 @@ def test_bank_of_another_classifier(tiny_config, generator_workdir, tmp_path, ca
         ones, ones, jnp.ones((k,), jnp.int32), b.samples_per_class, b.threshold, b.class_source,
         bank.fingerprint(other_state, sites),
     )  # fmt: skip
-    bank.save_bank(foreign, workdir, list(sites))
+    build_bank.save_bank(foreign, workdir, list(sites))
     line = _run_fails(capsys, "evaluate", tiny_config, workdir)
     assert line.startswith(
         f"error: the class-pathway bank in {workdir}/bank was built for another classifier or "
@@ -324,7 +325,7 @@ def test_non_finite_loss_term_is_named(tiny_config, trained_workdir, tmp_path, m
     message = str(info.value)
     assert message.startswith("non-finite loss/kd, loss/total at step 4:"), message
     assert "sparsity" not in message and "other non-finite" not in message
-    ckpt_dir = os.path.join(explain.generator_dir(workdir), "checkpoints")
+    ckpt_dir = os.path.join(explainer_lib.generator_dir(workdir), "checkpoints")
     assert not [s for s in os.listdir(ckpt_dir) if s.isdigit()]
 
 

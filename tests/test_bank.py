@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from gencnp_jax import bank, classifiers, context, perturbation
+from gencnp_jax.eval import perturbation
+from gencnp_jax.method import class_bank as bank
+from gencnp_jax.models import classifiers
+from gencnp_jax.stages import build_bank, context
 
 K = 10
 
@@ -82,10 +85,10 @@ def test_fingerprint_sensitive_to_weights_and_sites():
 def test_round_trip(config, tmp_path):
     classifier = _classifier()
     built = _bank(classifier, config)
-    meta = bank.save_bank(built, str(tmp_path), list(classifier.site_channels))
-    assert os.path.exists(tmp_path / "bank" / bank.BANK_JSON)
+    meta = build_bank.save_bank(built, str(tmp_path), list(classifier.site_channels))
+    assert os.path.exists(tmp_path / "bank" / build_bank.BANK_JSON)
     assert meta["counts"] == [3] * (K - 1) + [0] and meta["empty_classes"] == [K - 1]
-    loaded = bank.load_bank(config, str(tmp_path), classifier)
+    loaded = build_bank.load_bank(config, str(tmp_path), classifier)
     chex.assert_trees_all_equal(
         (loaded.freq, loaded.masks, loaded.counts), (built.freq, built.masks, built.counts)
     )
@@ -97,34 +100,34 @@ def test_round_trip(config, tmp_path):
     ) == (built.samples_per_class, built.threshold, built.class_source, built.fingerprint)
     # rebuilding replaces the stored bank
     rebuilt = _bank(classifier, config, seed=1)
-    bank.save_bank(rebuilt, str(tmp_path), list(classifier.site_channels))
+    build_bank.save_bank(rebuilt, str(tmp_path), list(classifier.site_channels))
     chex.assert_trees_all_equal(
-        bank.load_bank(config, str(tmp_path), classifier).masks, rebuilt.masks
+        build_bank.load_bank(config, str(tmp_path), classifier).masks, rebuilt.masks
     )
 
 
 def test_mismatch_errors(config, tmp_path):
     classifier = _classifier()
-    bank.save_bank(_bank(classifier, config), str(tmp_path), list(classifier.site_channels))
+    build_bank.save_bank(_bank(classifier, config), str(tmp_path), list(classifier.site_channels))
     other_weights = context.Classifier(
         classifier.graphdef,
         perturbation.randomize_weights(classifier.state, 3),
         classifier.site_channels,
         K,
     )
-    with pytest.raises(bank.BankMismatchError, match="built for another classifier") as err:
-        bank.load_bank(config, str(tmp_path), other_weights)
+    with pytest.raises(build_bank.BankMismatchError, match="built for another classifier") as err:
+        build_bank.load_bank(config, str(tmp_path), other_weights)
     assert "--mode=build_bank" in str(err.value) and "weights differ" in str(err.value)
-    with pytest.raises(bank.BankMismatchError, match="--mode=build_bank"):
-        bank.load_bank(config, str(tmp_path), _classifier(widths=(4, 8, 8)))
+    with pytest.raises(build_bank.BankMismatchError, match="--mode=build_bank"):
+        build_bank.load_bank(config, str(tmp_path), _classifier(widths=(4, 8, 8)))
     config.bank.threshold = 0.6
-    with pytest.raises(bank.BankMismatchError, match="threshold"):
-        bank.load_bank(config, str(tmp_path), classifier)
+    with pytest.raises(build_bank.BankMismatchError, match="threshold"):
+        build_bank.load_bank(config, str(tmp_path), classifier)
 
 
 def test_missing_bank_names_the_stage(config, tmp_path):
     with pytest.raises(context.StageOrderError, match="--mode=build_bank"):
-        bank.load_bank(config, str(tmp_path), _classifier())
+        build_bank.load_bank(config, str(tmp_path), _classifier())
 
 
 def test_transfer_all_ones_bank_is_the_full_model(config):

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gencnp_jax import baselines, classifiers
-from gencnp_jax import gates as gates_lib
+from gencnp_jax.eval import baselines
+from gencnp_jax.models import classifiers
+from gencnp_jax.models import gates as gates_lib
 
 B = 4
 

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from gencnp_jax import bench
+from gencnp_jax.stages import bench, build_bank
 
 
 def _numbers(tree, path=""):
@@ -41,11 +41,7 @@ def fixture_bench_workdir(tiny_config, generator_workdir, tmp_path):
     """A copy of the trained tiny run, with a class-pathway bank when bank.py is there."""
     workdir = str(tmp_path / "run")
     shutil.copytree(generator_workdir, workdir)
-    try:
-        from gencnp_jax import bank
-    except ImportError:
-        return workdir, False
-    bank.build_bank(tiny_config, workdir)
+    build_bank.build_bank(tiny_config, workdir)
     return workdir, True
 
 

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gencnp_jax import checkpointing, context, train_classifier
+from gencnp_jax.io import checkpointing
+from gencnp_jax.stages import context, train_classifier
 
 
 def _perturb(tree, seed):

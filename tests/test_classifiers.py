@@ -10,8 +10,8 @@ import optax
 import pytest
 from flax import nnx
 
-from gencnp_jax import classifiers
-from gencnp_jax import gates as gates_lib
+from gencnp_jax.models import classifiers
+from gencnp_jax.models import gates as gates_lib
 
 B, HW = 4, 16
 IMAGES = jax.random.normal(jax.random.key(0), (B, HW, HW, 1))

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gencnp_jax import daq
+from gencnp_jax.models import daq
 
 GRID = np.concatenate([np.linspace(0.0, 0.499, 500), np.linspace(0.501, 1.0, 500)])
 

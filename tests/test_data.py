@@ -12,7 +12,7 @@ import PIL.Image
 import pytest
 import tensorflow_datasets as tfds
 
-from gencnp_jax import data, fashion_mnist_local
+from gencnp_jax.io import data, fashion_mnist_local
 
 REAL_DIR = fashion_mnist_local.DEFAULT_MANUAL_DIR
 SIZES = {"train": 20, "t10k": 8}

@@ -12,8 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gencnp_jax import bank, classifiers, context, eval_methods, evaluate
-from gencnp_jax import gates as gates_lib
+from gencnp_jax.eval import methods as eval_methods
+from gencnp_jax.models import classifiers
+from gencnp_jax.models import gates as gates_lib
+from gencnp_jax.stages import build_bank, context, evaluate
 
 METHODS = (
     "gencnp",
@@ -57,7 +59,7 @@ def fixture_evaluated(tiny_config, generator_workdir, tmp_path_factory):
     )  # 40 = 16 + 16 + 8: the last batch is padded
     config.eval.cdrp_max_examples, config.eval.auc_max_examples = 20, 24
     config.eval.ablation_max_examples = 32
-    bank.build_bank(config, workdir)
+    build_bank.build_bank(config, workdir)
     return config, workdir, evaluate.evaluate(config, workdir)
 
 
@@ -101,7 +103,7 @@ def test_matched_baselines_follow_gencnp_density(evaluated):
 def test_bank_of_the_trained_workdir(evaluated):
     config, workdir, _ = evaluated
     classifier = context.load_classifier(config, workdir)
-    loaded = bank.load_bank(config, workdir, classifier)
+    loaded = build_bank.load_bank(config, workdir, classifier)
     assert loaded.num_classes == 10 and int(loaded.counts.max()) <= config.bank.samples_per_class
     for site, m in loaded.masks.items():
         assert set(np.unique(np.asarray(m))) <= {0.0, 1.0}

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gencnp_jax import gates as gates_lib
+from gencnp_jax.models import gates as gates_lib
 
 # Insertion order shallow -> deep, deliberately not sorted by name.
 SITE_CHANNELS = {"stem/conv": 3, "block2/conv1": 2, "block1/conv1": 4}

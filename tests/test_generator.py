@@ -10,8 +10,9 @@ import optax
 import pytest
 from flax import nnx
 
-from gencnp_jax import classifiers, daq, losses
-from gencnp_jax.generator import Generator, explain_scores
+from gencnp_jax.method import losses
+from gencnp_jax.models import classifiers, daq
+from gencnp_jax.models.generator import Generator, explain_scores
 
 IMAGES = jax.random.normal(jax.random.key(0), (4, 16, 16, 1))
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gencnp_jax import losses
+from gencnp_jax.method import losses
 
 
 def _softmax(x):

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gencnp_jax import classifiers, metrics, perturbation
-from gencnp_jax import metric_accumulator as acc_lib
+from gencnp_jax.eval import accumulator as acc_lib
+from gencnp_jax.eval import metrics, perturbation
+from gencnp_jax.models import classifiers
 
 LOG3 = math.log(3.0)
 # row 0: Y = 0.5 -> O = 0.75 (increase); row 1: Y = 0.75 -> O = 0.5 (drop 1/3); row 2: padding

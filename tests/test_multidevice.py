@@ -24,7 +24,11 @@ from flax import nnx
 
 assert jax.device_count() == 2, jax.devices()
 from configs import tiny
-from gencnp_jax import classifiers, context, sharding, train_classifier, train_generator
+from gencnp_jax.models import classifiers
+from gencnp_jax.stages import context
+from gencnp_jax.io import sharding
+from gencnp_jax.stages import train_classifier
+from gencnp_jax.stages import train_generator
 
 out_path, steps = sys.argv[1], int(sys.argv[2])
 config = tiny.get_config()

@@ -57,7 +57,7 @@ def test_generator_step_matches_one_device_on_2_and_4_devices(tiny_config, tmp_p
         "--steps=3",
         f"--out={out}",
         *_data_flags(tiny_config),
-        "--config.generator.leak_margin=0.01",
+        "--config.generator.loss.leak_margin=0.01",
     ]
     proc = subprocess.run(
         cmd,
@@ -95,7 +95,7 @@ def test_generator_step_matches_one_device_on_2_and_4_devices(tiny_config, tmp_p
 def test_two_processes_train_generator_as_one_mesh(tiny_config, trained_workdir, tmp_path):
     import shutil
 
-    from gencnp_jax import context, explain
+    from gencnp_jax.stages import context, explainer
 
     workdir = str(tmp_path / "run")
     shutil.copytree(context.classifier_dir(trained_workdir), context.classifier_dir(workdir))
@@ -130,11 +130,11 @@ def test_two_processes_train_generator_as_one_mesh(tiny_config, trained_workdir,
         np.testing.assert_array_equal(params[0][key], params[1][key], err_msg=key)
 
     # one checkpoint, written together; the final generator is what both processes hold
-    gen_dir = explain.generator_dir(workdir)
+    gen_dir = explainer.generator_dir(workdir)
     assert sorted(os.listdir(os.path.join(gen_dir, "checkpoints"))) == ["2", "4"]
     assert os.listdir(os.path.join(gen_dir, "final")) == [str(steps)]
     classifier = context.load_classifier(tiny_config, workdir)
-    _, gen_state, _, _ = explain.load_generator(tiny_config, workdir, classifier)
+    _, gen_state, _, _ = explainer.load_generator(tiny_config, workdir, classifier)
     restored = multihost_smoke._flatten(gen_state)
     matched = 0
     for key in params[0].files:

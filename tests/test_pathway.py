@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gencnp_jax.pathway import Pathway
+from gencnp_jax.method.pathway import Pathway
 
 SITES = {"block1/conv1": 4, "block2/conv1": 6}
 

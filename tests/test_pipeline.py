@@ -10,7 +10,8 @@ import shutil
 
 import pytest
 
-from gencnp_jax import pipeline
+from gencnp_jax.io import workdir as workdir_lib
+from gencnp_jax.stages import modes, pipeline
 
 
 def _no_stage(mode):
@@ -24,26 +25,26 @@ def test_run_all_then_skip(tiny_config, generator_workdir, tmp_path, capsys, mon
         generator_workdir,
         workdir,
         ignore=shutil.ignore_patterns(
-            *(os.path.dirname(pipeline.DONE_FILES[m]) for m in pipeline.STAGES[2:])
+            *(os.path.dirname(workdir_lib.DONE_FILES[m]) for m in modes.PIPELINE[2:])
         ),
     )
     timings = pipeline.run_all(tiny_config, workdir)
     out = capsys.readouterr().out
-    assert list(timings) == list(pipeline.STAGES)
+    assert list(timings) == list(modes.PIPELINE)
     assert timings["train_classifier"] == timings["train_generator"] == "skipped"
-    for mode in pipeline.STAGES:
-        assert pipeline.is_done(mode, workdir), mode
-    for mode in pipeline.STAGES[2:]:
+    for mode in modes.PIPELINE:
+        assert workdir_lib.is_done(mode, workdir), mode
+    for mode in modes.PIPELINE[2:]:
         assert isinstance(timings[mode], float), (mode, timings[mode])
         assert f"[{mode}] done in" in out
     report = os.path.join(workdir, "report", "index.html")
     assert f"Report: {report}" in out
 
-    monkeypatch.setattr(pipeline, "_stage_fn", _no_stage)
+    monkeypatch.setattr(modes, "stage_fn", _no_stage)
     timings = pipeline.run_all(tiny_config, workdir)
     out = capsys.readouterr().out
-    assert timings == {mode: "skipped" for mode in pipeline.STAGES}
-    for mode in pipeline.STAGES:
+    assert timings == {mode: "skipped" for mode in modes.PIPELINE}
+    for mode in modes.PIPELINE:
         assert f"[{mode}] already complete in {workdir}: skipped" in out
     assert f"Report: {report}" in out
 
@@ -57,18 +58,18 @@ def test_run_all_resumes_after_the_last_complete_stage(tmp_path, capsys, monkeyp
         def run(config, wd):
             assert wd == workdir and config == "config"
             calls.append(mode)
-            path = os.path.join(wd, pipeline.DONE_FILES[mode])
+            path = os.path.join(wd, workdir_lib.DONE_FILES[mode])
             os.makedirs(os.path.dirname(path), exist_ok=True)
             open(path, "w").close()
 
         return run
 
-    monkeypatch.setattr(pipeline, "_stage_fn", fake_stage)
-    for mode in pipeline.STAGES[:2]:
+    monkeypatch.setattr(modes, "stage_fn", fake_stage)
+    for mode in modes.PIPELINE[:2]:
         fake_stage(mode)("config", workdir)
     calls.clear()
     timings = pipeline.run_all("config", workdir)
-    assert calls == list(pipeline.STAGES[2:])
-    assert [timings[m] for m in pipeline.STAGES[:2]] == ["skipped", "skipped"]
+    assert calls == list(modes.PIPELINE[2:])
+    assert [timings[m] for m in modes.PIPELINE[:2]] == ["skipped", "skipped"]
     out = capsys.readouterr().out
     assert out.count("already complete") == 2 and "Summary:" in out

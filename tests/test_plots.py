@@ -11,8 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gencnp_jax import classifiers, plots, saliency
-from gencnp_jax import gates as gates_lib
+from gencnp_jax.eval import saliency
+from gencnp_jax.models import classifiers
+from gencnp_jax.models import gates as gates_lib
+from gencnp_jax.viz import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SITE = "block3/conv1"

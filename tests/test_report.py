@@ -9,7 +9,8 @@ import re
 
 import numpy as np
 
-from gencnp_jax import plots, report
+from gencnp_jax.viz import html as report
+from gencnp_jax.viz import plots
 
 RESULTS = {
     "split": "test",

@@ -13,7 +13,9 @@ import shutil
 import numpy as np
 import pytest
 
-from gencnp_jax import pipeline, report_stage, validation
+from gencnp_jax.io import workdir as workdir_lib
+from gencnp_jax.stages import build_bank, validation
+from gencnp_jax.stages import report as report_stage
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RESULTS = {
@@ -63,7 +65,7 @@ def _check_page(path: str) -> str:
 def test_report_without_bank_or_results(tiny_config, run):
     path = report_stage.make_report(tiny_config, run)
     assert path == os.path.join(run, "report", "index.html")
-    assert pipeline.is_done("report", run)
+    assert workdir_lib.is_done("report", run)
     page = _check_page(path)
     links = _links(page)
     assert "pathway_0.png" in links and "density_hist.png" in links
@@ -75,9 +77,8 @@ def test_report_without_bank_or_results(tiny_config, run):
 
 
 def test_report_with_bank_and_results(tiny_config, run):
-    from gencnp_jax import bank
 
-    bank.build_bank(tiny_config, run)
+    build_bank.build_bank(tiny_config, run)
     os.makedirs(os.path.join(run, "eval"))
     with open(os.path.join(run, "eval", "results.json"), "w") as f:
         json.dump(RESULTS, f)
@@ -102,7 +103,7 @@ def test_failed_report_leaves_no_marker(tiny_config, run, monkeypatch):
     monkeypatch.setattr(report_stage.context, "load_classifier", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         report_stage.make_report(tiny_config, run)
-    assert not pipeline.is_done("report", run)  # an old page must not mark the stage done
+    assert not workdir_lib.is_done("report", run)  # an old page must not mark the stage done
 
 
 def test_gradcam_site(tiny_config):

@@ -14,7 +14,9 @@ import chex
 import pytest
 from launch_helpers import ROOT, launch_cmd, launch_env
 
-from gencnp_jax import bank, checkpointing, context, explain, pipeline
+from gencnp_jax.io import checkpointing
+from gencnp_jax.io import workdir as workdir_lib
+from gencnp_jax.stages import build_bank, context, explainer, modes
 
 # Wall-clock measurements: the only numbers allowed to differ between the runs.
 TIMING_KEYS = {"seconds", "seconds_per_image", "train_seconds", "train_steps_per_second"}
@@ -58,7 +60,7 @@ def two_runs(tiny_config, tmp_path_factory):
         with open(str(root / f"{i}.log")) as f:
             assert proc.returncode == 0, f.read()[-4000:]
     for workdir in workdirs:
-        assert all(pipeline.is_done(mode, workdir) for mode in pipeline.STAGES), workdir
+        assert all(workdir_lib.is_done(mode, workdir) for mode in modes.PIPELINE), workdir
     return workdirs
 
 
@@ -92,12 +94,12 @@ def test_same_parameters_and_pathways(tiny_config, two_runs):
     classifier_a = context.load_classifier(tiny_config, a)
     classifier_b = context.load_classifier(tiny_config, b)
     chex.assert_trees_all_equal(classifier_a.state, classifier_b.state)
-    _, gen_a, _, means_a = explain.load_generator(tiny_config, a, classifier_a)
-    _, gen_b, _, means_b = explain.load_generator(tiny_config, b, classifier_b)
+    _, gen_a, _, means_a = explainer.load_generator(tiny_config, a, classifier_a)
+    _, gen_b, _, means_b = explainer.load_generator(tiny_config, b, classifier_b)
     chex.assert_trees_all_equal(gen_a, gen_b)
     chex.assert_trees_all_equal(means_a, means_b)
-    bank_a = bank.load_bank(tiny_config, a, classifier_a)
-    bank_b = bank.load_bank(tiny_config, b, classifier_b)
+    bank_a = build_bank.load_bank(tiny_config, a, classifier_a)
+    bank_b = build_bank.load_bank(tiny_config, b, classifier_b)
     chex.assert_trees_all_equal(bank_a, bank_b)
     assert bank_a.fingerprint == bank_b.fingerprint
 

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from launch_helpers import assert_ok, committed_steps, kill_when, run_launch
 
-from gencnp_jax import checkpointing, context, explain, pipeline, train_classifier
+from gencnp_jax.io import checkpointing
+from gencnp_jax.stages import context, explainer, pipeline, train_classifier
 
 # Long enough that the kill lands mid-training (the first checkpoint comes at step 8).
 CLASSIFIER_FLAGS = ("--config.classifier.epochs=10",)  # 160 steps of 32 on 512 images
@@ -96,7 +97,7 @@ def test_killed_generator_run_resumes_to_identical_parameters(
     for workdir in (full, resumed):
         shutil.copytree(context.classifier_dir(full_classifier), context.classifier_dir(workdir))
     assert_ok(run_launch(tiny_config, full, "train_generator", *GENERATOR_FLAGS))
-    ckpt_dir = os.path.join(explain.generator_dir(resumed), "checkpoints")
+    ckpt_dir = os.path.join(explainer.generator_dir(resumed), "checkpoints")
     killed_at = _kill_and_check(
         tiny_config, resumed, "train_generator", ckpt_dir,
         lambda: bool(committed_steps(ckpt_dir)), GENERATOR_STEPS, GENERATOR_FLAGS,
@@ -104,17 +105,17 @@ def test_killed_generator_run_resumes_to_identical_parameters(
     assert killed_at < GENERATOR_STEPS
     assert_ok(run_launch(tiny_config, resumed, "train_generator", *GENERATOR_FLAGS))
 
-    metrics = _metrics(explain.generator_dir(resumed))
+    metrics = _metrics(explainer.generator_dir(resumed))
     assert metrics["resumed_from_step"] == killed_at
     classifier = context.load_classifier(tiny_config, full)
-    _, state_full, _, means_full = explain.load_generator(tiny_config, full, classifier)
-    _, state_resumed, _, means_resumed = explain.load_generator(tiny_config, resumed, classifier)
+    _, state_full, _, means_full = explainer.load_generator(tiny_config, full, classifier)
+    _, state_resumed, _, means_resumed = explainer.load_generator(tiny_config, resumed, classifier)
     chex.assert_trees_all_equal(state_resumed, state_full)
     chex.assert_trees_all_equal(means_resumed, means_full)
     # generator, optimizer state and the class-score bank of the pull loss
-    dirs = [os.path.join(explain.generator_dir(w), "checkpoints") for w in (full, resumed)]
+    dirs = [os.path.join(explainer.generator_dir(w), "checkpoints") for w in (full, resumed)]
     assert _checkpoint_sum(dirs[0], GENERATOR_STEPS) == _checkpoint_sum(dirs[1], GENERATOR_STEPS)
-    reference = _metrics(explain.generator_dir(full))
+    reference = _metrics(explainer.generator_dir(full))
     for key in ("agreement", "density_mean", "mDC", "mIC", "leakage"):
         assert metrics[key] == reference[key], key
 

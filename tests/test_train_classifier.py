@@ -14,7 +14,9 @@ import optax
 import pytest
 from flax import nnx
 
-from gencnp_jax import checkpointing, classifiers, context, pipeline, train_classifier, validation
+from gencnp_jax.io import checkpointing
+from gencnp_jax.models import classifiers
+from gencnp_jax.stages import context, pipeline, train_classifier, validation
 
 
 @pytest.fixture(scope="module")

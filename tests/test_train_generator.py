@@ -13,8 +13,11 @@ import optax
 import pytest
 from flax import nnx
 
-from gencnp_jax import checkpointing, classifiers, context, explain, losses, train_generator
-from gencnp_jax import train_classifier as train_classifier_lib
+from gencnp_jax.io import checkpointing
+from gencnp_jax.method import explain, losses
+from gencnp_jax.models import classifiers
+from gencnp_jax.stages import context, explainer, train_generator
+from gencnp_jax.stages import train_classifier as train_classifier_lib
 
 NUM_LEARN_STEPS = 8
 
@@ -45,8 +48,8 @@ def scenario(tiny_config):
     gen = {**gen, "opt_state": tx.init(gen["params"])}
     gen_params_before = jax.tree.map(np.array, gen["params"])
     step_fn = train_generator.make_train_step(gen_graphdef, classifier.graphdef, tx)
-    config.generator.sparsity_ramp_steps = 0
-    config.generator.w_sparsity = 2.0
+    config.generator.loss.sparsity_ramp_steps = 0
+    config.generator.loss.w_sparsity = 2.0
     hp, weights = train_generator.hparams_from_config(config.generator)
     train = context.load_data(config, "train")
 
@@ -129,11 +132,11 @@ def test_train_generator_needs_a_trained_classifier(tiny_config, tmp_path):
 
 def test_explainer_needs_a_trained_generator(tiny_config, trained_workdir):
     with pytest.raises(context.StageOrderError, match="--mode=train_generator"):
-        explain.Explainer.from_workdir(tiny_config, trained_workdir)
+        explainer.Explainer.from_workdir(tiny_config, trained_workdir)
 
 
 def test_generator_metrics_json(generator_workdir):
-    path = os.path.join(explain.generator_dir(generator_workdir), "metrics.json")
+    path = os.path.join(explainer.generator_dir(generator_workdir), "metrics.json")
     with open(path) as f:
         metrics = json.load(f)
     for key in ("agreement", "density_mean", "density_std", "leakage"):
@@ -145,7 +148,7 @@ def test_generator_metrics_json(generator_workdir):
 
 def test_final_checkpoint_round_trip(tiny_config, generator_workdir, tmp_path):
     classifier = context.load_classifier(tiny_config, generator_workdir)
-    gd, state, fills, means = explain.load_generator(tiny_config, generator_workdir, classifier)
+    gd, state, fills, means = explainer.load_generator(tiny_config, generator_workdir, classifier)
     assert fills is None  # zero ablation in the tiny config; the means are kept anyway
     train = context.load_data(tiny_config, "train")
     expected_means = explain.channel_means(
@@ -158,7 +161,7 @@ def test_final_checkpoint_round_trip(tiny_config, generator_workdir, tmp_path):
     for site, c in classifier.site_channels.items():
         chex.assert_shape(means[site], (c,))
         np.testing.assert_allclose(means[site], expected_means[site], rtol=1e-5, atol=1e-6)
-    fresh = nnx.state(explain.new_generator(tiny_config, classifier.site_channels, 10))
+    fresh = nnx.state(explainer.new_generator(tiny_config, classifier.site_channels, 10))
     assert jax.tree.structure(state) == jax.tree.structure(fresh)
     assert any(
         not np.array_equal(a, b)
@@ -168,7 +171,7 @@ def test_final_checkpoint_round_trip(tiny_config, generator_workdir, tmp_path):
     test = context.load_data(tiny_config, "test")
     mesh = context.make_mesh(tiny_config)
     again = train_generator.evaluate_split(tiny_config, classifier, gd, state, fills, test, mesh)
-    with open(os.path.join(explain.generator_dir(generator_workdir), "metrics.json")) as f:
+    with open(os.path.join(explainer.generator_dir(generator_workdir), "metrics.json")) as f:
         saved = json.load(f)
     for key, value in again.items():
         assert value == pytest.approx(saved[key], abs=1e-6), key
@@ -177,12 +180,12 @@ def test_final_checkpoint_round_trip(tiny_config, generator_workdir, tmp_path):
         lambda x: x + 0.5 if jnp.issubdtype(x.dtype, jnp.floating) else x, state
     )
     mean_fills = {s: np.full((c,), 0.25, np.float32) for s, c in classifier.site_channels.items()}
-    ckpt = checkpointing.Checkpointer(os.path.join(explain.generator_dir(str(tmp_path)), "final"))
+    ckpt = checkpointing.Checkpointer(os.path.join(explainer.generator_dir(str(tmp_path)), "final"))
     ckpt.save(3, {"generator": perturbed, "means": mean_fills})
     ckpt.close()
     mean_config = copy.deepcopy(tiny_config)
     mean_config.generator.ablation = "mean"
-    _, loaded, fills, means = explain.load_generator(mean_config, str(tmp_path), classifier)
+    _, loaded, fills, means = explainer.load_generator(mean_config, str(tmp_path), classifier)
     chex.assert_trees_all_equal(
         jax.tree.map(np.asarray, loaded), jax.tree.map(np.asarray, perturbed)
     )
@@ -190,11 +193,11 @@ def test_final_checkpoint_round_trip(tiny_config, generator_workdir, tmp_path):
 
 
 def test_explainer_returns_binary_pathways(tiny_config, generator_workdir):
-    explainer = explain.Explainer.from_workdir(tiny_config, generator_workdir)
+    explain_fn = explainer.Explainer.from_workdir(tiny_config, generator_workdir)
     test = context.load_data(tiny_config, "test")
     images = test.images[:16]
-    pathway = explainer(images)
-    site_channels = explainer.classifier.site_channels
+    pathway = explain_fn(images)
+    site_channels = explain_fn.classifier.site_channels
     assert set(pathway.gates) == set(site_channels) == set(pathway.scores)
     for site, c in site_channels.items():
         gates = np.asarray(pathway.gates[site])
@@ -204,12 +207,12 @@ def test_explainer_returns_binary_pathways(tiny_config, generator_workdir):
         assert np.all((scores >= 0.0) & (scores <= 1.0))
     chex.assert_shape([pathway.full_logits, pathway.pathway_logits], (16, 10))
     normalized = jnp.asarray(context.normalize(tiny_config, images))
-    cls = explainer.classifier
+    cls = explain_fn.classifier
     full, _ = classifiers.forward(cls.graphdef, cls.state, normalized)
     gated, _ = classifiers.forward(cls.graphdef, cls.state, normalized, pathway.gates)
     chex.assert_trees_all_close(pathway.full_logits, full, rtol=1e-5, atol=1e-5)
     chex.assert_trees_all_close(pathway.pathway_logits, gated, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(pathway.explained_class, np.argmax(full, -1))
     # Float images are used as they are: the same pathway as for the uint8 batch.
-    again = explainer(np.asarray(normalized))
+    again = explain_fn(np.asarray(normalized))
     chex.assert_trees_all_equal(again.gates, pathway.gates)

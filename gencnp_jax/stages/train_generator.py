@@ -17,20 +17,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gencnp_jax import (
-    checkpointing,
-    classifiers,
-    context,
-    daq,
-    data,
-    explain,
-    logging_utils,
-    losses,
-    metrics,
-    sharding,
-    train_classifier,
-)
-from gencnp_jax import gates as gates_lib
+from gencnp_jax.eval import metrics
+from gencnp_jax.io import checkpointing, data, sharding
+from gencnp_jax.io import writers as logging_utils
+from gencnp_jax.method import explain, losses
+from gencnp_jax.models import classifiers, daq
+from gencnp_jax.models import gates as gates_lib
+from gencnp_jax.stages import context, explainer, train_classifier
 
 
 @flax.struct.dataclass
@@ -49,16 +42,21 @@ class StepHParams:
 def hparams_from_config(g) -> tuple[StepHParams, losses.LossWeights]:
     f = lambda v: jnp.asarray(v, jnp.float32)
     hp = StepHParams(
-        f(g.daq_temperature),
-        f(g.daq_sigma),
-        f(g.tau),
-        f(g.hinge_margin),
-        f(g.leak_margin),
-        f(g.sparsity_ramp_steps),
-        f(g.bank_decay),
+        f(g.daq.temperature),
+        f(g.daq.sigma),
+        f(g.loss.tau),
+        f(g.loss.hinge_margin),
+        f(g.loss.leak_margin),
+        f(g.loss.sparsity_ramp_steps),
+        f(g.loss.bank_decay),
     )
     weights = losses.LossWeights.create(
-        kd=g.w_kd, hinge=g.w_hinge, sparsity=g.w_sparsity, pdn=g.w_pdn, pull=g.w_pull, leak=g.w_leak
+        kd=g.loss.w_kd,
+        hinge=g.loss.w_hinge,
+        sparsity=g.loss.w_sparsity,
+        pdn=g.loss.w_pdn,
+        pull=g.loss.w_pull,
+        leak=g.loss.w_leak,
     )
     return hp, weights
 
@@ -145,9 +143,11 @@ def make_train_step(gen_graphdef: nnx.GraphDef, cls_graphdef: nnx.GraphDef, tx):
 
 def _init(config, classifier):
     g = config.generator
-    model = explain.new_generator(config, classifier.site_channels, classifier.num_classes)
+    model = explainer.new_generator(config, classifier.site_channels, classifier.num_classes)
     gen_graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = train_classifier.make_optimizer(g.learning_rate, 0.0, g.warmup_steps, g.steps, g.grad_clip)
+    tx = train_classifier.make_optimizer(
+        g.opt.learning_rate, 0.0, g.opt.warmup_steps, g.steps, g.opt.grad_clip
+    )
     n = sum(classifier.site_channels.values())
     gen = {"params": params, "rest": rest, "opt_state": tx.init(params)}
     bank = {
@@ -161,7 +161,7 @@ def train_generator(config, workdir: str) -> dict:
     """Trains (or resumes) the generator; writes `generator/metrics.json` on the test split."""
     g = config.generator
     classifier = context.load_classifier(config, workdir)
-    out_dir = explain.generator_dir(workdir)
+    out_dir = explainer.generator_dir(workdir)
     train, test = context.load_data(config, "train"), context.load_data(config, "test")
     mesh = context.make_mesh(config)
     sharding.check_batch_size(mesh, g.batch_size)
@@ -247,7 +247,7 @@ def pathway_outputs(gen_graphdef, cls_graphdef, temperature, sigma):
 def evaluate_split(config, classifier, gen_graphdef, gen_state, fills, split, mesh) -> dict:
     """agreement, density, mDC, mIC and leakage of GEN-CNP pathways on a split."""
     g = config.generator
-    fn = pathway_outputs(gen_graphdef, classifier.graphdef, g.daq_temperature, g.daq_sigma)
+    fn = pathway_outputs(gen_graphdef, classifier.graphdef, g.daq.temperature, g.daq.sigma)
     cols = {}
     for idx, valid in data.eval_batches(len(split.labels), g.eval_batch_size):
         images = sharding.shard_batch(mesh, context.normalize(config, split.images[idx]))

@@ -13,18 +13,14 @@ import time
 import jax
 import numpy as np
 
-from gencnp_jax import (
-    bank,
-    context,
-    data,
-    eval_methods,
-    explain,
-    logging_utils,
-    metric_accumulator,
-    perturbation,
-    report,
-    sharding,
-)
+from gencnp_jax.eval import accumulator as metric_accumulator
+from gencnp_jax.eval import methods as eval_methods
+from gencnp_jax.eval import perturbation
+from gencnp_jax.io import data, sharding
+from gencnp_jax.io import workdir as workdir_lib
+from gencnp_jax.io import writers as logging_utils
+from gencnp_jax.stages import build_bank, context, explainer
+from gencnp_jax.viz import html as report
 
 OTHER_ABLATION = {"zero": "mean", "mean": "zero"}
 
@@ -34,7 +30,7 @@ def settings_from_config(config) -> eval_methods.Settings:
     e, g = config.eval, config.generator
     names = {f.name for f in dataclasses.fields(eval_methods.Settings)}
     given = {k: e[k] for k in names if k in e}
-    return eval_methods.Settings(daq_temperature=g.daq_temperature, daq_sigma=g.daq_sigma, **given)
+    return eval_methods.Settings(daq_temperature=g.daq.temperature, daq_sigma=g.daq.sigma, **given)
 
 
 @dataclasses.dataclass
@@ -140,8 +136,8 @@ def _cap(n: int, cap: int) -> int:
 def _setup(config, workdir: str, num_examples: int, test, s: eval_methods.Settings):
     """`(run, gen_graphdef, classifier)`: everything loaded and placed on the mesh."""
     classifier = context.load_classifier(config, workdir)
-    gen_graphdef, gen_state, _, means = explain.load_generator(config, workdir, classifier)
-    class_bank = bank.load_bank(config, workdir, classifier)
+    gen_graphdef, gen_state, _, means = explainer.load_generator(config, workdir, classifier)
+    class_bank = build_bank.load_bank(config, workdir, classifier)
     mesh = context.make_mesh(config)
     sharding.check_batch_size(mesh, config.eval.batch_size)
     zeros = {site: np.zeros((c,), np.float32) for site, c in classifier.site_channels.items()}
@@ -260,7 +256,7 @@ def evaluate(config, workdir: str) -> dict:
             "seconds": round(time.time() - t0, 2),
         }
     )
-    out_dir = os.path.join(os.path.abspath(workdir), "eval")
+    out_dir = workdir_lib.eval_dir(workdir)
     logging_utils.write_text(os.path.join(out_dir, "results.md"), results_table(results))
     logging_utils.write_json(os.path.join(out_dir, "results.json"), results)
     return results

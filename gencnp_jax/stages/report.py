@@ -14,17 +14,15 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from gencnp_jax import (
-    context,
-    data,
-    explain,
-    fashion_mnist_local,
-    logging_utils,
-    plots,
-    report,
-    saliency,
-    validation,
-)
+from gencnp_jax.eval import saliency
+from gencnp_jax.io import data, fashion_mnist_local
+from gencnp_jax.io import workdir as workdir_lib
+from gencnp_jax.io import writers as logging_utils
+from gencnp_jax.method import explain
+from gencnp_jax.stages import build_bank, context, validation
+from gencnp_jax.stages import explainer as explainer_lib
+from gencnp_jax.viz import html as report
+from gencnp_jax.viz import plots
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +51,7 @@ def gradcam_site(config, site_channels: Mapping[str, int]) -> str:
     return site
 
 
-def explain_split(explainer: explain.Explainer, images_uint8: np.ndarray, batch_size: int):
+def explain_split(explainer: explainer_lib.Explainer, images_uint8: np.ndarray, batch_size: int):
     """Pathways of a whole split as host numpy: ``(gates site -> u8[N, C], pred i32[N],
     pathway_pred i32[N])``; fixed-size padded batches, so one compilation."""
     gates, pred, pathway_pred = [], [], []
@@ -68,7 +66,7 @@ def explain_split(explainer: explain.Explainer, images_uint8: np.ndarray, batch_
     return gates, np.concatenate(pred).astype(np.int32), np.concatenate(pathway_pred)
 
 
-def make_gallery_fn(explainer: explain.Explainer, site: str):
+def make_gallery_fn(explainer: explainer_lib.Explainer, site: str):
     """A jitted ``fn(images) -> (cam_full, cam_pathway, pathway_grad)`` for the predicted class."""
     cls, g = explainer.classifier, explainer.config.generator
 
@@ -79,8 +77,8 @@ def make_gallery_fn(explainer: explain.Explainer, site: str):
             cls.graphdef,
             cls_state,
             images,
-            g.daq_temperature,
-            g.daq_sigma,
+            g.daq.temperature,
+            g.daq.sigma,
             fills,
         )
         c = p.explained_class
@@ -144,16 +142,9 @@ def _gallery(explainer, site, test, pred, pathway_pred, density, names, out_dir,
 
 def _bank_freq(config, workdir: str, classifier) -> dict | None:
     """The bank's class frequencies ``site -> f32[K, C]``, or None when there is no bank."""
-    from gencnp_jax import pipeline
-
-    if not pipeline.is_done("build_bank", workdir):
+    if not workdir_lib.is_done("build_bank", workdir):
         return None
-    try:
-        from gencnp_jax import bank as bank_lib
-    except ImportError:
-        log.warning("no gencnp_jax.bank module: class-pathway figure omitted")
-        return None
-    b = bank_lib.load_bank(config, workdir, classifier)
+    b = build_bank.load_bank(config, workdir, classifier)
     freq = b.get("freq") if isinstance(b, Mapping) else getattr(b, "freq", None)
     if freq is None:
         return None
@@ -163,7 +154,7 @@ def _bank_freq(config, workdir: str, classifier) -> dict | None:
 def _results(workdir: str) -> dict:
     """``eval/results.json`` (nested extras left out: the page lists scalars beside the
     table); without it, the generator's own test metrics as the one row."""
-    results = logging_utils.read_json(os.path.join(workdir, "eval", "results.json"))
+    results = logging_utils.read_json(workdir_lib.done_file("evaluate", workdir))
     if results is not None:
         methods = results.get("methods", {})
         ours = sorted(methods, key=lambda name: not name.startswith("gencnp"))  # stable: ours first
@@ -199,14 +190,14 @@ def make_report(
     """
     t0 = time.time()
     workdir = os.path.abspath(workdir)
-    out_dir = os.path.join(workdir, "report")
+    out_dir = workdir_lib.report_dir(workdir)
     index = os.path.join(out_dir, "index.html")
     writer = jax.process_index() == 0
     if writer and os.path.exists(index):
         os.remove(index)  # the completion marker: absent until this run has written it all
     classifier = context.load_classifier(config, workdir)
-    gen_graphdef, gen_state, fills, _ = explain.load_generator(config, workdir, classifier)
-    explainer = explain.Explainer(config, classifier, gen_graphdef, gen_state, fills)
+    gen_graphdef, gen_state, fills, _ = explainer_lib.load_generator(config, workdir, classifier)
+    explainer = explainer_lib.Explainer(config, classifier, gen_graphdef, gen_state, fills)
     site = gradcam_site(config, classifier.site_channels)
     names = class_names(config.data.dataset, classifier.num_classes)
     test = context.load_data(config, "test")

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gencnp_jax import gates as gates_lib
-from gencnp_jax import metrics
+from gencnp_jax.eval import metrics
+from gencnp_jax.models import gates as gates_lib
 
 PerInstance = dict[str, tuple[jax.Array, jax.Array]]  # name -> (values f32[B], weights f32[B])
 

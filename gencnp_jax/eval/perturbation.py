@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gencnp_jax import baselines, metrics
-from gencnp_jax import gates as gates_lib
+from gencnp_jax.eval import baselines, metrics
+from gencnp_jax.models import gates as gates_lib
 
 LogitsFn = Callable[[gates_lib.Gates], jax.Array]  # gates -> f32[B, K]
 CURVE_MODES = ("deletion", "insertion")

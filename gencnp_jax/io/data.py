@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-from gencnp_jax import fashion_mnist_local
+from gencnp_jax.io import fashion_mnist_local
 
 # Per-channel (mean, std) of pixel/255 over the train split; cifar10 std is the true one.
 DATASET_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {

@@ -1,116 +1,45 @@
-"""Class pathways (DESIGN §5): build a bank from the generator's pathways of `j` samples per
-class, store it with orbax next to a fingerprint of the classifier, and transfer it to new inputs.
+"""The build_bank stage: class pathways of `j` training samples per class, stored with orbax
+beside a fingerprint of the classifier, and loaded back only for that classifier (DESIGN §5).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import shutil
 import time
-from collections.abc import Mapping
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gencnp_jax import checkpointing, classifiers, context, data, explain, logging_utils, sharding
-from gencnp_jax import gates as gates_lib
+from gencnp_jax.io import checkpointing, data, sharding
+from gencnp_jax.io import workdir as workdir_lib
+from gencnp_jax.io import writers as logging_utils
+from gencnp_jax.method import explain
+from gencnp_jax.method.class_bank import (
+    CLASS_SOURCES,
+    ClassBank,
+    aggregate,
+    fingerprint,
+    first_per_class,
+)
+from gencnp_jax.models import classifiers
+from gencnp_jax.models import gates as gates_lib
+from gencnp_jax.stages import context, explainer
 
 log = logging.getLogger(__name__)
+
+
 BANK_JSON = "bank.json"
-CLASS_SOURCES = ("prediction", "label")
 
 
 class BankMismatchError(Exception):
     """A stored bank does not belong to the classifier (or config) it is loaded against."""
 
 
-@flax.struct.dataclass
-class ClassBank:
-    """Class pathways of a classifier with ``K`` classes.
-
-    Attributes:
-      freq: ``site -> f32[K, C]``: ``F_c[site, k]``, the fraction of class-c samples whose
-        pathway keeps neuron k.
-      masks: ``site -> f32[K, C]``: the class pathways ``1[F_c >= threshold]`` (exactly 0/1).
-      counts: ``i32[K]``: samples aggregated per class (at most `samples_per_class`). A class
-        with no sample has ``F_c = 0`` and an empty (all-closed) pathway: no evidence was seen
-        for it, and an all-open pathway would pass for a perfect explanation.
-      samples_per_class: ``j``, the samples asked for per class.
-      threshold: ``rho``.
-      class_source: how samples were assigned to classes: "prediction" or "label".
-      fingerprint: `fingerprint` of the classifier the bank was built for.
-    """
-
-    freq: dict[str, jax.Array]
-    masks: dict[str, jax.Array]
-    counts: jax.Array
-    samples_per_class: int = flax.struct.field(pytree_node=False, default=0)
-    threshold: float = flax.struct.field(pytree_node=False, default=0.5)
-    class_source: str = flax.struct.field(pytree_node=False, default="prediction")
-    fingerprint: str = flax.struct.field(pytree_node=False, default="")
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.counts.shape[0])
-
-    @property
-    def site_channels(self) -> dict[str, int]:
-        return {s: int(f.shape[-1]) for s, f in self.freq.items()}
-
-    def class_density(self) -> np.ndarray:
-        """Kept neurons / all neurons of each class pathway: ``f64[K]``."""
-        return np.asarray(gates_lib.density(self.masks), np.float64)
-
-
-def fingerprint(cls_state, site_channels: Mapping[str, int]) -> str:
-    """sha256 over the classifier state's leaves (sorted by path) and its sites with channels."""
-    digest = hashlib.sha256()
-    leaves, _ = jax.tree_util.tree_flatten_with_path(cls_state)
-    for path, leaf in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
-        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-            leaf = jax.random.key_data(leaf)
-        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-            leaf = leaf.addressable_data(0)  # replicated on every device: any shard is all of it
-        array = np.ascontiguousarray(np.asarray(leaf))
-        digest.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape};".encode())
-        digest.update(array.tobytes())
-    digest.update(repr(sorted(site_channels.items())).encode())
-    return digest.hexdigest()
-
-
-def aggregate(
-    gates: Mapping[str, jax.Array],
-    classes_B: jax.Array,
-    num_classes: int,
-    threshold: float,
-    valid_B: jax.Array | None = None,
-) -> tuple[dict[str, jax.Array], dict[str, jax.Array], jax.Array]:
-    """``(freq, masks, counts)``: per-class mean of binary gates and ``freq >= threshold``.
-
-    A class with no (valid) sample gets ``freq = 0`` and so an empty pathway.
-    """
-    w_B = jnp.ones(classes_B.shape, jnp.float32) if valid_B is None else valid_B.astype(jnp.float32)
-    onehot_BxK = jax.nn.one_hot(classes_B, num_classes) * w_B[:, None]
-    counts_K = onehot_BxK.sum(0)
-    freq = {s: (onehot_BxK.T @ g) / jnp.maximum(counts_K, 1.0)[:, None] for s, g in gates.items()}
-    masks = {
-        s: ((f >= threshold) & (counts_K[:, None] > 0)).astype(jnp.float32) for s, f in freq.items()
-    }
-    return freq, masks, counts_K.astype(jnp.int32)
-
-
-def transfer(bank: ClassBank, classes_B: jax.Array) -> gates_lib.Gates:
-    """Class pathway of each sample's class: ``site -> f32[B, C]`` (no generator call; jit-able)."""
-    return {s: m[classes_B] for s, m in bank.masks.items()}
-
-
-def bank_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "bank")
+bank_dir = workdir_lib.bank_dir
 
 
 def _check_source(class_source: str) -> None:
@@ -118,11 +47,6 @@ def _check_source(class_source: str) -> None:
         raise ValueError(
             f"config.bank.class_source={class_source!r}: choose one of {CLASS_SOURCES}"
         )
-
-
-def first_per_class(classes_N: np.ndarray, num_classes: int, j: int) -> np.ndarray:
-    """Indices of the first `j` samples of each class in dataset order, class by class."""
-    return np.concatenate([np.flatnonzero(classes_N == c)[:j] for c in range(num_classes)])
 
 
 def _select(config, classifier, train: data.ArraySplit, mesh) -> tuple[np.ndarray, np.ndarray, int]:
@@ -280,7 +204,7 @@ def build_bank(config, workdir: str) -> dict:
     _check_source(config.bank.class_source)
     t0 = time.time()
     classifier = context.load_classifier(config, workdir)
-    gen_graphdef, gen_state, fills, _ = explain.load_generator(config, workdir, classifier)
+    gen_graphdef, gen_state, fills, _ = explainer.load_generator(config, workdir, classifier)
     train = context.load_data(config, "train")
     mesh = context.make_mesh(config)
     sharding.check_batch_size(mesh, config.eval.batch_size)
@@ -291,7 +215,7 @@ def build_bank(config, workdir: str) -> dict:
     explain_fn = jax.jit(
         lambda gs, cs, x, f: (
             explain.explain(
-                gen_graphdef, gs, classifier.graphdef, cs, x, g.daq_temperature, g.daq_sigma, f
+                gen_graphdef, gs, classifier.graphdef, cs, x, g.daq.temperature, g.daq.sigma, f
             ).gates
         )
     )

@@ -10,7 +10,8 @@ import os
 import jax
 from flax import nnx
 
-from gencnp_jax import classifiers, data, generator
+from gencnp_jax.io import data
+from gencnp_jax.models import classifiers, generator
 
 
 class ConfigError(ValueError):
@@ -65,12 +66,14 @@ def check_config(config) -> None:
     g = config.generator
     if g.ablation not in ("zero", "mean"):
         raise ConfigError(f"config.generator.ablation={g.ablation!r}: choose 'zero' or 'mean'")
-    if g.cell not in generator.CELLS:
-        raise ConfigError(f"config.generator.cell={g.cell!r}: choose one of {generator.CELLS}")
-    pooling = tuple(g.pooling)
+    if g.model.cell not in generator.CELLS:
+        raise ConfigError(
+            f"config.generator.model.cell={g.model.cell!r}: choose one of {generator.CELLS}"
+        )
+    pooling = tuple(g.model.pooling)
     if not pooling or any(p not in generator.POOLINGS for p in pooling):
         raise ConfigError(
-            f"config.generator.pooling={pooling}: choose one or more of {generator.POOLINGS}"
+            f"config.generator.model.pooling={pooling}: choose one or more of {generator.POOLINGS}"
         )
     if config.bank.class_source not in ("prediction", "label"):
         raise ConfigError(

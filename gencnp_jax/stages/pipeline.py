@@ -13,17 +13,10 @@ import time
 
 import jax
 
-from gencnp_jax import logging_utils
+from gencnp_jax.io import workdir as workdir_lib
+from gencnp_jax.io import writers as logging_utils
+from gencnp_jax.stages import build_bank, modes
 
-STAGES = ("train_classifier", "train_generator", "build_bank", "evaluate", "report")
-DONE_FILES = {
-    "train_classifier": "classifier/metrics.json",
-    "train_generator": "generator/metrics.json",
-    "build_bank": "bank/bank.json",
-    "evaluate": "eval/results.json",
-    "report": "report/index.html",
-    "bench": "bench.json",
-}
 _CLUSTER_ENV = (
     "SLURM_NTASKS",
     "TPU_WORKER_HOSTNAMES",
@@ -56,28 +49,6 @@ def init_distributed(coordinator: str | None, num_processes: int | None, process
         jax.distributed.initialize()
 
 
-def _stage_fn(mode: str):
-    if mode == "train_classifier":
-        from gencnp_jax.train_classifier import train_classifier as fn
-    elif mode == "train_generator":
-        from gencnp_jax.train_generator import train_generator as fn
-    elif mode == "build_bank":
-        from gencnp_jax.bank import build_bank as fn
-    elif mode == "evaluate":
-        from gencnp_jax.evaluate import evaluate as fn
-    elif mode == "report":
-        from gencnp_jax.report_stage import make_report as fn
-    elif mode == "bench":
-        from gencnp_jax.bench import bench as fn
-    else:
-        raise UserError(f"unknown mode {mode!r}")
-    return fn
-
-
-def is_done(mode: str, workdir: str) -> bool:
-    return os.path.exists(os.path.join(workdir, DONE_FILES[mode]))
-
-
 def check_workdir(workdir: str) -> str:
     """Creates `workdir` if needed and checks that it is writable."""
     workdir = os.path.abspath(os.path.expanduser(workdir))
@@ -98,24 +69,25 @@ def check_workdir(workdir: str) -> str:
 def run_all(config, workdir: str) -> dict:
     """Runs every stage in order, skipping those already complete; returns timings."""
     timings = {}
-    for mode in STAGES:
-        if is_done(mode, workdir):
+    for mode in modes.PIPELINE:
+        if workdir_lib.is_done(mode, workdir):
             print(f"[{mode}] already complete in {workdir}: skipped", flush=True)
             timings[mode] = "skipped"
             continue
         print(f"[{mode}] starting", flush=True)
         t0 = time.time()
-        _stage_fn(mode)(config, workdir)
+        modes.stage_fn(mode)(config, workdir)
         timings[mode] = round(time.time() - t0, 1)
         print(f"[{mode}] done in {timings[mode]} s", flush=True)
-    report = os.path.join(workdir, DONE_FILES["report"])
+    report = workdir_lib.done_file("report", workdir)
     print("\nSummary:", ", ".join(f"{k}: {v}" for k, v in timings.items()))
     print(f"Report: {report}", flush=True)
     return timings
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from gencnp_jax import checkpointing, context, data, validation
+    from gencnp_jax.io import checkpointing, data
+    from gencnp_jax.stages import context, validation
 
     errors = [
         UserError,
@@ -124,13 +96,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
         checkpointing.CheckpointError,
         data.DatasetError,
         FloatingPointError,
+        build_bank.BankMismatchError,
     ]
-    try:
-        from gencnp_jax import bank
-
-        errors.append(bank.BankMismatchError)
-    except ImportError:
-        pass
     return tuple(errors)
 
 
@@ -140,16 +107,18 @@ def run(mode: str, config, workdir: str):
     user_errors = _user_errors()
     try:
         workdir = check_workdir(workdir)
-        from gencnp_jax import validation
+        from gencnp_jax.stages import validation
 
         validation.check_config(config)
         if jax.process_index() == 0:
             logging_utils.write_text(
                 os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2)
             )
-        if mode == "all":
+        if mode not in modes.NAMES:
+            raise UserError(f"unknown mode {mode!r}: choose one of {modes.NAMES}")
+        if mode == modes.ALL:
             return run_all(config, workdir)
-        return _stage_fn(mode)(config, workdir)
+        return modes.stage_fn(mode)(config, workdir)
     except user_errors as err:
         _close_progress_bars()  # else the message lands at the end of a half-drawn bar
         print(f"error: {err}", file=sys.stderr, flush=True)

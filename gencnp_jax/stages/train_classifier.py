@@ -15,7 +15,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gencnp_jax import checkpointing, classifiers, context, data, logging_utils, sharding
+from gencnp_jax.io import checkpointing, data, sharding
+from gencnp_jax.io import writers as logging_utils
+from gencnp_jax.models import classifiers
+from gencnp_jax.stages import context
 
 
 def make_optimizer(lr: float, weight_decay: float, warmup: int, total: int, clip: float):

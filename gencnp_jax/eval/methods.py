@@ -12,9 +12,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gencnp_jax import bank as bank_lib
-from gencnp_jax import baselines, classifiers, generator, metric_accumulator, metrics, perturbation
-from gencnp_jax import gates as gates_lib
+from gencnp_jax.eval import accumulator as metric_accumulator
+from gencnp_jax.eval import baselines, metrics, perturbation
+from gencnp_jax.method import class_bank as bank_lib
+from gencnp_jax.models import classifiers, generator
+from gencnp_jax.models import gates as gates_lib
 
 PathwayFn = Callable[[dict, dict], dict]
 

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from gencnp_jax import gates as gates_lib
+from gencnp_jax.models import gates as gates_lib
 
 MAX_PAIR_ROWS = 512  # pairwise IoU metrics use the first 512 rows: O(B^2) memory otherwise
 

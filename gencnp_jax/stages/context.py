@@ -13,7 +13,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from gencnp_jax import checkpointing, classifiers, data, sharding
+from gencnp_jax.io import checkpointing, data, sharding
+from gencnp_jax.io import workdir as workdir_lib
+from gencnp_jax.models import classifiers
 
 
 class StageOrderError(RuntimeError):
@@ -81,8 +83,7 @@ def new_classifier(config, num_classes: int, in_channels: int) -> nnx.Module:
     )
 
 
-def classifier_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "classifier")
+classifier_dir = workdir_lib.classifier_dir
 
 
 def classifier_template(config, abstract: bool = False) -> tuple[nnx.Module, dict]:

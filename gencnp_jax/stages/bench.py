@@ -7,7 +7,6 @@ class-pathway transfer, CDRP and NeuronMCT; train steps/s per device count; peak
 from __future__ import annotations
 
 import dataclasses
-import os
 import platform
 import resource
 import statistics
@@ -21,14 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gencnp_jax import (
-    baselines,
-    classifiers,
+from gencnp_jax.eval import baselines
+from gencnp_jax.io import sharding
+from gencnp_jax.io import workdir as workdir_lib
+from gencnp_jax.io import writers as logging_utils
+from gencnp_jax.method import explain
+from gencnp_jax.models import classifiers, generator
+from gencnp_jax.stages import (
+    build_bank,
     context,
-    explain,
-    generator,
-    logging_utils,
-    sharding,
+    explainer,
     train_classifier,
     train_generator,
     validation,
@@ -118,7 +119,7 @@ def _inference(models: _Models, config, mesh, repeats: int, bank) -> dict:
         mesh, (cls.state, models.gen_state, models.fills)
     )
     images, labels = sharding.shard_batch(mesh, models.images, models.labels)
-    temp, sigma = g.daq_temperature, g.daq_sigma
+    temp, sigma = g.daq.temperature, g.daq.sigma
 
     fns = {
         "forward": jax.jit(lambda cs, x: classifiers.forward(cls_gd, cs, x)[0]),
@@ -187,7 +188,7 @@ def _inference(models: _Models, config, mesh, repeats: int, bank) -> dict:
 def _transfer_fn(cls_graphdef, class_source: str):
     """Class-pathway transfer: the class (H's prediction or the label), its bank gates, and
     the gated pass. No generator call."""
-    from gencnp_jax import bank as bank_lib
+    from gencnp_jax.method import class_bank as bank_lib
 
     def fn(bank, cls_state, images, labels, fills):
         if class_source == "label":
@@ -203,12 +204,7 @@ def _transfer_fn(cls_graphdef, class_source: str):
 def _load_bank(config, workdir: str, classifier, notes: list[str]):
     """The class-pathway bank of `workdir` (a pytree), or None with a note if there is none."""
     try:
-        from gencnp_jax import bank as bank_lib
-    except ImportError as err:
-        notes.append(f"transfer skipped: gencnp_jax.bank cannot be imported ({err})")
-        return None
-    try:
-        return bank_lib.load_bank(config, workdir, classifier)
+        return build_bank.load_bank(config, workdir, classifier)
     except context.StageOrderError:
         notes.append(
             "transfer skipped: no class-pathway bank in the workdir (run --mode=build_bank first)"
@@ -245,7 +241,7 @@ def _train_states(models: _Models, config):
     gen_model = nnx.merge(models.gen_graphdef, models.gen_state)
     gen_gd, gparams, grest = nnx.split(gen_model, nnx.Param, ...)
     gen_tx = train_classifier.make_optimizer(
-        g.learning_rate, 0.0, g.warmup_steps, max(g.steps, 2), g.grad_clip
+        g.opt.learning_rate, 0.0, g.opt.warmup_steps, max(g.steps, 2), g.opt.grad_clip
     )
     n = sum(models.classifier.site_channels.values())
     k = models.classifier.num_classes
@@ -293,7 +289,7 @@ def _gencnp_on(models: _Models, config, mesh, repeats: int) -> dict:
     cls_gd, gen_gd = models.classifier.graphdef, models.gen_graphdef
     fn = jax.jit(
         lambda gs, cs, x, f: explain.explain(
-            gen_gd, gs, cls_gd, cs, x, g.daq_temperature, g.daq_sigma, f
+            gen_gd, gs, cls_gd, cs, x, g.daq.temperature, g.daq.sigma, f
         )
     )
     gen_state, cls_state, fills = sharding.replicate(
@@ -388,7 +384,7 @@ def bench(config, workdir: str) -> dict:
         )
     notes: list[str] = []
     classifier = context.load_classifier(config, workdir)
-    gen_graphdef, gen_state, fills, _ = explain.load_generator(config, workdir, classifier)
+    gen_graphdef, gen_state, fills, _ = explainer.load_generator(config, workdir, classifier)
     images, labels = _batch(config, batch, notes)
     models = _Models(classifier, gen_graphdef, gen_state, fills, images, labels)
     bank = _load_bank(config, workdir, classifier, notes)
@@ -413,7 +409,7 @@ def bench(config, workdir: str) -> dict:
         "memory": _memory(),
         "notes": notes,
     }
-    logging_utils.write_json(os.path.join(os.path.abspath(workdir), "bench.json"), result)
+    logging_utils.write_json(workdir_lib.done_file("bench", workdir), result)
     if jax.process_index() == 0:
         print(format_table(result), flush=True)
     return result

@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gencnp_jax import classifiers
-from gencnp_jax import gates as gates_lib
+from gencnp_jax.models import classifiers
+from gencnp_jax.models import gates as gates_lib
 
 Gates = gates_lib.Gates
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gencnp_jax import gates as gates_lib
+from gencnp_jax.models import gates as gates_lib
 
 _ARRAY_FIELDS = ("explained_class", "full_logits", "pathway_logits")
 

@@ -1,4 +1,4 @@
-"""Explaining inputs with a trained generator: the pure `explain` and a notebook helper.
+"""A trained classifier and generator from a workdir, ready to explain images (notebooks).
 
 explainer = Explainer.from_workdir(config, "runs/default")
 pathway = explainer(images_uint8)        # Pathway: gates, scores, logits
@@ -13,79 +13,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gencnp_jax import checkpointing, classifiers, context, data, generator, pathway
-
-Pathway = pathway.Pathway
-
-
-def explain(
-    gen_graphdef: nnx.GraphDef,
-    gen_state: nnx.State,
-    cls_graphdef: nnx.GraphDef,
-    cls_state: nnx.State,
-    images_BxHxWxC: jax.Array,
-    temperature: float | jax.Array = 2.0,
-    sigma: float | jax.Array = 2.0,
-    fills: dict[str, jax.Array] | None = None,
-) -> Pathway:
-    """GEN-CNP in one pass: clean forward, generator, gated forward (pure, jit-able).
-
-    Raises:
-      ValueError: images that are not a float NHWC batch (a static check: works under jit;
-        `Explainer` also checks the size and the values).
-    """
-    if images_BxHxWxC.ndim != 4 or not jnp.issubdtype(images_BxHxWxC.dtype, jnp.floating):
-        raise ValueError(
-            f"images must be a float NHWC batch (rank 4), got shape {tuple(images_BxHxWxC.shape)} "
-            f"of {images_BxHxWxC.dtype}: normalise uint8 images with data.normalize"
-        )
-    full_logits_BxK, features = classifiers.forward(cls_graphdef, cls_state, images_BxHxWxC)
-    scores, gates, _ = generator.explain_scores(
-        gen_graphdef, gen_state, features, temperature, sigma
-    )
-    pathway_logits_BxK, _ = classifiers.forward(
-        cls_graphdef, cls_state, images_BxHxWxC, gates, fills
-    )
-    return Pathway.create(gates, scores, full_logits_BxK, pathway_logits_BxK)
-
-
-def channel_means(cls_graphdef, cls_state, images_uint8, normalize, batch_size=500):
-    """Training-set mean activation per channel of every site (mean-ablation fills)."""
-    fwd = jax.jit(
-        lambda s, x: jax.tree.map(
-            lambda a: jnp.sum(a, axis=(0, 1, 2)), classifiers.forward(cls_graphdef, s, x)[1]
-        )
-    )
-    sums, count = None, 0
-    for start in range(0, len(images_uint8), batch_size):
-        batch = images_uint8[start : start + batch_size]
-        out = fwd(cls_state, normalize(batch))
-        sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-        count += len(batch)
-    _, feats = jax.eval_shape(
-        lambda s, x: classifiers.forward(cls_graphdef, s, x),
-        cls_state,
-        jnp.zeros((1, *images_uint8.shape[1:]), jnp.float32),
-    )
-    per_pixel = {s: f.shape[1] * f.shape[2] for s, f in feats.items()}
-    return {s: np.asarray(v) / (count * per_pixel[s]) for s, v in sums.items()}
+from gencnp_jax.io import checkpointing, data
+from gencnp_jax.io import workdir as workdir_lib
+from gencnp_jax.method.explain import explain
+from gencnp_jax.method.pathway import Pathway
+from gencnp_jax.models import generator
+from gencnp_jax.stages import context
 
 
 def new_generator(config, site_channels, num_classes) -> generator.Generator:
-    g = config.generator
-    return generator.Generator(
-        site_channels,
-        num_classes,
-        g.hidden,
-        g.cell,
-        tuple(g.pooling),
-        g.init_open,
-        rngs=nnx.Rngs(config.seed + 1),
-    )
+    model = config.generator.model.to_dict()
+    model["pooling"] = tuple(model["pooling"])
+    return generator.Generator(site_channels, num_classes, **model, rngs=nnx.Rngs(config.seed + 1))
 
 
-def generator_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "generator")
+generator_dir = workdir_lib.generator_dir
 
 
 def load_generator(config, workdir: str, classifier: context.Classifier):
@@ -123,7 +65,7 @@ class Explainer:
         g = config.generator
         self._explain = jax.jit(
             lambda gs, cs, x, f: explain(
-                gen_graphdef, gs, classifier.graphdef, cs, x, g.daq_temperature, g.daq_sigma, f
+                gen_graphdef, gs, classifier.graphdef, cs, x, g.daq.temperature, g.daq.sigma, f
             )
         )
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gencnp_jax import daq
+from gencnp_jax.models import daq
 
 CELLS = ("gru", "lstm", "mlp")
 POOLINGS = ("avg", "max")

@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gencnp_jax import classifiers
-from gencnp_jax import gates as gates_lib
+from gencnp_jax.models import classifiers
+from gencnp_jax.models import gates as gates_lib
 
 
 def _class_logit(logits_BxK: jax.Array, classes_B: jax.Array) -> jax.Array:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gencnp_jax import gates as gates_lib
+from gencnp_jax.models import gates as gates_lib
 
 CLASSIFIERS = ("vgg", "resnet")
 

@@ -1,0 +1,102 @@
+"""Class pathways (DESIGN §5) as pure functions: aggregate the pathways of `j` samples per class
+into `F_c` and a class pathway, fingerprint the classifier, transfer a class pathway to new inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gencnp_jax.models import gates as gates_lib
+
+CLASS_SOURCES = ("prediction", "label")
+
+
+@flax.struct.dataclass
+class ClassBank:
+    """Class pathways of a classifier with ``K`` classes.
+
+    Attributes:
+      freq: ``site -> f32[K, C]``: ``F_c[site, k]``, the fraction of class-c samples whose
+        pathway keeps neuron k.
+      masks: ``site -> f32[K, C]``: the class pathways ``1[F_c >= threshold]`` (exactly 0/1).
+      counts: ``i32[K]``: samples aggregated per class (at most `samples_per_class`). A class
+        with no sample has ``F_c = 0`` and an empty (all-closed) pathway: no evidence was seen
+        for it, and an all-open pathway would pass for a perfect explanation.
+      samples_per_class: ``j``, the samples asked for per class.
+      threshold: ``rho``.
+      class_source: how samples were assigned to classes: "prediction" or "label".
+      fingerprint: `fingerprint` of the classifier the bank was built for.
+    """
+
+    freq: dict[str, jax.Array]
+    masks: dict[str, jax.Array]
+    counts: jax.Array
+    samples_per_class: int = flax.struct.field(pytree_node=False, default=0)
+    threshold: float = flax.struct.field(pytree_node=False, default=0.5)
+    class_source: str = flax.struct.field(pytree_node=False, default="prediction")
+    fingerprint: str = flax.struct.field(pytree_node=False, default="")
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.counts.shape[0])
+
+    @property
+    def site_channels(self) -> dict[str, int]:
+        return {s: int(f.shape[-1]) for s, f in self.freq.items()}
+
+    def class_density(self) -> np.ndarray:
+        """Kept neurons / all neurons of each class pathway: ``f64[K]``."""
+        return np.asarray(gates_lib.density(self.masks), np.float64)
+
+
+def fingerprint(cls_state, site_channels: Mapping[str, int]) -> str:
+    """sha256 over the classifier state's leaves (sorted by path) and its sites with channels."""
+    digest = hashlib.sha256()
+    leaves, _ = jax.tree_util.tree_flatten_with_path(cls_state)
+    for path, leaf in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
+        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            leaf = leaf.addressable_data(0)  # replicated on every device: any shard is all of it
+        array = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape};".encode())
+        digest.update(array.tobytes())
+    digest.update(repr(sorted(site_channels.items())).encode())
+    return digest.hexdigest()
+
+
+def aggregate(
+    gates: Mapping[str, jax.Array],
+    classes_B: jax.Array,
+    num_classes: int,
+    threshold: float,
+    valid_B: jax.Array | None = None,
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array], jax.Array]:
+    """``(freq, masks, counts)``: per-class mean of binary gates and ``freq >= threshold``.
+
+    A class with no (valid) sample gets ``freq = 0`` and so an empty pathway.
+    """
+    w_B = jnp.ones(classes_B.shape, jnp.float32) if valid_B is None else valid_B.astype(jnp.float32)
+    onehot_BxK = jax.nn.one_hot(classes_B, num_classes) * w_B[:, None]
+    counts_K = onehot_BxK.sum(0)
+    freq = {s: (onehot_BxK.T @ g) / jnp.maximum(counts_K, 1.0)[:, None] for s, g in gates.items()}
+    masks = {
+        s: ((f >= threshold) & (counts_K[:, None] > 0)).astype(jnp.float32) for s, f in freq.items()
+    }
+    return freq, masks, counts_K.astype(jnp.int32)
+
+
+def transfer(bank: ClassBank, classes_B: jax.Array) -> gates_lib.Gates:
+    """Class pathway of each sample's class: ``site -> f32[B, C]`` (no generator call; jit-able)."""
+    return {s: m[classes_B] for s, m in bank.masks.items()}
+
+
+def first_per_class(classes_N: np.ndarray, num_classes: int, j: int) -> np.ndarray:
+    """Indices of the first `j` samples of each class in dataset order, class by class."""
+    return np.concatenate([np.flatnonzero(classes_N == c)[:j] for c in range(num_classes)])

@@ -1,0 +1,28 @@
+"""The one registry of launch modes: name -> the stage function it runs (imported on use).
+
+`launch.py` offers exactly these names (plus `all`); `pipeline.run_all` runs `PIPELINE` in order.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+# mode -> "module:function" under gencnp_jax.stages
+MODES = {
+    "train_classifier": "train_classifier:train_classifier",
+    "train_generator": "train_generator:train_generator",
+    "build_bank": "build_bank:build_bank",
+    "evaluate": "evaluate:evaluate",
+    "report": "report:make_report",
+    "bench": "bench:bench",
+}
+PIPELINE = ("train_classifier", "train_generator", "build_bank", "evaluate", "report")
+ALL = "all"
+NAMES = (*MODES, ALL)
+
+
+def stage_fn(mode: str) -> Callable:
+    """The stage function of `mode` (KeyError for an unknown mode)."""
+    module, fn = MODES[mode].split(":")
+    return getattr(importlib.import_module(f"gencnp_jax.stages.{module}"), fn)
