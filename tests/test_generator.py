@@ -88,3 +88,33 @@ def test_optimiser_steps_lower_the_loss():
     for _ in range(15):
         last = float(step(generator, optimizer))
     assert np.isfinite(last) and last < first
+
+
+def test_channel_evidence_lets_each_gate_see_its_own_channel():
+    classifier, features, _ = _setup("vgg", (8, 16, 16, 16))
+    generator = Generator(
+        classifier.site_channels, 10, hidden=16, channel_evidence=True, rngs=nnx.Rngs(1)
+    )
+    site, i = list(classifier.site_channels)[1], 1
+    pooled = jnp.concatenate([features[site].mean((1, 2)), features[site].max((1, 2))], -1)
+    mean, std = pooled.mean(0), pooled.std(0) + 0.1
+    generator.set_pool_stats(
+        {s: (0.0, 1.0) for s in classifier.site_channels} | {site: (mean, std)}
+    )
+    # With the decoder's kernel at zero, a gate logit is its bias plus its channel's evidence.
+    head = generator.score_heads[i]
+    head.kernel.value = jnp.zeros_like(head.kernel.value)
+    scores, _ = generator(features)
+    z = ((pooled - mean) / std).reshape(pooled.shape[0], 2, -1)
+    alpha_beta = generator.evidence[i].value
+    expected = jax.nn.sigmoid(head.bias.value + (z * alpha_beta[None]).sum(1))
+    np.testing.assert_allclose(scores[site], expected, rtol=1e-5, atol=1e-6)
+    assert float(jnp.std(scores[site], axis=0).mean()) > 0.01  # varies with the input
+
+
+def test_options_off_keep_the_original_parameters():
+    classifier, features, _ = _setup("vgg", (8, 16, 16, 16))
+    plain = Generator(classifier.site_channels, 10, hidden=16, rngs=nnx.Rngs(1))
+    normed = Generator(classifier.site_channels, 10, hidden=16, input_norm=True, rngs=nnx.Rngs(1))
+    assert "rfe_norm" not in nnx.state(plain) and "rfe_norm" in nnx.state(normed)
+    chex.assert_tree_all_finite(normed(features)[0])

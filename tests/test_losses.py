@@ -126,3 +126,51 @@ def test_total_loss_and_weights_do_not_recompile():
     np.testing.assert_allclose(loss, 2.5, rtol=1e-6)
     with pytest.raises(ValueError, match="unknown loss terms"):
         losses.total_loss({"typo": jnp.array(1.0)}, losses.LossWeights.create())
+
+
+def test_top1_hinge_capped_at_the_full_models_margin():
+    full = jnp.array([[1.2, 1.0, 0.0]])  # the full model itself is unsure: margin 0.2
+    path = jnp.array([[1.5, 1.0, 0.0]])  # the pathway keeps the class with margin 0.5
+    assert float(losses.top1_hinge(full, path, 1.0)) == pytest.approx(0.5)
+    assert float(losses.top1_hinge(full, path, 1.0, cap_at_full_margin=True)) == 0.0
+
+
+def test_kd_budget_is_zero_and_flat_below_the_budget():
+    full = jnp.array([[2.0, 0.0], [2.0, 0.0]])
+    path = jnp.array([[1.9, 0.0], [-2.0, 0.0]])  # row 0 nearly faithful, row 1 flipped
+    kl_B = losses._kl_rows(full, path)
+    value = losses.kd_budget(full, path, 1.0, float(kl_B[0]) + 1e-3)
+    assert float(value) == pytest.approx(float(kl_B[1] - kl_B[0] - 1e-3) / 2, rel=1e-5)
+    grad = jax.grad(lambda p: losses.kd_budget(full, p, 1.0, float(kl_B[0]) + 1e-3))(path)
+    assert np.all(np.asarray(grad[0]) == 0.0) and np.any(np.asarray(grad[1]) != 0.0)
+
+
+def test_leakage_rank_hinge_penalises_only_a_class_brought_near_the_top():
+    classes_c = jnp.array([0, 0, 0])
+    gated = jnp.array(
+        [
+            [-5.0, 3.0, 0.0],  # c far below the top: removing x' evidence costs nothing
+            [2.5, 3.0, 0.0],  # c within the margin of the top
+            [4.0, 3.0, 0.0],  # c on top of another class's input: manufactured evidence
+        ]
+    )
+    valid = jnp.array([True, True, True])
+    per_row = [
+        float(losses.leakage_rank_hinge(gated[i : i + 1], classes_c[:1], valid[:1], 1.0))
+        for i in range(3)
+    ]
+    assert per_row == pytest.approx([0.0, 0.5, 2.0])
+    none_valid = losses.leakage_rank_hinge(gated, classes_c, jnp.zeros(3, bool), 1.0)
+    assert float(none_valid) == 0.0
+
+
+def test_supervised_contrastive_prefers_class_aligned_masks():
+    key = jax.random.key(0)
+    classes = jnp.array([0, 0, 1, 1, 2, 2])
+    prototypes = jax.random.bernoulli(key, 0.5, (3, 64)).astype(jnp.float32)
+    aligned = prototypes[classes]
+    shuffled = prototypes[jnp.array([0, 1, 2, 0, 1, 2])]
+    low = losses.supervised_contrastive(aligned, classes, 0.1)
+    high = losses.supervised_contrastive(shuffled, classes, 0.1)
+    assert float(low) < float(high)
+    chex.assert_tree_all_finite(jax.grad(losses.supervised_contrastive)(shuffled, classes, 0.1))

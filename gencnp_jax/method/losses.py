@@ -11,7 +11,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-TERMS = ("kd", "hinge", "sparsity", "pdn", "pull", "leak")
+TERMS = ("kd", "hinge", "sparsity", "pdn", "pull", "leak", "contrast", "budget")
 
 
 def _kl_rows(teacher_logits_BxK: jax.Array, student_logits_BxK: jax.Array) -> jax.Array:
@@ -31,19 +31,46 @@ def distillation_kl(
     return tau**2 * jnp.mean(_kl_rows(full_logits_BxK / tau, pathway_logits_BxK / tau))
 
 
+def _top_margin(logits_BxK: jax.Array, classes_B: jax.Array) -> jax.Array:
+    """``z_{c} - max_{k != c} z_k`` per row: ``f32[B]``."""
+    onehot_BxK = jax.nn.one_hot(classes_B, logits_BxK.shape[-1])
+    target_B = jnp.sum(onehot_BxK * logits_BxK, axis=-1)
+    return target_B - jnp.max(jnp.where(onehot_BxK > 0, -jnp.inf, logits_BxK), axis=-1)
+
+
 def top1_hinge(
-    full_logits_BxK: jax.Array, pathway_logits_BxK: jax.Array, margin: float | jax.Array = 1.0
+    full_logits_BxK: jax.Array,
+    pathway_logits_BxK: jax.Array,
+    margin: float | jax.Array = 1.0,
+    cap_at_full_margin: bool | jax.Array = False,
 ) -> jax.Array:
     """Keeps the full model's class on top under the pathway (4a, optional).
 
-    ``mean_i max(0, margin - (z~_{i,c_i} - max_{k != c_i} z~_{i,k}))``, ``c_i = argmax H(x_i)``,
-    ``z~`` the pathway logits.
+    ``mean_i max(0, m_i - (z~_{i,c_i} - max_{k != c_i} z~_{i,k}))``, ``c_i = argmax H(x_i)``,
+    ``z~`` the pathway logits. ``m_i = margin``, or with `cap_at_full_margin`
+    ``min(margin, full model's own margin)``: an ambiguous input is not pushed to gain
+    confidence the full model does not have.
     """
-    num_classes = full_logits_BxK.shape[-1]
-    onehot_BxK = jax.nn.one_hot(jnp.argmax(full_logits_BxK, axis=-1), num_classes)
-    target_B = jnp.sum(onehot_BxK * pathway_logits_BxK, axis=-1)
-    runner_up_B = jnp.max(jnp.where(onehot_BxK > 0, -jnp.inf, pathway_logits_BxK), axis=-1)
-    return jnp.mean(jax.nn.relu(margin - (target_B - runner_up_B)))
+    classes_B = jnp.argmax(full_logits_BxK, axis=-1)
+    full_margin_B = jax.lax.stop_gradient(_top_margin(full_logits_BxK, classes_B))
+    margin_B = jnp.where(cap_at_full_margin, jnp.minimum(margin, full_margin_B), margin)
+    return jnp.mean(jax.nn.relu(margin_B - _top_margin(pathway_logits_BxK, classes_B)))
+
+
+def kd_budget(
+    full_logits_BxK: jax.Array,
+    pathway_logits_BxK: jax.Array,
+    tau: float | jax.Array,
+    budget: float | jax.Array,
+) -> jax.Array:
+    """Per-instance faithfulness budget (ours, criterion ii): ``mean_i max(0, KL_i - budget)``.
+
+    ``KL_i = tau^2 KL(p_i || p~_i)``. Weighted strongly beside a sparsity term, each input's
+    density falls where its own distillation loss reaches the budget, instead of where one
+    sparsity weight shared by every input puts it.
+    """
+    kl_B = tau**2 * _kl_rows(full_logits_BxK / tau, pathway_logits_BxK / tau)
+    return jnp.mean(jax.nn.relu(kl_B - budget))
 
 
 def sparsity(scores: Mapping[str, jax.Array] | jax.Array) -> jax.Array:
@@ -147,6 +174,46 @@ def leakage_hinge(
     return jnp.sum(hinge_B) / jnp.maximum(jnp.sum(valid_B), 1.0)
 
 
+def leakage_rank_hinge(
+    partner_gated_logits_BxK: jax.Array,
+    classes_c_B: jax.Array,
+    valid_mask_B: jax.Array,
+    margin: float | jax.Array = 1.0,
+) -> jax.Array:
+    """No manufactured evidence, rank form (4d): ``x``'s class must stay off the top on ``x'``.
+
+    ``mean_{i valid} max(0, z_c(x'_i; P(x_i)) - max_{k != c} z_k(x'_i; P(x_i)) + margin)``:
+    penalises only a pathway that brings ``c = c(x_i)`` within `margin` of the top logit on an
+    input of another class, not one that merely removes ``x'``'s own evidence.
+    """
+    hinge_B = jax.nn.relu(_top_margin(partner_gated_logits_BxK, classes_c_B) + margin)
+    valid_B = valid_mask_B.astype(hinge_B.dtype)
+    return jnp.sum(hinge_B * valid_B) / jnp.maximum(jnp.sum(valid_B), 1.0)
+
+
+def supervised_contrastive(
+    masks_BxN: jax.Array, classes_B: jax.Array, temperature: float | jax.Array = 0.1
+) -> jax.Array:
+    """Class relevance without collapse (4c2, ours): SupCon on (soft) masks.
+
+    With ``u_i = m_i / ||m_i||`` and ``sim_ij = u_i . u_j / temperature``:
+    ``mean_{i with positives} -mean_{p: c_p = c_i, p != i} log(exp(sim_ip) /
+    sum_{a != i} exp(sim_ia))``. Same-class masks are drawn together and other classes pushed
+    apart, relative to each other: no fixed target, so no pull toward early outputs.
+    """
+    b = masks_BxN.shape[0]
+    u_BxN = masks_BxN / jnp.maximum(jnp.linalg.norm(masks_BxN, axis=-1, keepdims=True), 1e-6)
+    sim_BxB = (u_BxN @ u_BxN.T) / temperature
+    not_self_BxB = 1.0 - jnp.eye(b)
+    sim_BxB = jnp.where(not_self_BxB > 0, sim_BxB, -1e9)
+    log_prob_BxB = sim_BxB - jax.nn.logsumexp(sim_BxB, axis=-1, keepdims=True)
+    pos_BxB = (classes_B[:, None] == classes_B[None, :]) * not_self_BxB
+    n_pos_B = pos_BxB.sum(-1)
+    per_B = -jnp.sum(pos_BxB * log_prob_BxB, -1) / jnp.maximum(n_pos_B, 1.0)
+    has_B = (n_pos_B > 0).astype(per_B.dtype)
+    return jnp.sum(per_B * has_B) / jnp.maximum(jnp.sum(has_B), 1.0)
+
+
 def sparsity_ramp(
     step: int | jax.Array, ramp_steps: int | jax.Array, final_weight: float | jax.Array
 ) -> jax.Array:
@@ -174,6 +241,8 @@ class LossWeights:
     pdn: jax.Array = 0.1
     pull: jax.Array = 0.1
     leak: jax.Array = 1.0
+    contrast: jax.Array = 0.0
+    budget: jax.Array = 0.0
 
     @classmethod
     def create(cls, **weights: float) -> LossWeights:

@@ -19,6 +19,10 @@ CELLS = ("gru", "lstm", "mlp")
 POOLINGS = ("avg", "max")
 
 
+class PoolStats(nnx.Variable):
+    """Training-set mean and std of a site's pooled features: fixed, never trained."""
+
+
 class Cell(nnx.Module):
     """A recurrent cell with one interface for all kinds: ``(carry, u) -> (carry, h)``.
 
@@ -76,6 +80,9 @@ class Generator(nnx.Module):
         cell: str = "gru",
         pooling: Sequence[str] = ("avg", "max"),
         init_open: float = 0.85,
+        channel_evidence: bool = False,
+        input_norm: bool = False,
+        head_kernel_scale: float = 0.1,
         *,
         rngs: nnx.Rngs,
     ):
@@ -92,6 +99,9 @@ class Generator(nnx.Module):
         # RFE: u_l = Dense([GAP, GMP]), e_l = Cell(e_{l-1}, u_l).
         channels = list(site_channels.values())
         self.rfe_in = nnx.List([nnx.Linear(npool * c, d, rngs=rngs) for c in channels])
+        self.input_norm = input_norm
+        if input_norm:  # pooled features of different sites live on very different scales
+            self.rfe_norm = nnx.List([nnx.LayerNorm(npool * c, rngs=rngs) for c in channels])
         self.rfe_cells = nnx.List([Cell(cell, d, rngs=rngs) for _ in self.sites])
         # PDN: z = MLP([e_L, mean_l e_l]); q = W z.
         self.pdn_1 = nnx.Linear(2 * d, d, rngs=rngs)
@@ -101,32 +111,64 @@ class Generator(nnx.Module):
         self.rpd_init = nnx.Linear(d, d, rngs=rngs)
         self.rpd_in = nnx.List([nnx.Linear(2 * d, d, rngs=rngs) for _ in self.sites])
         self.rpd_cells = nnx.List([Cell(cell, d, rngs=rngs) for _ in self.sites])
-        # Small kernels and bias logit(init_open): gates start mostly open, not collapsed.
-        small = nnx.initializers.variance_scaling(0.1, "fan_in", "truncated_normal")
+        # Bias logit(init_open): gates start mostly open, not collapsed.
+        kernel = nnx.initializers.variance_scaling(head_kernel_scale, "fan_in", "truncated_normal")
         bias = nnx.initializers.constant(math.log(init_open / (1.0 - init_open)))
         self.score_heads = nnx.List(
-            [nnx.Linear(d, c, kernel_init=small, bias_init=bias, rngs=rngs) for c in channels]
+            [nnx.Linear(d, c, kernel_init=kernel, bias_init=bias, rngs=rngs) for c in channels]
         )
+        # Channel evidence (ours): each gate logit also sees its own channel's standardised
+        # pooled activations, alpha_k z(GAP_k) + beta_k z(GMP_k). Without this direct path a
+        # per-channel bias can express one constant mask for every input.
+        self.channel_evidence = channel_evidence
+        if channel_evidence:
+            self.evidence = nnx.List(
+                [nnx.Param(jnp.full((npool, c), 0.5, jnp.float32)) for c in channels]
+            )
+            self.pool_mean = nnx.List([PoolStats(jnp.zeros((npool * c,))) for c in channels])
+            self.pool_std = nnx.List([PoolStats(jnp.ones((npool * c,))) for c in channels])
 
-    def embed(self, features: Mapping[str, jax.Array]) -> list[jax.Array]:
-        """RFE, shallow to deep: ``[e_1, ..., e_L]``, each ``f32[B, D]``."""
+    def set_pool_stats(self, stats: Mapping[str, tuple[jax.Array, jax.Array]]) -> None:
+        """Stores the training-set ``(mean, std)`` of each site's pooled features,
+        ``f32[len(pooling) * C]`` each, used to standardise the channel evidence (sites left out
+        keep theirs)."""
+        if not self.channel_evidence:
+            return
+        for i, site in enumerate(self.sites):
+            if site not in stats:
+                continue
+            mean, std = stats[site]
+            self.pool_mean[i].value = jnp.asarray(mean, jnp.float32)
+            self.pool_std[i].value = jnp.maximum(jnp.asarray(std, jnp.float32), 1e-6)
+
+    def embed(self, features: Mapping[str, jax.Array]) -> tuple[list[jax.Array], list[jax.Array]]:
+        """RFE, shallow to deep: ``([e_1, ..., e_L], [pooled_1, ...])``, ``e_l`` ``f32[B, D]``,
+        ``pooled_l`` the site's global pools ``f32[B, len(pooling) * C_l]``."""
         missing = [s for s in self.sites if s not in features]
         if missing:
             raise KeyError(f"features lack gate sites {missing}; generator sites: {self.sites}")
         batch = features[self.sites[0]].shape[0]
         carry = self.rfe_cells[0].from_hidden(jnp.zeros((batch, self.hidden), jnp.float32))
-        embeddings = []
+        embeddings, pooled = [], []
         for i, site in enumerate(self.sites):
             # The classifier is frozen: no gradient flows into its features.
             feats = jax.lax.stop_gradient(features[site]).astype(jnp.float32)
-            u_BxD = self.rfe_in[i](pool(feats, self.pooling))
-            carry, e_BxD = self.rfe_cells[i](carry, u_BxD)
+            pooled_BxP = pool(feats, self.pooling)
+            normed_BxP = self.rfe_norm[i](pooled_BxP) if self.input_norm else pooled_BxP
+            carry, e_BxD = self.rfe_cells[i](carry, self.rfe_in[i](normed_BxP))
             embeddings.append(e_BxD)
-        return embeddings
+            pooled.append(pooled_BxP)
+        return embeddings, pooled
+
+    def _evidence(self, i: int, pooled_BxP: jax.Array) -> jax.Array:
+        """``sum_p alpha_{p,k} z_p(k)`` per channel: ``f32[B, C]``."""
+        z_BxP = (pooled_BxP - self.pool_mean[i].value) / self.pool_std[i].value
+        z_BxNxC = z_BxP.reshape(z_BxP.shape[0], len(self.pooling), -1)
+        return jnp.sum(z_BxNxC * self.evidence[i].value[None], axis=1)
 
     def __call__(self, features: Mapping[str, jax.Array]) -> tuple[dict[str, jax.Array], jax.Array]:
         """Scores ``site -> f32[B, C_site]`` in ``[0, 1]`` and PDN logits ``f32[B, K]``."""
-        embeddings = self.embed(features)
+        embeddings, pooled = self.embed(features)
         e_mean = jnp.mean(jnp.stack(embeddings), axis=0)
         z_BxD = self.pdn_2(nnx.gelu(self.pdn_1(jnp.concatenate([embeddings[-1], e_mean], -1))))
         q_logits_BxK = self.q_head(z_BxD)
@@ -135,7 +177,10 @@ class Generator(nnx.Module):
         for i in reversed(range(len(self.sites))):
             u_BxD = self.rpd_in[i](jnp.concatenate([z_BxD, embeddings[i]], axis=-1))
             carry, h_BxD = self.rpd_cells[i](carry, u_BxD)
-            scores[self.sites[i]] = jax.nn.sigmoid(self.score_heads[i](h_BxD))
+            logits_BxC = self.score_heads[i](h_BxD)
+            if self.channel_evidence:
+                logits_BxC = logits_BxC + self._evidence(i, pooled[i])
+            scores[self.sites[i]] = jax.nn.sigmoid(logits_BxC)
         return {site: scores[site] for site in self.sites}, q_logits_BxK
 
 
