@@ -15,6 +15,7 @@ import pytest
 
 from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.stages import build_bank, validation
+from gencnp_jax.stages import explainer as explainer_lib
 from gencnp_jax.stages import report as report_stage
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -27,6 +28,14 @@ RESULTS = {
         "random": {"mIC": 1.0, "mDC": 60.0, "agreement": 0.2, "density_mean": 0.6},
     },
     "sanity_iou": 0.1,
+    # The fixed-density part of the schema, for one ablation only (the other is missing).
+    "at_density": {
+        "mean": {
+            d: {m: {"mDC": 50 * (1 - x), "agreement": x} for m in ("gencnp", "constant")}
+            for d, x in (("0.1", 0.5), ("0.2", 0.7))
+        }
+    },
+    "own_density": {"mean": {"gencnp": {"mDC": 1.5, "agreement": 1.0, "density_mean": 0.6}}},
 }
 
 
@@ -85,6 +94,8 @@ def test_report_with_bank_and_results(tiny_config, run):
     page = _check_page(report_stage.make_report(tiny_config, run, samples=1, per_class=1))
     links = _links(page)
     assert "class_frequency.png" in links and "density_vs_mdc.png" in links
+    assert "mDC_vs_density.png" in links and "agreement_vs_density.png" in links
+    assert 'id="scorecard"' in page and 'id="per_density"' in page
     assert "pathway_0.png" in links and "pathway_1.png" not in links
     assert "<table" in page and "sanity_iou" in page
     for method in RESULTS["methods"]:
@@ -130,3 +141,16 @@ def test_select_gallery_mixes_correct_and_wrong():
     assert chosen[1] == [3, 4]  # no wrong one: two right
     assert chosen[2] == [5]  # only one image, predicted wrong
     assert chosen[3] == []
+
+
+def test_explain_split_matches_the_explainer(tiny_config, generator_workdir):
+    explainer = explainer_lib.Explainer.from_workdir(tiny_config, generator_workdir)
+    images = report_stage.context.load_data(tiny_config, "test").images[:37]
+    gates, pred, pathway_pred = report_stage.explain_split(explainer, images, batch_size=16)
+    p = explainer(images)  # one batch, no padding
+    assert list(gates) == list(explainer.classifier.site_channels)  # the classifier's order
+    for site, g in gates.items():
+        assert g.dtype == np.uint8 and g.shape == p.gates[site].shape
+        np.testing.assert_array_equal(g, np.asarray(p.gates[site]) >= 0.5)
+    np.testing.assert_array_equal(pred, np.asarray(p.explained_class))
+    np.testing.assert_array_equal(pathway_pred, np.argmax(np.asarray(p.pathway_logits), -1))

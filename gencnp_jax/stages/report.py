@@ -12,17 +12,18 @@ import time
 from collections.abc import Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from gencnp_jax.eval import saliency
-from gencnp_jax.io import data, fashion_mnist_local
+from gencnp_jax.io import batched, fashion_mnist_local, sharding
 from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.io import writers as logging_utils
 from gencnp_jax.method import explain
 from gencnp_jax.stages import build_bank, context, validation
 from gencnp_jax.stages import explainer as explainer_lib
+from gencnp_jax.viz import curves, plots
 from gencnp_jax.viz import html as report
-from gencnp_jax.viz import plots
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +52,35 @@ def gradcam_site(config, site_channels: Mapping[str, int]) -> str:
     return site
 
 
-def explain_split(explainer: explainer_lib.Explainer, images_uint8: np.ndarray, batch_size: int):
+def explain_split(
+    explainer: explainer_lib.Explainer, images_uint8: np.ndarray, batch_size: int, mesh=None
+):
     """Pathways of a whole split as host numpy: ``(gates site -> u8[N, C], pred i32[N],
-    pathway_pred i32[N])``; fixed-size padded batches, so one compilation."""
-    gates, pred, pathway_pred = [], [], []
-    batch_size = min(batch_size, len(images_uint8))
-    for idx, valid in data.eval_batches(len(images_uint8), batch_size):
-        p = jax.device_get(explainer(images_uint8[idx]))
-        gates.append({s: np.asarray(g[:valid] >= 0.5, np.uint8) for s, g in p.gates.items()})
-        pred.append(p.explained_class[:valid])
-        pathway_pred.append(np.argmax(p.pathway_logits[:valid], -1))
-    order = list(explainer.classifier.site_channels)  # jit returns sites sorted by name
-    gates = {s: np.concatenate([g[s] for g in gates]) for s in order}
-    return gates, np.concatenate(pred).astype(np.int32), np.concatenate(pathway_pred)
+    pathway_pred i32[N])``; fixed-size padded batches over the mesh, so one compilation."""
+    cls, g = explainer.classifier, explainer.config.generator
+    mesh = mesh if mesh is not None else context.make_mesh(explainer.config)
+    # Never more rows than the split (rounded up to the mesh): tiny splits compile small.
+    batch_size = min(batch_size, -(-len(images_uint8) // mesh.size) * mesh.size)
+    sharding.check_batch_size(mesh, batch_size)
+    jitted = explain.jit_explain(explainer.gen_graphdef, cls.graphdef)
+    gen_state, cls_state, fills = sharding.replicate(
+        mesh, (explainer.gen_state, cls.state, explainer.fills)
+    )
+    temperature, sigma = jnp.float32(g.daq.temperature), jnp.float32(g.daq.sigma)
+
+    def fn(images):
+        p = jitted(gen_state, cls_state, images, temperature, sigma, fills)
+        gates = {s: (v >= 0.5).astype(jnp.uint8) for s, v in p.gates.items()}
+        return gates, p.explained_class, jnp.argmax(p.pathway_logits, -1)
+
+    def make_batch(idx):
+        return context.normalize(explainer.config, images_uint8[idx])
+
+    gates, pred, pathway_pred = batched.map_batches(
+        fn, make_batch, len(images_uint8), batch_size, mesh
+    )
+    gates = {s: gates[s] for s in cls.site_channels}  # jit returns sites sorted by name
+    return gates, pred.astype(np.int32), pathway_pred.astype(np.int32)
 
 
 def make_gallery_fn(explainer: explainer_lib.Explainer, site: str):
@@ -152,14 +169,13 @@ def _bank_freq(config, workdir: str, classifier) -> dict | None:
 
 
 def _results(workdir: str) -> dict:
-    """``eval/results.json`` (nested extras left out: the page lists scalars beside the
-    table); without it, the generator's own test metrics as the one row."""
+    """``eval/results.json`` with GEN-CNP's methods first; without it, the generator's own
+    test metrics as the one row (marked by a ``source`` entry)."""
     results = logging_utils.read_json(workdir_lib.done_file("evaluate", workdir))
     if results is not None:
         methods = results.get("methods", {})
         ours = sorted(methods, key=lambda name: not name.startswith("gencnp"))  # stable: ours first
-        extras = {k: v for k, v in results.items() if not isinstance(v, dict)}
-        return {**extras, "methods": {name: methods[name] for name in ours}}
+        return {**results, "methods": {name: methods[name] for name in ours}}
     gen = logging_utils.read_json(os.path.join(workdir, "generator", "metrics.json")) or {}
     row = {k: gen[k] for k in _GENERATOR_METRICS if k in gen}
     return {
@@ -251,7 +267,12 @@ def make_report(
         explainer, site, test, pred, pathway_pred, density, names, out_dir, per_class
     )
     path = report.write_report(
-        workdir, results, figures, config.to_json_best_effort(indent=2), gallery
+        workdir,
+        results,
+        figures,
+        config.to_json_best_effort(indent=2),
+        gallery,
+        curves.save_density_figures(results, out_dir),
     )
     log.info("report written to %s in %.1f s", path, time.time() - t0)
     return path

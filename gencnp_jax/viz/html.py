@@ -8,31 +8,14 @@ from __future__ import annotations
 import filecmp
 import html
 import json
-import math
 import os
 import shutil
 from collections.abc import Mapping, Sequence
 
-# Known metrics, in table order: (description, which direction is better).
-METRICS = {
-    "mIC": ("% of instances whose confidence rises under the pathway", "higher"),
-    "mDC": ("mean relative drop in confidence under the pathway, %", "lower"),
-    "agreement": ("fraction predicting the same class under the pathway", "higher"),
-    "density_mean": ("mean fraction of kept neurons", "lower"),
-    "density_std": ("spread of density over instances", "context"),
-    "acIOU": ("mean IoU of same-class pathways", "higher"),
-    "inter_class_iou": ("mean IoU of different-class pathways", "lower"),
-    "necessity_drop": ("confidence drop when the pathway is removed", "higher"),
-    "deletion_auc": ("confidence AUC while deleting neurons by score", "lower"),
-    "insertion_auc": ("confidence AUC while inserting neurons by score", "higher"),
-    "leakage": ("pathway of x makes other-class x' predict x's class", "lower"),
-    "null_confidence": ("class confidence of the pathway on a blank image", "lower"),
-    "class_leakage": ("class pathway turns other-class samples into its class", "lower"),
-    "other_class_drop": ("class pathway lowers other classes' own confidence", "higher"),
-    "seconds_per_image": ("explanation time per image", "lower"),
-}
-ARROW = {"higher": " ↑", "lower": " ↓", "context": ""}
-MISSING = "–"
+from gencnp_jax.viz import cells as cells_lib
+from gencnp_jax.viz import scorecard
+from gencnp_jax.viz.cells import ARROW, METRICS, MISSING, fmt  # noqa: F401 (re-exported)
+
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0 auto;
 max-width:1400px;padding:1em 2em;color:#222;line-height:1.4}
@@ -47,79 +30,43 @@ figure{margin:1em 0}figure img{max-width:100%;border:1px solid #ddd}
 figcaption{color:#555;font-size:.9em}.gallery{display:flex;flex-wrap:wrap;gap:1em}
 .gallery figure{flex:1 1 320px;max-width:560px}.muted{color:#777;font-size:.9em}
 pre{background:#f6f8fa;padding:1em;overflow-x:auto;font-size:.85em}
+tr.section th{background:#1f4e79;color:#fff;text-align:left}
+.text{text-align:left;white-space:normal}
+table.scorecard td:first-child{white-space:normal;min-width:16em}tr.control td{font-style:italic}
 """
 
 
-def fmt(value, scale: float | None = None) -> str:
-    """A number for a table cell: NaN/None -> "–", ints as is, floats to a readable precision.
-
-    Args:
-      value: the number (or any value, shown with ``str``).
-      scale: the largest magnitude in the value's column, so that a column shares its decimals.
-    """
-    value = value.item() if hasattr(value, "item") else value  # numpy / jax scalars
-    if value is None or isinstance(value, bool):
-        return MISSING if value is None else str(value)
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return MISSING if math.isnan(value) else str(value)
-        mag = abs(value)
-        ref = max(mag, scale or 0.0)
-        if mag == 0:
-            return "0"
-        if mag < 1e-3 or ref >= 1e5:
-            return f"{value:.2e}"
-        return f"{value:.{3 if ref < 10 else 2 if ref < 1000 else 0}f}"
-    return str(value)
-
-
-def _header(metric: str) -> str:
-    return metric + ARROW[METRICS[metric][1]] if metric in METRICS else metric
-
-
-def _cells(methods: Mapping[str, Mapping], cols: list[str]) -> dict[str, list[str]]:
-    """Formatted table cells per method, each column with its own precision."""
-    scale = {}
-    for c in cols:
-        vals = [abs(float(m[c])) for m in methods.values() if isinstance(m.get(c), int | float)]
-        scale[c] = max([v for v in vals if math.isfinite(v)], default=None)
-    return {name: [fmt(m.get(c), scale[c]) for c in cols] for name, m in methods.items()}
-
-
-def _columns(methods: Mapping[str, Mapping]) -> list[str]:
-    seen = {k for m in methods.values() for k in m}
-    return [k for k in METRICS if k in seen] + sorted(seen - set(METRICS))
+def _scalars(results: Mapping) -> dict:
+    """The top-level entries of the results that fit on one line (no nested tables)."""
+    return {k: v for k, v in results.items() if not isinstance(v, Mapping | list | tuple)}
 
 
 def results_markdown(results: Mapping) -> str:
     """The methods-by-metrics table of ``eval/results.json`` as Markdown (``eval/results.md``)."""
     methods = results.get("methods", {})
-    cols = _columns(methods)
-    lines = ["| method | " + " | ".join(_header(c) for c in cols) + " |"]
+    cols = cells_lib.columns(methods)
+    lines = ["| method | " + " | ".join(cells_lib.header(c) for c in cols) + " |"]
     lines.append("|---|" + "---:|" * len(cols))
-    for name, cells in _cells(methods, cols).items():
+    for name, cells in cells_lib.cells(methods, cols).items():
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    extra = [f"{k}: {fmt(v)}" for k, v in results.items() if k != "methods"]
+    extra = [f"{k}: {fmt(v)}" for k, v in _scalars(results).items()]
     return "\n".join(lines) + ("\n\n" + ", ".join(extra) + "\n" if extra else "\n")
 
 
 def _results_html(results: Mapping) -> str:
     methods = results.get("methods", {})
-    cols = _columns(methods)
+    cols = cells_lib.columns(methods)
     e = html.escape
     # <wbr> lets long metric names wrap at their underscores, so the table fits the page.
     head = "".join(
-        f'<th title="{e(METRICS.get(c, ("",))[0])}">{e(_header(c)).replace("_", "_<wbr>")}</th>'
-        for c in cols
+        f'<th title="{e(METRICS.get(c, ("",))[0])}">{cells_lib.header_html(c)}</th>' for c in cols
     )
     rows = []
-    for name, cells in _cells(methods, cols).items():
+    for name, cells in cells_lib.cells(methods, cols).items():
         cls = ' class="ours"' if name.startswith("gencnp") else ""
         tds = "".join(f"<td>{e(cell)}</td>" for cell in cells)
         rows.append(f"<tr{cls}><td>{e(name)}</td>{tds}</tr>")
-    extra = ", ".join(f"{e(k)}: {e(fmt(v))}" for k, v in results.items() if k != "methods")
+    extra = ", ".join(f"{e(k)}: {e(fmt(v))}" for k, v in _scalars(results).items())
     legend = "".join(
         f"<li><b>{e(c)}</b>{ARROW[METRICS[c][1]]}: {e(METRICS[c][0])}</li>"
         for c in cols
@@ -184,12 +131,29 @@ def _figure_html(path: str, caption: str, report_dir: str) -> str:
     return f'<figure><img src="{src}" alt="{cap}"><figcaption>{cap}</figcaption></figure>'
 
 
+def _evaluation_sections(results: Mapping, figures: Mapping[str, str], report_dir: str):
+    """Metric-against-density figures, the scorecard and the per-density table; the scorecard
+    only for an evaluation's results (not the generator's own metrics), the table only when
+    results.json has fixed densities."""
+    out = []
+    if figures:
+        body = "".join(_figure_html(p, cap, report_dir) for cap, p in figures.items())
+        out.append(("density", "Against density", body))
+    if "source" not in results:
+        out.append(("scorecard", "Scorecard", scorecard.scorecard_html(results)))
+    table = scorecard.per_density_html(results)
+    if table is not None:
+        out.append(("per_density", "Results at fixed densities", table))
+    return out
+
+
 def write_report(
     workdir: str,
     results: Mapping,
     figures: Mapping[str, str],
     config_text: str,
     gallery: Sequence[Mapping] | None = None,
+    evaluation_figures: Mapping[str, str] | None = None,
 ) -> str:
     """Writes ``WORKDIR/report/index.html`` and returns its path.
 
@@ -202,6 +166,8 @@ def write_report(
       config_text: the run's config, shown verbatim.
       gallery: sample explanations, each ``{"image": PNG path, "caption": str, ...}``; other
         keys are listed under the image.
+      evaluation_figures: caption -> PNG path of the metric-against-density figures, shown
+        with the scorecard.
 
     Returns:
       The path of ``index.html``.
@@ -209,7 +175,8 @@ def write_report(
     report_dir = os.path.abspath(os.path.join(workdir, "report"))
     os.makedirs(report_dir, exist_ok=True)
     e = html.escape
-    sections = [("results", "Results", _results_html(results))]
+    sections = [("results", "Results at each method's own density", _results_html(results))]
+    sections += _evaluation_sections(results, evaluation_figures or {}, report_dir)
     if figures:
         body = "".join(_figure_html(p, cap, report_dir) for cap, p in figures.items())
         sections.append(("figures", "Figures", body))
