@@ -37,8 +37,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.classifier.weight_decay = 1e-4
     c.classifier.warmup_steps = 100
     c.classifier.grad_clip = 1.0
-    c.classifier.channel_dropout = 0.5  # ours: channel redundancy that sparse pathways need
+    # Trained as people train theirs: no channel dropout. A rate > 0 (e.g. 0.5, "variable")
+    # trains in the channel redundancy sparse pathways like; kept for studies.
+    c.classifier.channel_dropout = 0.0
     c.classifier.dropout_mode = "variable"  # "fixed" | "variable": U(0, rate)
+    # After training: BatchNorm statistics re-estimated exactly on the training split with
+    # every gate open (the running averages lag the moving weights).
+    c.classifier.reestimate_bn = True
     c.classifier.checkpoint_every = 200
     c.classifier.log_every = 50
     c.classifier.eval_batch_size = 500
@@ -82,18 +87,19 @@ def get_config() -> ml_collections.ConfigDict:
     c.bank.class_source = "prediction"  # "prediction" | "label"
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.max_examples = 0  # 0 = the full test split
+    c.eval.num_examples = 1000  # one common test subset for every method (0 = the full split)
+    c.eval.densities = (0.05, 0.1, 0.2, 0.3)  # fixed densities, beside each method's own
+    c.eval.ablations = ("mean", "zero")  # closed channel -> training mean | 0; first = headline
+    c.eval.control_examples = 2000  # training images for the constant / class_constant masks
+    c.eval.sanity_steps = 300  # generator steps on the weight-randomised classifier
     c.eval.batch_size = 250
-    c.eval.cdrp_steps = 30
-    c.eval.cdrp_gamma = 0.05  # L1 weight: with lr 0.1, momentum 0.9, 30 steps moves lambda by ~1.2
+    c.eval.cdrp_steps = 30  # cdrp-detect: 30 SGD steps, lr 0.1, momentum 0.9, lambda 0.05
+    c.eval.cdrp_gamma = 0.05
     c.eval.cdrp_lr = 0.1
     c.eval.cdrp_threshold = 0.5
     c.eval.cdrp_momentum = 0.9
-    c.eval.cdrp_max_examples = 500  # first N test examples for CDRP (0 = all): ~50 ms/image
-    c.eval.intgrad_max_examples = 1000
-    c.eval.auc_max_examples = 500
-    c.eval.ablation_max_examples = 2000  # for the *_mean_ablation entries
-    c.eval.intgrad_steps = 16
+    c.eval.intgrad_steps = 11  # PathwayGrad: 11 points 0, 0.1, ..., 1 per site
+    c.eval.auc_examples = 500  # deletion / insertion AUCs on the first N (0 = all)
     c.eval.auc_points = 11
     c.eval.gradcam_site = ""  # "" = the last gate site
 

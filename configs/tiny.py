@@ -27,7 +27,10 @@ def get_config():
     c.generator.log_every = 4
     c.generator.eval_batch_size = 64
     c.bank.samples_per_class = 4
-    c.eval.max_examples = 64
+    c.eval.num_examples = 64
+    c.eval.control_examples = 64
+    c.eval.sanity_steps = 8
+    c.eval.auc_examples = 32
     c.eval.batch_size = 32
     c.eval.cdrp_steps = 5
     c.eval.intgrad_steps = 4

@@ -88,11 +88,11 @@ def generator_steps_on_meshes(config, counts, steps: int, sgd_lr: float = 0.0) -
     results = {}
     for n in counts:
         mesh = sharding.make_mesh(n)
-        gen_graphdef, tx, gen, bank = train_generator._init(config, classifier)
+        gen_graphdef, tx, state = train_generator.init_state(config, classifier)
         if sgd_lr > 0:
             tx = optax.sgd(sgd_lr)
-            gen["opt_state"] = tx.init(gen["params"])
-        gen, bank, cls_dev = sharding.replicate(mesh, (gen, bank, classifier.state))
+            state = state.replace(gen=state.gen.replace(opt_state=tx.init(state.gen.params)))
+        state, cls_dev = sharding.replicate(mesh, (state, classifier.state))
         hp, weights = sharding.replicate(
             mesh, train_generator.hparams_from_config(config.generator)
         )
@@ -100,11 +100,13 @@ def generator_steps_on_meshes(config, counts, steps: int, sgd_lr: float = 0.0) -
         metrics = []
         for step in range(steps):
             images = sharding.shard_batch(mesh, batches[step])
-            gen, bank, out = step_fn(gen, bank, cls_dev, None, images, jnp.int32(step), weights, hp)
+            state, out = step_fn(state, images, jnp.int32(step), cls_dev, None, weights, hp)
             metrics.append({k: float(v) for k, v in out.items()})
         results[n] = {
-            "params": _flatten(sharding.to_host(gen["params"])),
-            "bank": _flatten(sharding.to_host(bank)),
+            "params": _flatten(sharding.to_host(state.gen.params)),
+            "bank": _flatten(
+                sharding.to_host({"scores": state.bank.scores, "counts": state.bank.counts})
+            ),
             "metrics": metrics,
             "compilations": step_fn._cache_size(),
         }
@@ -148,7 +150,7 @@ def _task_worker():
 
         def step(*a):
             out = step_fn(*a)
-            captured["gen"], captured["step_fn"] = out[0], step_fn
+            captured["state"], captured["step_fn"] = out[0], step_fn
             return out
 
         return step
@@ -157,7 +159,7 @@ def _task_worker():
     result = pipeline.run("train_generator", config, _WORKDIR.value)
     pid = jax.process_index()
     local = {}  # every local device's copy of every (replicated) parameter
-    for path, leaf in jax.tree_util.tree_leaves_with_path(captured["gen"]["params"]):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(captured["state"].gen.params):
         for j, shard in enumerate(leaf.addressable_shards):
             local[f"{j}|{jax.tree_util.keystr(path)}"] = np.asarray(shard.data)
     os.makedirs(_OUT.value, exist_ok=True)

@@ -287,7 +287,7 @@ def test_bank_of_another_classifier(tiny_config, generator_workdir, tmp_path, ca
     b = tiny_config.bank
     foreign = bank.ClassBank(
         ones, ones, jnp.ones((k,), jnp.int32), b.samples_per_class, b.threshold, b.class_source,
-        bank.fingerprint(other_state, sites),
+        build_bank.fingerprint(other_state, sites),
     )  # fmt: skip
     build_bank.save_bank(foreign, workdir, list(sites))
     line = _run_fails(capsys, "evaluate", tiny_config, workdir)
@@ -357,7 +357,7 @@ def test_gradients_are_clipped_by_global_norm():
 @pytest.mark.parametrize("stage", ["classifier", "generator"])
 def test_trainers_pass_the_configured_clip(stage, tiny_config, tmp_path, monkeypatch):
     config = copy.deepcopy(tiny_config)
-    config[stage].grad_clip = 0.123
+    (config.classifier if stage == "classifier" else config.generator.opt).grad_clip = 0.123
     seen = []
 
     class Stop(Exception):

@@ -43,7 +43,7 @@ def _bank(classifier, config, seed=0) -> bank.ClassBank:
         b.samples_per_class,
         b.threshold,
         b.class_source,
-        bank.fingerprint(classifier.state, classifier.site_channels),
+        build_bank.fingerprint(classifier.state, classifier.site_channels),
     )
 
 
@@ -74,12 +74,12 @@ def test_first_per_class_in_dataset_order():
 
 def test_fingerprint_sensitive_to_weights_and_sites():
     classifier = _classifier()
-    fp = bank.fingerprint(classifier.state, classifier.site_channels)
-    assert fp == bank.fingerprint(classifier.state, dict(classifier.site_channels))
+    fp = build_bank.fingerprint(classifier.state, classifier.site_channels)
+    assert fp == build_bank.fingerprint(classifier.state, dict(classifier.site_channels))
     other = perturbation.randomize_weights(classifier.state, 1)
-    assert fp != bank.fingerprint(other, classifier.site_channels)
+    assert fp != build_bank.fingerprint(other, classifier.site_channels)
     renamed = {f"x/{s}": c for s, c in classifier.site_channels.items()}
-    assert fp != bank.fingerprint(classifier.state, renamed)
+    assert fp != build_bank.fingerprint(classifier.state, renamed)
 
 
 def test_round_trip(config, tmp_path):

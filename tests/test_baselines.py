@@ -41,6 +41,24 @@ def test_gates_at_density_exact_count_and_top_scores():
     assert float(baselines.gates_at_density(ties, 0.4)["a"].sum()) == 4.0
 
 
+def test_top_k_breaks_ties_by_key_not_position():
+    n, k = 40, 10
+    scores_BxN = jnp.zeros((1, n)).at[0, :5].set(1.0)  # 5 clear winners, 35 tied channels
+    picks = [
+        np.asarray(baselines.top_k(scores_BxN, jnp.array([k]), jax.random.key(seed)))[0]
+        for seed in range(200)
+    ]
+    for p in picks:
+        assert p.sum() == k and p[:5].all()  # exact count, the clear winners always kept
+    assert not np.array_equal(picks[0], picks[1])  # two keys choose differently among ties
+    rate_N = np.mean(picks, 0)[5:]  # each tied channel is kept with probability 5/35
+    np.testing.assert_allclose(rate_N, 5 / 35, atol=0.1)
+    assert abs(rate_N[:17].mean() - rate_N[18:].mean()) < 0.05  # no positional bias
+    rows = baselines.top_k(jnp.zeros((3, n)), jnp.full(3, k), jax.random.key(0), jnp.arange(3))
+    alone = baselines.top_k(jnp.zeros((1, n)), jnp.array([k]), jax.random.key(0), jnp.array([2]))
+    np.testing.assert_array_equal(rows[2], alone[0])  # a row's choice ignores its batch
+
+
 def test_gates_at_site_density_exact_per_site():
     site_channels = {"a": 4, "b": 8, "c": 16}
     site_density = {
@@ -72,10 +90,18 @@ def test_neuron_mct_equals_hand_gradient_at_last_site(tiny):
         return jnp.take_along_axis(out, classes[:, None], -1).sum()
 
     a = features[last]
-    by_hand = jnp.abs(jnp.sum(a * jax.grad(tail)(a), axis=(1, 2)))
+    by_hand = jnp.sum(jnp.abs(a * jax.grad(tail)(a)), axis=(1, 2))  # sum_hw |a dy/da|
     chex.assert_trees_all_close(scores[last], by_hand, rtol=1e-4, atol=1e-6)
     total = sum(site_channels.values())
     np.testing.assert_array_equal(gates_lib.flatten(gates).sum(-1), np.full(B, round(0.25 * total)))
+
+
+def test_neuron_mct_signed_is_the_abs_of_the_signed_sum(tiny):
+    graphdef, state, images, site_channels = tiny
+    signed = baselines.neuron_mct_signed(graphdef, state, images)[0]
+    unsigned = baselines.neuron_mct(graphdef, state, images)[0]
+    for site in site_channels:  # |sum x| <= sum |x|
+        assert bool(jnp.all(signed[site] <= unsigned[site] + 1e-5))
 
 
 def test_fills_reach_the_scores(tiny):
@@ -118,3 +144,24 @@ def test_cdrp_lowers_objective_and_keeps_prediction(tiny):
     assert bool(jnp.all(objective_B(kept_logits, scores) < objective_B(full_logits, ones)))
     assert float(gates_lib.flatten(scores).min()) >= 0.0
     assert set(np.unique(gates_lib.flatten(gates)).tolist()) <= {0.0, 1.0}
+
+
+def test_cdrp_subgradient_leaves_a_closed_gate_closed():
+    lam = {"a": jnp.array([0.0, 0.0, 0.0, 1.0, 4.99])}
+    vel = {"a": jnp.zeros(5)}
+    # class gradients: pushes down, none, pushes down, none, pushes up past the clamp
+    ce_grad = {"a": jnp.array([0.3, 0.0, 0.01, 0.0, -1.0])}
+    new_lam, new_vel = baselines.cdrp_update(lam, vel, ce_grad, 0.05, 0.1, 0.9)
+    # sign(0) = 0: the L1 term adds nothing at a closed gate, so its velocity is only the class
+    # gradient, and a gate the class gradient does not open stays exactly 0
+    np.testing.assert_allclose(new_vel["a"][:3], [0.3, 0.0, 0.01])
+    np.testing.assert_array_equal(new_lam["a"][:3], [0.0, 0.0, 0.0])
+    np.testing.assert_allclose(new_lam["a"][3], 1.0 - 0.1 * 0.05)  # open: L1 pulls by gamma
+    assert float(new_lam["a"][4]) == baselines.CDRP_MAX_GATE  # clamped to [0, 5]
+
+
+def test_cdrp_takes_exactly_the_given_steps(tiny):
+    graphdef, state, images, _ = tiny
+    for steps in (0, 1):  # iterate 0 (the full model) is the only one evaluated: all ones
+        scores, _ = baselines.cdrp(graphdef, state, images[:1], steps=steps)
+        assert all(bool(jnp.all(v == 1.0)) for v in jax.tree.leaves(scores))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from gencnp_jax.io import checkpointing
-from gencnp_jax.stages import context, train_classifier
+from gencnp_jax.stages import context, train_classifier, train_loop
 
 
 def _perturb(tree, seed):
@@ -30,7 +30,7 @@ def _perturb(tree, seed):
 
 @pytest.fixture(scope="module")
 def train_state(tiny_config):
-    """A classifier train state with random params and batch stats, and Adam moments.
+    """A classifier `TrainState` with random params and batch stats, and Adam moments.
 
     Built abstractly then filled in one jitted program: only the structure, shapes and
     dtypes of a real train state matter here, and eager initialisation compiles per shape.
@@ -46,7 +46,7 @@ def train_state(tiny_config):
         for _ in range(2):  # step count 2, non-zero first and second moments
             updates, opt_state = tx.update(_perturb(zeros["params"], 2.0), opt_state, params)
         params = jax.tree.map(jnp.add, params, updates)
-        return {"params": params, "rest": _perturb(zeros["rest"], 3.0), "opt_state": opt_state}
+        return train_loop.TrainState(params, _perturb(zeros["rest"], 3.0), opt_state)
 
     return make()
 
@@ -71,7 +71,7 @@ def _shifted(state, delta):
 def test_round_trip_is_bit_identical(train_state, tmp_path):
     leaves = jax.tree.leaves(train_state)
     assert any(jnp.issubdtype(x.dtype, jnp.integer) for x in leaves)  # Adam's step count
-    assert len(jax.tree.leaves(train_state["rest"])) > 0  # BatchNorm statistics
+    assert len(jax.tree.leaves(train_state.rest)) > 0  # BatchNorm statistics
     meta = {"note": "classifier", "steps": [1, 2]}
     _save(tmp_path, 7, train_state, meta)
     # Restore into a template that holds other values: only its structure may matter.

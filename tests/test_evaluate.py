@@ -1,5 +1,5 @@
-"""Tests for evaluate.py and eval_methods.py: the metric pass, the random baseline, and one
-end-to-end run (build_bank, evaluate) on the session's trained tiny run (tests/conftest.py).
+"""Tests for evaluate.py and eval/methods.py: the metric pass, and one end-to-end run
+(build_bank, evaluate) on the session's trained tiny run (tests/conftest.py).
 """
 
 import copy
@@ -21,82 +21,94 @@ METHODS = (
     "gencnp",
     "gencnp_transfer",
     "cdrp",
-    "cdrp_matched",
     "neuron_mct",
+    "neuron_mct_signed",
     "neuron_intgrad",
     "random",
     "topk_activation",
+    "constant",
+    "class_constant",
+    "constant_gencnp_score",
+    "constant_mct_score",
+    "class_constant_gencnp_score",
+    "class_constant_mct_score",
 )
-METRICS = (
-    "mIC",
-    "mDC",
-    "agreement",
-    "density_mean",
-    "density_std",
-    "acIOU",
-    "inter_class_iou",
-    "necessity_drop",
-    "deletion_auc",
-    "insertion_auc",
-    "leakage",
-    "null_confidence",
-    "seconds_per_image",
-    "num_examples",
-    "num_examples_auc",
-)
+CLASS_LEVEL = ("gencnp_transfer", "random", "constant", "class_constant")
+AT_DENSITY = ("mDC", "mIC", "agreement", "leakage", "density_mean", "acIOU", "inter_class_iou")
+OWN = (*AT_DENSITY, "density_std", "necessity_drop", "null_confidence")
+WITH_AUC = ("gencnp", "gencnp_transfer", "cdrp", "neuron_mct", "neuron_intgrad", "random")
+DENSITIES = (0.1, 0.3)
 
 
 @pytest.fixture(name="evaluated", scope="module")
 def fixture_evaluated(tiny_config, generator_workdir, tmp_path_factory):
     """`(config, workdir, results)`: build_bank and evaluate on a copy of the session's trained
-    tiny run, with the costly parts capped below the 40 examples evaluated."""
+    tiny run, with the costly parts capped."""
     workdir = str(tmp_path_factory.mktemp("evaluate"))
     for stage in ("classifier", "generator"):
         shutil.copytree(os.path.join(generator_workdir, stage), os.path.join(workdir, stage))
     config = copy.deepcopy(tiny_config)
     config.eval.update(
-        max_examples=40, batch_size=16, cdrp_steps=2, intgrad_steps=2, auc_points=3
+        num_examples=40, batch_size=16, cdrp_steps=2, intgrad_steps=2, auc_points=3
     )  # 40 = 16 + 16 + 8: the last batch is padded
-    config.eval.cdrp_max_examples, config.eval.auc_max_examples = 20, 24
-    config.eval.ablation_max_examples = 32
+    config.eval.update(auc_examples=24, densities=DENSITIES, control_examples=32, sanity_steps=2)
     build_bank.build_bank(config, workdir)
     return config, workdir, evaluate.evaluate(config, workdir)
 
 
-def test_results_have_every_method_and_metric(evaluated):
+def test_results_have_every_key(evaluated):
     _, workdir, results = evaluated
     with open(os.path.join(workdir, "eval", "results.json")) as f:
-        on_disk = json.load(f, parse_constant=lambda c: pytest.fail(f"{c} in results.json"))
-    assert on_disk["split"] == "test" and on_disk["num_examples"] == 40
-    names = [*METHODS, *(f"{m}_mean_ablation" for m in METHODS)]
-    assert sorted(on_disk["methods"]) == sorted(names)
-    for name in names:
-        missing = [k for k in METRICS if on_disk["methods"][name].get(k) is None]
-        assert not missing, f"{name} lacks {missing}"
-    for name in ("gencnp_transfer", "gencnp_transfer_mean_ablation"):
-        assert {"class_leakage", "other_class_drop"} <= set(on_disk["methods"][name])
-    assert 0.0 <= on_disk["sanity_iou"] <= 1.0
+        r = json.load(f, parse_constant=lambda c: pytest.fail(f"{c} in results.json"))
+    assert r["split"] == "test" and r["num_examples"] == 40
+    assert r["config"]["ablations"] == ["mean", "zero"] and r["config"]["num_examples"] == 40
+    for abl in ("mean", "zero"):
+        assert sorted(r["at_density"][abl]) == sorted(str(d) for d in DENSITIES)
+        for d, rows in r["at_density"][abl].items():
+            assert set(METHODS) <= set(rows), d
+            for name in METHODS:
+                missing = [k for k in AT_DENSITY if rows[name].get(k) is None]
+                assert not missing, f"{abl} {d} {name} lacks {missing}"
+            for name in CLASS_LEVEL:
+                assert rows[name].get("class_leakage") is not None, name
+            assert rows["constant"]["constant_source"] in ("gencnp_score", "mct_score")
+            assert set(r["specificity_gain"][abl][d]) == set(rows)
+            assert r["specificity_gain"][abl][d]["class_constant"] in (1.0, None)
+            assert set(r["random_reference"][abl][d]) == {"leakage", "class_leakage"}
+        for name in METHODS:
+            missing = [k for k in OWN if r["own_density"][abl][name].get(k) is None]
+            assert not missing, f"own {abl} {name} lacks {missing}"
+    for name in WITH_AUC:
+        assert r["methods"][name]["deletion_auc"] is not None, name
+        assert r["methods"][name]["num_examples_auc"] == 24
+    assert set(METHODS) <= set(r["methods"])
+    assert all(f"{m}_zero_ablation" in r["methods"] for m in METHODS)
+    assert 0.0 <= r["null_confidence_full_model"] <= 1.0
+    sanity = r["sanity"]
+    assert 0.0 <= sanity["gencnp_retrained_iou"] <= 1.0
+    assert 0.0 <= sanity["gencnp_features_iou"] <= 1.0
+    for key in ("gencnp_retrained_iou_at_density", "neuron_mct_iou_at_density"):
+        assert sorted(sanity[key]) == sorted(str(d) for d in DENSITIES)
+    assert r["seconds"] > 0
     with open(os.path.join(workdir, "eval", "results.md")) as f:
         table = f.read()
-    assert all(f"| {name} |" in table for name in names)
+    assert all(f"## density {d}" in table for d in DENSITIES)
+    assert all(f"| {name} |" in table for name in METHODS)
 
 
-def test_examples_per_method_follow_the_caps(evaluated):
-    methods = evaluated[2]["methods"]
-    assert methods["gencnp"]["num_examples"] == 40 and methods["gencnp"]["num_examples_auc"] == 24
-    assert methods["cdrp"]["num_examples"] == methods["cdrp_matched"]["num_examples"] == 20
-    assert methods["cdrp"]["num_examples_auc"] == 20
-    assert methods["random_mean_ablation"]["num_examples"] == 32
-    assert methods["random_mean_ablation"]["num_examples_auc"] == 24
+def test_every_method_at_a_fixed_density_keeps_exactly_round_d_n(evaluated):
+    config, workdir, results = evaluated
+    n = sum(context.load_classifier(config, workdir).site_channels.values())
+    for d in DENSITIES:
+        for name, m in results["at_density"]["mean"][str(d)].items():
+            assert m["density_mean"] == pytest.approx(round(d * n) / n, abs=1e-6), name
 
 
 def test_matched_baselines_follow_gencnp_density(evaluated):
-    methods, site_density = evaluated[2]["methods"], evaluated[2]["site_density"]
-    for site, d in site_density["gencnp"].items():
-        np.testing.assert_allclose(site_density["random"][site], d, atol=1e-6)
-    for name in ("neuron_mct", "topk_activation", "neuron_intgrad"):
+    own = evaluated[2]["own_density"]["mean"]
+    for name in ("neuron_mct", "topk_activation", "neuron_intgrad", "random"):
         np.testing.assert_allclose(
-            methods[name]["density_mean"], methods["gencnp"]["density_mean"], atol=1e-2
+            own[name]["density_mean"], own["gencnp"]["density_mean"], atol=1e-2
         )
 
 
@@ -120,25 +132,16 @@ def test_metric_pass_on_the_full_model_is_exact():
     graphdef, state, sites = _tiny_classifier()
     images = jax.random.normal(jax.random.key(0), (8, 28, 28, 1))
     classes_B = jnp.argmax(classifiers.forward(graphdef, state, images)[0], -1)
-    ones = gates_lib.all_ones(sites, 8)
+    ones_BxN = jnp.ones((8, sum(sites.values())))
     zeros = {s: jnp.zeros((c,)) for s, c in sites.items()}
-    valid_B = jnp.asarray([1.0] * 6 + [0.0] * 2)
-    fn = eval_methods.make_metric_fn(graphdef, 3, with_auc=True)
-    per, flat = fn(state, zeros, images, classes_B, valid_B, valid_B, ones, ones)
+    per = eval_methods.make_metric_fn(graphdef, sites, extra=True)(
+        state, zeros, images, classes_B, ones_BxN
+    )
     mean = lambda k: float(jnp.sum(per[k][0] * per[k][1]) / jnp.sum(per[k][1]))
     assert mean("mIC") == 0.0 and mean("mDC") == 0.0 and mean("agreement") == 1.0
-    assert mean("density") == 1.0 and flat.shape == (8, sum(sites.values()))
-    assert 0.0 <= mean("deletion_auc") <= 1.0 and 0.0 <= mean("insertion_auc") <= 1.0
-
-
-def test_random_method_keeps_the_requested_site_density():
-    graphdef, state, sites = _tiny_classifier()
-    methods = {
-        m.name: m
-        for m in eval_methods.make_methods(graphdef, graphdef, sites, eval_methods.Settings())
-    }
-    site_density = {s: jnp.asarray([0.25, 0.5, 0.75, 1.0]) for s in sites}
-    batch = {"index": jnp.arange(4), "site_density": site_density}
-    out = jax.jit(methods["random"].pathway_fn)({"key": jax.random.key(0)}, batch)
-    for site, d_B in gates_lib.site_density(out["gates"]["random"]).items():
-        np.testing.assert_allclose(d_B, site_density[site])
+    assert mean("density") == 1.0 and "necessity_drop" in per and "null_confidence" in per
+    aucs = eval_methods.make_auc_fn(graphdef, sites, 3)(
+        state, zeros, images, classes_B, ones_BxN, jnp.arange(8), jax.random.key(0)
+    )
+    assert all(bool(jnp.all((v >= 0) & (v <= 1))) for v in aucs.values())
+    assert gates_lib.flatten(gates_lib.all_ones(sites, 8)).shape == ones_BxN.shape

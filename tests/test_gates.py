@@ -95,6 +95,17 @@ def test_flatten_unflatten_round_trip():
     )
 
 
+def test_iou_matrix_pairs_and_empty_rows():
+    a = jnp.array([[0.0, 0, 0], [1, 1, 1], [1, 1, 0]])
+    b = jnp.array([[0.0, 0, 0], [1, 0, 0]])
+    iou = gates_lib.iou_matrix(a, b)
+    chex.assert_shape(iou, (3, 2))
+    # empty vs empty := 1; empty vs non-empty = 0; |{0} & {0,1,2}| / |{0,1,2}| = 1/3.
+    np.testing.assert_allclose(iou, [[1.0, 0.0], [0.0, 1 / 3], [0.0, 1 / 2]], rtol=1e-6)
+    np.testing.assert_allclose(gates_lib.iou_matrix(a, a), gates_lib.iou_matrix(a, a).T)
+    np.testing.assert_allclose(jnp.diagonal(gates_lib.iou_matrix(a, a)), np.ones(3))
+
+
 def test_check_sites_accepts_matching_gates():
     gates_lib.check_sites(_random_gates(), SITE_CHANNELS)
     gates_lib.check_sites(gates_lib.all_ones(SITE_CHANNELS, 1), SITE_CHANNELS)

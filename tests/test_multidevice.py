@@ -28,7 +28,7 @@ from gencnp_jax.models import classifiers
 from gencnp_jax.stages import context
 from gencnp_jax.io import sharding
 from gencnp_jax.stages import train_classifier
-from gencnp_jax.stages import train_generator
+from gencnp_jax.stages import train_generator, train_loop
 
 out_path, steps = sys.argv[1], int(sys.argv[2])
 config = tiny.get_config()
@@ -37,15 +37,15 @@ rng = np.random.default_rng(0)
 images = rng.normal(size=(steps, batch, 28, 28, 1)).astype(np.float32)
 labels = rng.integers(0, 10, (steps, batch)).astype(np.int32)
 model = classifiers.make_classifier("vgg", (8, 16), 10, 1, 1, seed=0)
-graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 site_channels = dict(model.site_channels)
 tx = train_classifier.make_optimizer(1e-2, 1e-4, 1, 100, 1.0)
-cls_state0 = {"params": params, "rest": rest, "opt_state": tx.init(params)}
+graphdef, cls_state0 = train_loop.TrainState.create(model, tx)
 classifier = context.Classifier(graphdef, nnx.state(model), site_channels, 10)
-gen_graphdef, gen_tx, gen0, bank0 = train_generator._init(config, classifier)
+gen_graphdef, gen_tx, gen0 = train_generator.init_state(config, classifier)
 hp, weights = train_generator.hparams_from_config(config.generator)
 
-results = {"classifier_init": {"params": params}, "generator_init": {"params": gen0["params"]}}
+results = {"classifier_init": {"params": cls_state0.params},
+           "generator_init": {"params": gen0.gen.params}}
 info = {}
 for n in (1, 2):
     mesh = sharding.make_mesh(n)
@@ -56,7 +56,8 @@ for n in (1, 2):
         x, y = sharding.shard_batch(mesh, images[i], labels[i])
         key = jax.random.fold_in(jax.random.key(0), i)
         variable = jnp.float32(i % 2)  # both dropout modes
-        state, metrics = step_fn(state, x, y, key, jnp.float32(0.2), variable)
+        batch = {"images": x, "labels": y}
+        state, metrics = step_fn(state, batch, key, jnp.float32(0.2), variable)
         losses.append(metrics["train/loss"])
     info[f"classifier_{n}"] = {
         "image_shards": sorted(s.data.shape[0] for s in x.addressable_shards),
@@ -64,23 +65,23 @@ for n in (1, 2):
         "state_devices": len(jax.tree.leaves(state)[0].sharding.device_set),
     }
     results[f"classifier_{n}"] = sharding.to_host(
-        {"params": state["params"], "rest": state["rest"], "loss": jnp.stack(losses)})
+        {"params": state.params, "rest": state.rest, "loss": jnp.stack(losses)})
 
     gen_step = train_generator.make_train_step(gen_graphdef, graphdef, gen_tx)
-    gen, bank, cls_state = sharding.replicate(
-        mesh, (jax.tree.map(jnp.copy, gen0), jax.tree.map(jnp.copy, bank0), classifier.state))
+    gen, cls_state = sharding.replicate(mesh, (jax.tree.map(jnp.copy, gen0), classifier.state))
     hp_n, weights_n = sharding.replicate(mesh, (hp, weights))
     totals = []
     for i in range(steps):
         x = sharding.shard_batch(mesh, images[i])
-        gen, bank, out = gen_step(gen, bank, cls_state, None, x, jnp.int32(i), weights_n, hp_n)
+        gen, out = gen_step(gen, x, jnp.int32(i), cls_state, None, weights_n, hp_n)
         totals.append(out["loss/total"])
     info[f"generator_{n}"] = {
         "gen_replicated": all(a.sharding.is_fully_replicated for a in jax.tree.leaves(gen)),
         "gen_devices": len(jax.tree.leaves(gen)[0].sharding.device_set),
     }
+    bank = {"scores": gen.bank.scores, "counts": gen.bank.counts}
     results[f"generator_{n}"] = sharding.to_host(
-        {"params": gen["params"], "bank": bank, "loss": jnp.stack(totals)})
+        {"params": gen.gen.params, "bank": bank, "loss": jnp.stack(totals)})
 
 flat = {}
 for name, tree in results.items():

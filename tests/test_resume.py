@@ -21,7 +21,7 @@ import pytest
 from launch_helpers import assert_ok, committed_steps, kill_when, run_launch
 
 from gencnp_jax.io import checkpointing
-from gencnp_jax.stages import context, explainer, pipeline, train_classifier
+from gencnp_jax.stages import context, explainer, pipeline, train_classifier, train_loop
 
 # Long enough that the kill lands mid-training (the first checkpoint comes at step 8).
 CLASSIFIER_FLAGS = ("--config.classifier.epochs=10",)  # 160 steps of 32 on 512 images
@@ -177,9 +177,9 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(
     )
     # the damaged step was replaced by the resumed run's (good) step 32
     caplog.clear()
-    _, template = context.classifier_template(tiny_config, abstract=True)
     tx = train_classifier.make_optimizer(1e-3, 0.0, 1, 10, 1.0)
-    template["opt_state"] = jax.eval_shape(tx.init, template["params"])
+    fresh = lambda: train_loop.TrainState.create(context.classifier_template(tiny_config)[0], tx)
+    template = jax.eval_shape(lambda: fresh()[1])
     ckpt = checkpointing.Checkpointer(ckpt_dir)
     with caplog.at_level(logging.WARNING, logger=checkpointing.__name__):
         step, _, _ = ckpt.restore(template)

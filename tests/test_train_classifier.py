@@ -14,15 +14,15 @@ import optax
 import pytest
 from flax import nnx
 
-from gencnp_jax.io import checkpointing
+from gencnp_jax.io import checkpointing, sharding
 from gencnp_jax.models import classifiers
-from gencnp_jax.stages import context, pipeline, train_classifier, validation
+from gencnp_jax.stages import context, pipeline, train_classifier, train_loop, validation
 
 
 @pytest.fixture(scope="module")
 def step_setup(tiny_config):
     """A classifier train step whose optimizer counts how often the step is traced."""
-    model, template = context.classifier_template(tiny_config)
+    model, _ = context.classifier_template(tiny_config)
     base = train_classifier.make_optimizer(1e-2, 0.0, 1, 100, 1.0)
     traces = []
 
@@ -31,15 +31,18 @@ def step_setup(tiny_config):
         return base.update(updates, state, params)
 
     tx = optax.GradientTransformation(base.init, counting_update)
-    state = {**template, "opt_state": tx.init(template["params"])}
-    step_fn = train_classifier.make_train_step(nnx.graphdef(model), tx, dict(model.site_channels))
+    graphdef, state = train_loop.TrainState.create(model, tx)
+    step_fn = train_classifier.make_train_step(graphdef, tx, dict(model.site_channels))
     train = context.load_data(tiny_config, "train")
     return step_fn, traces, state, train
 
 
 def _batch(config, train, start, size=32):
     images = context.normalize(config, train.images[start : start + size])
-    return jnp.asarray(images), jnp.asarray(train.labels[start : start + size])
+    return {
+        "images": jnp.asarray(images),
+        "labels": jnp.asarray(train.labels[start : start + size]),
+    }
 
 
 _F = jnp.float32
@@ -51,14 +54,14 @@ def _fresh(state):
 
 def test_train_steps_lower_the_loss_on_a_fixed_batch(step_setup, tiny_config):
     step_fn, _, state0, train = step_setup
-    images, labels = _batch(tiny_config, train, 0)
+    batch = _batch(tiny_config, train, 0)
     state, losses = _fresh(state0), []
     for i in range(8):
-        state, metrics = step_fn(state, images, labels, jax.random.key(i), _F(0.0), _F(0.0))
+        state, metrics = step_fn(state, batch, jax.random.key(i), _F(0.0), _F(0.0))
         losses.append(float(metrics["train/loss"]))
     chex.assert_tree_all_finite(state)
     assert losses[-1] < 0.8 * losses[0], losses
-    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state["params"], state0["params"])
+    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state.params, state0.params)
     assert all(jax.tree.leaves(changed)), "every parameter should move"
 
 
@@ -67,8 +70,8 @@ def test_train_step_compiles_once(step_setup, tiny_config):
     state = _fresh(state0)
     settings = [(0.0, 0.0), (0.2, 0.0), (0.5, 1.0), (0.1, 1.0)]  # (rate, variable mode)
     for i, (rate, variable) in enumerate(settings):
-        images, labels = _batch(tiny_config, train, 32 * i)
-        state, metrics = step_fn(state, images, labels, jax.random.key(i), _F(rate), _F(variable))
+        batch = _batch(tiny_config, train, 32 * i)
+        state, metrics = step_fn(state, batch, jax.random.key(i), _F(rate), _F(variable))
         assert np.isfinite(float(metrics["train/loss"]))
     # New batches, keys, dropout rates and modes reuse the one trace (shared with the test
     # above, which ran the same step).
@@ -121,6 +124,7 @@ def test_metrics_json(trained_workdir, tiny_config):
     assert metrics["train_steps"] == 32  # 2 epochs of 512 examples in batches of 32
     assert metrics["num_devices"] == 1 and metrics["resumed_from_step"] == 0
     assert 0.0 <= metrics["random_drop10_agreement"] <= 1.0
+    assert 0.0 <= metrics["random_drop10_agreement_mean_ablation"] <= 1.0
     # The synthetic classes are easy: well above chance (0.1) after 32 steps.
     assert metrics["test_accuracy"] > 0.3
     # The reported accuracy is the saved final classifier's.
@@ -166,3 +170,77 @@ def test_unknown_classifier_is_one_clear_error(tiny_config, tmp_path, capsys):
     assert len(err) == 1 and "config.classifier.name='alexnet'" in err[0], err
     assert not os.path.exists(context.classifier_dir(str(tmp_path / "run")))
     validation.check_config(tiny_config)  # the unchanged config passes
+
+
+def test_default_classifier_is_trained_without_channel_dropout():
+    from configs import default, resnet
+
+    for config in (default.get_config(), resnet.get_config()):
+        assert config.classifier.channel_dropout == 0.0
+        assert config.classifier.reestimate_bn
+        assert config.classifier.dropout_mode in ("fixed", "variable")  # kept for studies
+
+
+def _bn_inputs(model, images):
+    """The input of each BatchNorm of a (depth-1) VGG in inference mode, walked by hand."""
+    inputs, x = [], images
+    for name in model.stage_names:
+        conv_bn = getattr(model, name).conv1
+        h = conv_bn.conv(x)
+        inputs.append((conv_bn.bn, h))
+        x = jax.nn.relu(conv_bn.bn(h, use_running_average=True))
+        if min(x.shape[1:3]) >= 2:
+            x = nnx.max_pool(x, (2, 2), strides=(2, 2))
+    return inputs
+
+
+def test_reestimated_batchnorm_stats_are_the_population_stats_of_their_inputs():
+    model = classifiers.make_classifier("vgg", (4, 8, 8), 10, 1, 1, seed=0)
+    graphdef, state = nnx.split(model)
+    images = np.random.default_rng(0).normal(1.0, 2.0, (40, 12, 12, 1)).astype(np.float32)
+    mesh = sharding.make_mesh(1)
+    old = jax.tree.map(np.array, state)
+    # 40 rows in batches of 16: the last batch is padded, its padding must not count
+    new = context.reestimate_batchnorm(graphdef, state, lambda idx: images[idx], 40, 16, mesh)
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, state), old)  # input unchanged
+    assert jax.tree.structure(new) == jax.tree.structure(state)
+    for bn, h in _bn_inputs(nnx.merge(graphdef, new), jnp.asarray(images)):
+        h = np.asarray(h, np.float64)
+        np.testing.assert_allclose(bn.mean.get_value(), h.mean((0, 1, 2)), atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(bn.var.get_value(), h.var((0, 1, 2)), atol=1e-5, rtol=1e-5)
+    # Params untouched; the fresh model's statistics (0 and 1) did change.
+    new_params, old_params = (
+        nnx.split_state(new, nnx.Param, ...)[0],
+        nnx.split_state(old, nnx.Param, ...)[0],
+    )
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, new_params), old_params)
+    assert not np.allclose(nnx.merge(graphdef, new).block1.conv1.bn.mean.get_value(), 0.0)
+
+
+def test_randomized_classifier_has_its_own_batchnorm_stats(trained_workdir, tiny_config):
+    classifier = context.load_classifier(tiny_config, trained_workdir)
+    train = context.load_data(tiny_config, "train")
+    mesh = context.make_mesh(tiny_config)
+    randomized = train_classifier.randomized_classifier(tiny_config, classifier, train, mesh, 7)
+    stats = lambda s: jax.tree.map(np.asarray, nnx.split_state(s, nnx.BatchStat, ...)[0])
+    params = lambda s: jax.tree.map(np.asarray, nnx.split_state(s, nnx.Param, ...)[0])
+    trained_stats, random_stats = stats(classifier.state), stats(randomized.state)
+    assert all(
+        not np.allclose(a, b)
+        for a, b in zip(jax.tree.leaves(trained_stats), jax.tree.leaves(random_stats), strict=True)
+    )
+    assert not any(
+        np.allclose(a, b)
+        for a, b in zip(
+            jax.tree.leaves(params(classifier.state)),
+            jax.tree.leaves(params(randomized.state)),
+            strict=True,
+        )
+        if a.size > 1
+    )
+    again = context.reestimate_batchnorm(
+        randomized.graphdef, randomized.state,
+        lambda idx: context.normalize(tiny_config, train.images[idx]), len(train.labels), 64, mesh,
+    )  # fmt: skip
+    chex.assert_trees_all_close(stats(again), random_stats, atol=1e-5, rtol=1e-5)
+    assert randomized.site_channels == classifier.site_channels

@@ -16,7 +16,7 @@ from flax import nnx
 from gencnp_jax.io import checkpointing
 from gencnp_jax.method import explain, losses
 from gencnp_jax.models import classifiers
-from gencnp_jax.stages import context, explainer, train_generator
+from gencnp_jax.stages import context, explainer, train_generator, train_loop
 from gencnp_jax.stages import train_classifier as train_classifier_lib
 
 NUM_LEARN_STEPS = 8
@@ -36,7 +36,7 @@ def scenario(tiny_config):
     graphdef, state = classifiers.split(model)
     classifier = context.Classifier(graphdef, state, dict(model.site_channels), 10)
     cls_before = jax.tree.map(np.array, classifier.state)  # host copies
-    gen_graphdef, _, gen, bank = train_generator._init(config, classifier)
+    gen_graphdef, _, state = train_generator.init_state(config, classifier)
     base = train_classifier_lib.make_optimizer(1e-2, 0.0, 1, 100, 1.0)
     traces = []
 
@@ -45,8 +45,8 @@ def scenario(tiny_config):
         return base.update(updates, state, params)
 
     tx = optax.GradientTransformation(base.init, counting_update)
-    gen = {**gen, "opt_state": tx.init(gen["params"])}
-    gen_params_before = jax.tree.map(np.array, gen["params"])
+    state = state.replace(gen=state.gen.replace(opt_state=tx.init(state.gen.params)))
+    gen_params_before = jax.tree.map(np.array, state.gen.params)
     step_fn = train_generator.make_train_step(gen_graphdef, classifier.graphdef, tx)
     config.generator.loss.sparsity_ramp_steps = 0
     config.generator.loss.w_sparsity = 2.0
@@ -59,9 +59,7 @@ def scenario(tiny_config):
     images = batch(0)
     learn = []
     for i in range(NUM_LEARN_STEPS):
-        gen, bank, out = step_fn(
-            gen, bank, classifier.state, None, images, jnp.int32(i), weights, hp
-        )
+        state, out = step_fn(state, images, jnp.int32(i), classifier.state, None, weights, hp)
         learn.append(jax.tree.map(float, out))
     traces_after_learning = len(traces)
     other_weights = losses.LossWeights.create(
@@ -71,16 +69,16 @@ def scenario(tiny_config):
     for i, (w, h) in enumerate(
         [(other_weights, hp), (weights, other_hp), (other_weights, other_hp)]
     ):
-        gen, bank, out = step_fn(
-            gen, bank, classifier.state, None, batch(i + 1), jnp.int32(100 * i + 7), w, h
+        state, out = step_fn(
+            state, batch(i + 1), jnp.int32(100 * i + 7), classifier.state, None, w, h
         )
         chex.assert_tree_all_finite(out)
     return {
         "classifier": classifier,
         "cls_before": cls_before,
-        "gen": gen,
+        "gen": state.gen,
         "gen_params_before": gen_params_before,
-        "bank": bank,
+        "bank": state.bank,
         "learn": learn,
         "traces_after_learning": traces_after_learning,
         "traces": len(traces),
@@ -96,7 +94,7 @@ def test_classifier_is_bit_identical_after_generator_steps(scenario):
     # ...while the generator did change (the steps were not no-ops).
     moved = jax.tree.map(
         lambda a, b: bool(np.any(np.asarray(a) != b)),
-        scenario["gen"]["params"],
+        scenario["gen"].params,
         scenario["gen_params_before"],
     )
     assert np.mean(jax.tree.leaves(moved)) > 0.8
@@ -118,9 +116,9 @@ def test_generator_step_compiles_once(scenario):
 
 
 def test_bank_counts_the_predicted_classes(scenario):
-    counts = np.asarray(scenario["bank"]["counts"])
+    counts = np.asarray(scenario["bank"].counts)
     assert counts.shape == (10,) and counts.sum() > 0 and np.all(counts >= 0)
-    scores = np.asarray(scenario["bank"]["scores"])
+    scores = np.asarray(scenario["bank"].scores)
     chex.assert_shape(scores, (10, sum(scenario["classifier"].site_channels.values())))
     assert np.all(scores[counts == 0] == 0.0) and np.all((scores >= 0) & (scores <= 1))
 
@@ -216,3 +214,27 @@ def test_explainer_returns_binary_pathways(tiny_config, generator_workdir):
     # Float images are used as they are: the same pathway as for the uint8 batch.
     again = explain_fn(np.asarray(normalized))
     chex.assert_trees_all_equal(again.gates, pathway.gates)
+
+
+def test_fit_generator_trains_in_memory(tiny_config, trained_workdir, tmp_path, monkeypatch):
+    """A fresh generator on the trained classifier: the loss falls, the gates are 0/1, and
+    nothing is written (run from an empty working directory)."""
+    monkeypatch.chdir(tmp_path)
+    classifier = context.load_classifier(tiny_config, trained_workdir)
+    train = context.load_data(tiny_config, "train")
+    mesh = context.make_mesh(tiny_config)
+    logged = []
+    log = train_loop.log_metrics
+    monkeypatch.setattr(
+        train_loop, "log_metrics", lambda w, b, step, m: (logged.append(m), log(w, b, step, m))
+    )
+    gd, state = train_generator.fit_generator(tiny_config, classifier, train, mesh, 16, seed=5)
+    assert os.listdir(tmp_path) == []
+    sparsity = [float(m["loss/sparsity"]) for m in logged]
+    assert len(sparsity) == 4 and sparsity[-1] < sparsity[0], sparsity
+    fresh = nnx.state(explainer.new_generator(tiny_config, classifier.site_channels, 10))
+    assert jax.tree.structure(state) == jax.tree.structure(fresh)
+    images = jnp.asarray(context.normalize(tiny_config, train.images[:32]))
+    p = explain.explain(gd, state, classifier.graphdef, classifier.state, images)
+    for gates in jax.tree.leaves(p.gates):
+        assert np.all((np.asarray(gates) == 0.0) | (np.asarray(gates) == 1.0))

@@ -46,31 +46,27 @@ def instance_metrics(
     out: PerInstance = {}
     if pathway_logits_BxK is not None:
         same_w_B = w_B if pathway_classes_B is None else w_B * (pathway_classes_B == c_B)
-        y_B = metrics.class_confidence(full_logits_BxK, c_B)
-        o_B = metrics.class_confidence(pathway_logits_BxK, c_B)
-        out["mIC"] = (100.0 * (o_B > y_B), same_w_B)
-        out["mDC"] = (
-            100.0 * metrics.relative_drop(full_logits_BxK, pathway_logits_BxK, c_B),
-            same_w_B,
-        )
-        agree_B = jnp.argmax(pathway_logits_BxK, -1) == jnp.argmax(full_logits_BxK, -1)
-        out["agreement"] = (agree_B.astype(jnp.float32), same_w_B)
+        out["mIC"] = (metrics.increase_B(full_logits_BxK, pathway_logits_BxK, c_B), same_w_B)
+        out["mDC"] = (metrics.drop_B(full_logits_BxK, pathway_logits_BxK, c_B), same_w_B)
+        out["agreement"] = (metrics.agreement_B(full_logits_BxK, pathway_logits_BxK), same_w_B)
     if pathway_logits_BxK is not None and pathway_classes_B is not None:
-        other_w_B = w_B * (pathway_classes_B != c_B)
-        hit_B = jnp.argmax(pathway_logits_BxK, -1) == pathway_classes_B
-        out["class_leakage"] = (hit_B.astype(jnp.float32), other_w_B)
-        drop_B = metrics.relative_drop(full_logits_BxK, pathway_logits_BxK, c_B)
-        out["other_class_drop"] = (drop_B, other_w_B)
+        out["class_leakage"] = metrics.class_leakage_B(
+            pathway_logits_BxK, pathway_classes_B, c_B, w_B
+        )
+        out["other_class_drop"] = metrics.other_class_drop_B(
+            full_logits_BxK, pathway_logits_BxK, pathway_classes_B, c_B, w_B
+        )
     if gates is not None:
         out["density"] = (gates_lib.density(gates), w_B)
         for site, d_B in gates_lib.site_density(gates).items():
             out[f"density/{site}"] = (d_B, w_B)
     if complement_logits_BxK is not None:
-        drop_B = metrics.relative_drop(full_logits_BxK, complement_logits_BxK, c_B)
-        out["necessity_drop"] = (drop_B, w_B)
+        out["necessity_drop"] = (
+            metrics.relative_drop(full_logits_BxK, complement_logits_BxK, c_B),
+            w_B,
+        )
     if partner_logits_BxK is not None:
-        hit_B = jnp.argmax(partner_logits_BxK, -1) == c_B
-        out["leakage"] = (hit_B.astype(jnp.float32), w_B * (partner_classes_B != c_B))
+        out["leakage"] = metrics.leakage_B(partner_logits_BxK, c_B, partner_classes_B, w_B)
     if null_logits_BxK is not None:
         out["null_confidence"] = (metrics.class_confidence(null_logits_BxK, c_B), w_B)
     for name, auc_B in (("deletion_auc", deletion_auc_B), ("insertion_auc", insertion_auc_B)):
@@ -104,23 +100,44 @@ class MetricAccumulator:
 
     def result(self) -> dict[str, float]:
         """Flat dict of floats: weighted means per key, ``density_mean/std``, IoU metrics."""
-        out = {}
-        for name, parts in self._values.items():
-            v_B = np.concatenate([p[0] for p in parts]).astype(np.float64)
-            w_B = np.concatenate([p[1] for p in parts]).astype(np.float64)
-            total = w_B.sum()
-            mean = float(np.where(w_B > 0, v_B * w_B, 0.0).sum() / total) if total > 0 else np.nan
-            if name == "density":
-                var = np.where(w_B > 0, (v_B - mean) ** 2 * w_B, 0.0).sum() / total
-                out["density_mean"], out["density_std"] = mean, float(np.sqrt(var))
-            else:
-                out[name] = mean
-        if self._pathways and self.num_classes is not None:
-            flat_BxN = jnp.asarray(np.concatenate(self._pathways))
-            classes_B = jnp.asarray(np.concatenate(self._classes))
-            out["acIOU"] = float(metrics.acIOU(flat_BxN, classes_B, self.num_classes))
-            out["inter_class_iou"] = float(metrics.inter_class_iou(flat_BxN, classes_B))
-        return out
+        per = {
+            name: tuple(np.concatenate([p[i] for p in parts]) for i in (0, 1))
+            for name, parts in self._values.items()
+        }
+        flat = np.concatenate(self._pathways) if self._pathways else None
+        classes = np.concatenate(self._classes) if self._classes else None
+        return reduce(per, flat, classes, self.num_classes, self.max_pair_rows)
+
+
+def reduce(
+    per_instance: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    gates_flat_BxN: np.ndarray | None = None,
+    classes_B: np.ndarray | None = None,
+    num_classes: int | None = None,
+    max_pair_rows: int = metrics.MAX_PAIR_ROWS,
+) -> dict[str, float]:
+    """Weighted means ``sum(v w) / sum(w)`` of per-instance values (host, float64).
+
+    ``density`` becomes ``density_mean`` and ``density_std = sqrt(sum(w (d - mean)^2) / sum(w))``;
+    with `gates_flat_BxN` (valid rows only) and `num_classes`, also ``acIOU`` and
+    ``inter_class_iou`` (`metrics`, first `max_pair_rows` rows). NaN where no weight is positive.
+    """
+    out = {}
+    for name, (v_B, w_B) in per_instance.items():
+        v_B, w_B = np.asarray(v_B, np.float64), np.asarray(w_B, np.float64)
+        total = w_B.sum()
+        mean = float(np.where(w_B > 0, v_B * w_B, 0.0).sum() / total) if total > 0 else np.nan
+        if name == "density":
+            var = np.where(w_B > 0, (v_B - mean) ** 2 * w_B, 0.0).sum() / max(total, 1e-300)
+            out["density_mean"], out["density_std"] = mean, float(np.sqrt(var))
+        else:
+            out[name] = mean
+    if gates_flat_BxN is not None and num_classes is not None and len(gates_flat_BxN):
+        flat_BxN = jnp.asarray(gates_flat_BxN[:max_pair_rows])
+        c_B = jnp.asarray(classes_B[:max_pair_rows])
+        out["acIOU"] = float(metrics.acIOU(flat_BxN, c_B, num_classes))
+        out["inter_class_iou"] = float(metrics.inter_class_iou(flat_BxN, c_B))
+    return out
 
 
 def summarize(

@@ -1,6 +1,10 @@
-"""Baseline pathway finders (DESIGN §6): CDRP, NeuronMCT, NeuronIntGrad, random, top-k activation.
+"""Baseline pathway finders (DESIGN §6) as their authors wrote them, and the top-k binarisation.
 
-Each returns ``(scores, gates)`` as ``site -> f32[B, C]`` and is a pure, jit-able function.
+NeuronMCT and NeuronIntGrad follow CAMP-eXplain-AI/PathwayGrad (``src/Pruner.py``), CDRP
+follows frankwang345/cdrp-detect (``get_critical_path``). Each finder returns ``(scores,
+gates)`` as ``site -> f32[B, C]`` and is a pure, jit-able function. Binarisation keeps the top
+``round(d * N)`` channels of all N channels (one global threshold across sites), ties broken
+at random by a seeded key, never by position.
 """
 
 from __future__ import annotations
@@ -15,54 +19,68 @@ from gencnp_jax.models import classifiers
 from gencnp_jax.models import gates as gates_lib
 
 Gates = gates_lib.Gates
+CDRP_MAX_GATE = 5.0  # the reference clamps every gate to [0, 5] after each step
 
 
 def _per_instance(value, batch: int) -> jax.Array:
     return jnp.broadcast_to(jnp.asarray(value, jnp.float32), (batch,))
 
 
-def _top_k(scores_BxN: jax.Array, k_B: jax.Array) -> jax.Array:
-    """1 for the `k_B[b]` highest scores of row b (ties broken by position), else 0."""
-    order_BxN = jnp.argsort(-scores_BxN, axis=-1, stable=True)
+def _key(key: jax.Array | None) -> jax.Array:
+    return jax.random.key(0) if key is None else key
+
+
+def top_k(
+    scores_BxN: jax.Array,
+    k_B: jax.Array,
+    key: jax.Array | None = None,
+    rows_B: jax.Array | None = None,
+) -> jax.Array:
+    """1 for the ``k_B[b]`` highest scores of row b, else 0: ``f32[B, N]``.
+
+    Rows are ranked lexicographically by ``(score, u)``, ``u`` a key-drawn random permutation
+    of the row's columns: tied scores are ordered at random, never by position. Exact in count.
+    With `rows_B` (e.g. example indices), row b draws ``u`` from ``fold_in(key, rows_B[b])``,
+    so a row's choice does not depend on the batch it is in.
+    """
+    b, n = scores_BxN.shape
+    if rows_B is None:
+        u_BxN = jax.random.uniform(_key(key), (b, n))
+    else:
+        u_BxN = jax.vmap(lambda r: jax.random.uniform(jax.random.fold_in(_key(key), r), (n,)))(
+            rows_B
+        )
+    perm_BxN = jnp.argsort(u_BxN, axis=-1)
+    permuted_BxN = jnp.take_along_axis(scores_BxN, perm_BxN, -1)
+    order_BxN = jnp.take_along_axis(perm_BxN, jnp.argsort(-permuted_BxN, -1, stable=True), -1)
     ranks_BxN = jnp.argsort(order_BxN, axis=-1)
     return (ranks_BxN < k_B[:, None]).astype(jnp.float32)
 
 
-def gates_at_density(scores: Mapping[str, jax.Array], density_B) -> Gates:
+def top_k_at_density(scores_BxN, density_B, key=None, rows_B=None) -> jax.Array:
+    """`top_k` with ``k = round(density * N)`` per row (`density_B` a float or ``f32[B]``)."""
+    k_B = jnp.round(_per_instance(density_B, scores_BxN.shape[0]) * scores_BxN.shape[-1])
+    return top_k(scores_BxN, k_B, key, rows_B)
+
+
+def gates_at_density(scores: Mapping[str, jax.Array], density_B, key=None) -> Gates:
     """Keeps per instance the top ``round(density * N)`` neurons over all sites (N = all neurons).
 
-    One global threshold across sites, as NeuronMCT. Exact in count; `density_B` is a float or
-    ``f32[B]``.
+    One global threshold across sites (flattened in sorted site order), random tie-breaking
+    by `key` (`top_k`). `density_B` is a float or ``f32[B]``.
     """
-    flat_BxN = gates_lib.flatten(scores)
-    n = flat_BxN.shape[-1]
-    k_B = jnp.round(_per_instance(density_B, flat_BxN.shape[0]) * n)
-    return gates_lib.unflatten(_top_k(flat_BxN, k_B), {s: v.shape[-1] for s, v in scores.items()})
+    top_BxN = top_k_at_density(gates_lib.flatten(scores), density_B, key)
+    return gates_lib.unflatten(top_BxN, {s: v.shape[-1] for s, v in scores.items()})
 
 
-def gates_at_site_density(scores: Mapping[str, jax.Array], site_density: Mapping) -> Gates:
+def gates_at_site_density(scores: Mapping[str, jax.Array], site_density: Mapping, key=None):
     """Keeps per instance the top ``round(site_density[site] * C_site)`` neurons at each site."""
+    keys = jax.random.split(_key(key), len(scores))
     out = {}
-    for site, s_BxC in scores.items():
+    for k, (site, s_BxC) in zip(keys, sorted(scores.items()), strict=True):
         k_B = jnp.round(_per_instance(site_density[site], s_BxC.shape[0]) * s_BxC.shape[-1])
-        out[site] = _top_k(s_BxC, k_B)
+        out[site] = top_k(s_BxC, k_B, k)
     return out
-
-
-def _site_channels(graphdef: nnx.GraphDef, state: nnx.State) -> dict[str, int]:
-    return dict(nnx.merge(graphdef, state).site_channels)
-
-
-def _class_logit_grad(graphdef, state, images, classes_B, fills, alpha=1.0) -> Gates:
-    """``d y_c / d g`` at gates ``alpha * 1`` (logits, not probabilities), per instance."""
-    ones = gates_lib.all_ones(_site_channels(graphdef, state), images.shape[0])
-
-    def class_logit(g):
-        logits_BxK, _ = classifiers.forward(graphdef, state, images, g, fills)
-        # inference mode: instances are independent, so the grad of the sum is per instance
-        return jnp.take_along_axis(logits_BxK, classes_B[:, None], -1).sum()
-
-    return jax.grad(class_logit)(jax.tree.map(lambda g: alpha * g, ones))
 
 
 def _classes(graphdef, state, images, classes_B, fills):
@@ -71,31 +89,69 @@ def _classes(graphdef, state, images, classes_B, fills):
     return jnp.argmax(classifiers.forward(graphdef, state, images, None, fills)[0], -1)
 
 
-def neuron_mct(graphdef, state, images, classes_B=None, density=0.5, fills=None):
-    """NeuronMCT (Khakzar et al. 2021): ``score = |sum_hw a * dy_c/da|`` per channel.
+def _element_grads(graphdef, state, images, classes_B, fills, alpha_site=None, alpha=1.0):
+    """``d y_c / d g`` of per-element gates ``g`` (``f32[B, H, W, C]`` per site), all open, or
+    with `alpha_site` at ``alpha``. With ``a~ = g a + (1 - g) fill``, the element gradient is
+    ``(a - fill) * dy_c/da~``: at ``g = 1`` NeuronMCT's ``a * dy_c/da`` (fill 0)."""
+    _, features = classifiers.forward(graphdef, state, images)
+    gates = {s: jnp.ones(f.shape, jnp.float32) for s, f in features.items()}
+    if alpha_site is not None:
+        gates[alpha_site] = gates[alpha_site] * alpha
 
-    With ``g * a + (1 - g) * fill`` at a site, ``dy_c/dg`` at ``g = 1`` is
-    ``sum_hw (a - fill) * dy_c/da``, so the score is ``|grad of y_c w.r.t. all-ones gates|``.
-    Gates: one global threshold at `density` (float or ``f32[B]``). ``c`` = argmax by default.
+    def class_logit(g):
+        logits_BxK, _ = classifiers.forward(graphdef, state, images, g, fills)
+        # inference mode: instances are independent, so the grad of the sum is per instance
+        return jnp.take_along_axis(logits_BxK, classes_B[:, None], -1).sum()
+
+    return jax.grad(class_logit)(gates)
+
+
+def _sum_space(x_BxHxWxC: jax.Array) -> jax.Array:
+    return x_BxHxWxC.reshape(x_BxHxWxC.shape[0], -1, x_BxHxWxC.shape[-1]).sum(1)
+
+
+def neuron_mct(graphdef, state, images, classes_B=None, density=0.5, fills=None, key=None):
+    """NeuronMCT (Khakzar et al. 2021, PathwayGrad ``_compute_taylor_scores``).
+
+    Each element scores ``|(a - fill) * dy_c/da|`` (``|a * dy_c/da|`` under zero ablation), a
+    channel the sum over space: ``score_c = sum_hw |(a - fill) dy_c/da|``. Gates: one global
+    threshold at `density` (float or ``f32[B]``). ``c`` = the prediction by default.
     """
     classes_B = _classes(graphdef, state, images, classes_B, fills)
-    scores = jax.tree.map(jnp.abs, _class_logit_grad(graphdef, state, images, classes_B, fills))
-    return scores, gates_at_density(scores, density)
+    grads = _element_grads(graphdef, state, images, classes_B, fills)
+    scores = {s: _sum_space(jnp.abs(g)) for s, g in grads.items()}
+    return scores, gates_at_density(scores, density, key)
 
 
-def neuron_intgrad(graphdef, state, images, classes_B=None, density=0.5, steps=16, fills=None):
-    """NeuronIntGrad: ``score = |(1 - 0) * mean_{alpha} dy_c/dg (alpha * 1)|``, gates 0 -> 1.
+def neuron_mct_signed(graphdef, state, images, classes_B=None, density=0.5, fills=None, key=None):
+    """NeuronMCT on channel gates: ``score_c = |sum_hw (a - fill) dy_c/da|`` (signs cancel)."""
+    classes_B = _classes(graphdef, state, images, classes_B, fills)
+    grads = _element_grads(graphdef, state, images, classes_B, fills)
+    scores = {s: jnp.abs(_sum_space(g)) for s, g in grads.items()}
+    return scores, gates_at_density(scores, density, key)
 
-    Midpoint Riemann sum with ``alpha = (t + 0.5) / steps``; the gradient points run through
-    `jax.lax.map` (one trace). Gates: one global threshold at `density`.
+
+def neuron_intgrad(
+    graphdef, state, images, classes_B=None, density=0.5, steps=11, fills=None, key=None
+):
+    """NeuronIntGrad (PathwayGrad ``_calc_integrad_scores``): one site at a time.
+
+    At site s only, the activation runs from the baseline (the ablation fill) to itself,
+    ``a~(alpha) = fill + alpha (a - fill)``, ``alpha = 0, 1/(T-1), ..., 1`` (`steps` = T
+    points), every other site intact. Per element ``|(a - fill) mean_alpha dy_c/da~(alpha)|``,
+    per channel the sum over space. Gates: one global threshold at `density`.
     """
     classes_B = _classes(graphdef, state, images, classes_B, fills)
-    alphas_T = (jnp.arange(steps, dtype=jnp.float32) + 0.5) / steps
-    grads_T = jax.lax.map(
-        lambda a: _class_logit_grad(graphdef, state, images, classes_B, fills, a), alphas_T
-    )
-    scores = jax.tree.map(lambda g_TxBxC: jnp.abs(g_TxBxC.mean(0)), grads_T)
-    return scores, gates_at_density(scores, density)
+    alphas_T = jnp.linspace(0.0, 1.0, steps)
+    _, features = classifiers.forward(graphdef, state, images)
+    scores = {}
+    for site in features:
+        grads_T = jax.lax.map(
+            lambda a, s=site: _element_grads(graphdef, state, images, classes_B, fills, s, a)[s],
+            alphas_T,
+        )
+        scores[site] = _sum_space(jnp.abs(grads_T.mean(0)))
+    return scores, gates_at_density(scores, density, key)
 
 
 def random_scores(key: jax.Array, site_channels: Mapping[str, int], batch: int) -> Gates:
@@ -111,10 +167,10 @@ def random_pathway(key, site_channels, site_density: Mapping) -> tuple[Gates, Ga
     """Random pathway at a given per-site density (e.g. GEN-CNP's): ``(scores, gates)``."""
     batch = jnp.shape(next(iter(site_density.values())))[0]
     scores = random_scores(key, site_channels, batch)
-    return scores, gates_at_site_density(scores, site_density)
+    return scores, gates_at_site_density(scores, site_density, jax.random.fold_in(key, 1))
 
 
-def topk_activation(graphdef, state, images, density=0.5, fills=None):
+def topk_activation(graphdef, state, images, density=0.5, fills=None, key=None):
     """Top-k activation: ``score = mean_hw a`` (clean pass); one global threshold at `density`.
 
     Raw activations are compared across sites, so sites with large activations dominate; this
@@ -122,7 +178,20 @@ def topk_activation(graphdef, state, images, density=0.5, fills=None):
     """
     _, features = classifiers.forward(graphdef, state, images, None, fills)
     scores = {s: a.reshape(a.shape[0], -1, a.shape[-1]).mean(1) for s, a in features.items()}
-    return scores, gates_at_density(scores, density)
+    return scores, gates_at_density(scores, density, key)
+
+
+def cdrp_update(lam, vel, ce_grad, gamma: float, lr: float, momentum: float):
+    """One CDRP step (SGD with momentum, as torch.optim.SGD, then the clamp to [0, 5]).
+
+    ``d = dCE/dlambda + gamma sign(lambda)`` with ``sign(0) = 0`` (torch's subgradient of
+    ``|lambda|`` at 0: the L1 term never pushes a closed gate); ``v <- momentum v + d``;
+    ``lambda <- clip(lambda - lr v, 0, 5)``. Returns ``(lambda, v)`` (pytrees).
+    """
+    grad = jax.tree.map(lambda g, x: g + gamma * jnp.sign(x), ce_grad, lam)
+    vel = jax.tree.map(lambda v, g: momentum * v + g, vel, grad)
+    lam = jax.tree.map(lambda x, v: jnp.clip(x - lr * v, 0.0, CDRP_MAX_GATE), lam, vel)
+    return lam, vel
 
 
 def cdrp(
@@ -136,43 +205,40 @@ def cdrp(
     threshold: float = 0.5,
     fills=None,
 ):
-    """CDRP / distillation guided routing (Wang et al. 2018), vmapped over instances.
+    """CDRP / distillation guided routing (Wang et al. 2018, cdrp-detect), vmapped over instances.
 
-    Per instance, channel gates ``lambda >= 0`` start at 1 and minimise
+    Per instance, channel gates ``lambda`` start at 1 and minimise
     ``J(lambda) = CE(p, p~) + gamma * |lambda|_1 = -sum_k p_k log p~_k + gamma * sum |lambda|``
-    with ``p = softmax(H(x))``, ``p~ = softmax(H(x; lambda))``, by SGD with momentum
-    (``v <- momentum * v + dJ; lambda <- max(0, lambda - lr * v)``) for `steps` steps. Every
-    iterate (the start included) is evaluated; the kept one has the lowest ``J`` among those
-    whose prediction is still ``argmax p``. Scores are the kept lambdas, gates
-    ``lambda > threshold``; for matched density use ``gates_at_density(scores, d)``.
+    (``p = softmax(H(x))``, ``p~ = softmax(H(x; lambda))``) by exactly `steps` `cdrp_update`
+    steps, no early stop. As in the reference, iterate t is evaluated before step t (iterates
+    ``0..steps-1``); the kept one has the lowest ``J`` among those whose prediction is still
+    ``argmax p`` (iterate 0, the full model, always qualifies). Scores are the kept lambdas,
+    gates ``lambda > threshold``.
     """
-    site_channels = _site_channels(graphdef, state)
+    site_channels = dict(nnx.merge(graphdef, state).site_channels)
 
     def one(state, image_HxWxC):
         images_1 = image_HxWxC[None]
         p_1xK = jax.nn.softmax(classifiers.forward(graphdef, state, images_1, None, fills)[0])
         target = jnp.argmax(p_1xK, -1)
 
-        def objective(lam):
+        def cross_entropy(lam):
             logits_1xK, _ = classifiers.forward(graphdef, state, images_1, lam, fills)
-            ce = -jnp.sum(p_1xK * jax.nn.log_softmax(logits_1xK))
-            l1 = sum(jnp.sum(jnp.abs(v)) for v in jax.tree.leaves(lam))
-            return ce + gamma * l1, jnp.argmax(logits_1xK, -1)
+            return -jnp.sum(p_1xK * jax.nn.log_softmax(logits_1xK)), jnp.argmax(logits_1xK, -1)
 
         def body(_, carry):
             lam, vel, best, best_obj = carry
-            (obj, pred), grad = jax.value_and_grad(objective, has_aux=True)(lam)
+            (ce, pred), ce_grad = jax.value_and_grad(cross_entropy, has_aux=True)(lam)
+            obj = ce + gamma * sum(jnp.sum(jnp.abs(v)) for v in jax.tree.leaves(lam))
             better = (obj < best_obj) & (pred == target)[0]
             best = jax.tree.map(lambda b, x: jnp.where(better, x, b), best, lam)
-            vel = jax.tree.map(lambda v, g: momentum * v + g, vel, grad)
-            lam = jax.tree.map(lambda x, v: jnp.maximum(x - lr * v, 0.0), lam, vel)
+            lam, vel = cdrp_update(lam, vel, ce_grad, gamma, lr, momentum)
             return lam, vel, best, jnp.where(better, obj, best_obj)
 
         ones = gates_lib.all_ones(site_channels, 1)
         zeros = jax.tree.map(jnp.zeros_like, ones)
-        # steps + 1 evaluations: the last update is never evaluated and is dropped
         carry = (ones, zeros, ones, jnp.asarray(jnp.inf, jnp.float32))
-        best = jax.lax.fori_loop(0, steps + 1, body, carry)[2]
+        best = jax.lax.fori_loop(0, steps, body, carry)[2]
         return jax.tree.map(lambda x: x[0], best)
 
     scores = jax.vmap(one, in_axes=(None, 0))(state, images)

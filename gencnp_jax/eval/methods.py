@@ -1,6 +1,8 @@
-"""The evaluated methods behind one gates type (DESIGN §6) and the shared metric pass (§7).
+"""The evaluated methods' score passes (DESIGN §6) and the shared metric passes (§7).
 
-Each method is a pure ``pathway_fn(params, batch) -> outputs`` that `evaluate` compiles once.
+Every method is reduced to flat per-instance scores ``f32[B, N]`` (N = all channels, sites in
+sorted order) that rank its channels, plus its own gates; `evaluate` binarises the scores at
+fixed densities (`baselines.top_k_at_density`) and feeds every mask through one metric pass.
 """
 
 from __future__ import annotations
@@ -14,95 +16,56 @@ from flax import nnx
 
 from gencnp_jax.eval import accumulator as metric_accumulator
 from gencnp_jax.eval import baselines, metrics, perturbation
-from gencnp_jax.method import class_bank as bank_lib
 from gencnp_jax.models import classifiers, generator
 from gencnp_jax.models import gates as gates_lib
 
-PathwayFn = Callable[[dict, dict], dict]
+ScoreFn = Callable[[dict, jax.Array], dict]  # (params, images) -> {"scores": f32[B, N], ...}
+# per-instance methods whose scores come from a score pass over the test images
+SCORED = ("gencnp", "cdrp", "neuron_mct", "neuron_mct_signed", "neuron_intgrad", "topk_activation")
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Plain values the methods and the evaluation loop need (read from the config by `evaluate`).
-
-    ``*_max_examples``: the first examples a costly part runs on (0 = all): CDRP (30 gradient
-    steps each), IntGrad, the deletion / insertion AUCs (``2 * auc_points`` gated passes each),
-    and the ``<method>_<other>_ablation`` entries.
-    """
+    """Plain values the methods need (read from the config by `evaluate`)."""
 
     daq_temperature: float = 2.0
     daq_sigma: float = 2.0
     cdrp_steps: int = 30
-    cdrp_gamma: float = 0.01
+    cdrp_gamma: float = 0.05
     cdrp_lr: float = 0.1
     cdrp_momentum: float = 0.9
     cdrp_threshold: float = 0.5
-    cdrp_max_examples: int = 500
-    intgrad_steps: int = 16
-    intgrad_max_examples: int = 1000
+    intgrad_steps: int = 11
     auc_points: int = 11
-    auc_max_examples: int = 500
-    ablation_max_examples: int = 2000
 
 
-@dataclasses.dataclass(frozen=True)
-class Method:
-    """One pathway finder.
+def make_score_fns(
+    cls_graphdef: nnx.GraphDef, gen_graphdef: nnx.GraphDef, s: Settings
+) -> dict[str, ScoreFn]:
+    """``name -> fn(params, images) -> {"scores": f32[B, N], ...}`` for every name in `SCORED`.
 
-    Attributes:
-      name: the method's name.
-      pathway_fn: ``(params, batch) -> {"scores": Gates, "gates": {variant: Gates}, ...}``.
-        `params` holds ``cls, gen, bank, fills, key``; `batch` holds ``images, index,
-        wrong_offset`` and, for matched methods, GEN-CNP's ``density`` and ``site_density``.
-      variants: the result names its gates come under (e.g. ``cdrp`` and ``cdrp_matched``).
-      max_examples: examples it runs on (0 = all).
-      matched: whether it needs GEN-CNP's per-instance densities.
+    `params` holds ``cls`` (classifier state), ``gen`` (generator state) and ``fills`` (the
+    headline ablation's fills, which the gradient baselines use as their baseline). GEN-CNP
+    also returns its own ``gates`` and the ``full_logits``; CDRP its own ``gates``
+    (``lambda > cdrp_threshold``).
     """
 
-    name: str
-    pathway_fn: PathwayFn
-    variants: tuple[str, ...]
-    max_examples: int = 0
-    matched: bool = False
-
-
-def make_methods(
-    cls_graphdef: nnx.GraphDef,
-    gen_graphdef: nnx.GraphDef,
-    site_channels: Mapping[str, int],
-    s: Settings,
-) -> list[Method]:
-    """Every method, GEN-CNP first (the others are matched to its per-instance densities)."""
-    site_channels = dict(site_channels)
-
-    def gencnp(params, batch):
-        full_logits_BxK, features = classifiers.forward(
-            cls_graphdef, params["cls"], batch["images"]
-        )
+    def gencnp(params, images):
+        full_logits_BxK, features = classifiers.forward(cls_graphdef, params["cls"], images)
         scores, gates, _ = generator.explain_scores(
             gen_graphdef, params["gen"], features, s.daq_temperature, s.daq_sigma
         )
-        return {"scores": scores, "gates": {"gencnp": gates}, "full_logits": full_logits_BxK}
-
-    def gencnp_transfer(params, batch):
-        bank = params["bank"]
-        logits_BxK, _ = classifiers.forward(cls_graphdef, params["cls"], batch["images"])
-        classes_B = jnp.argmax(logits_BxK, -1)
-        # a wrong class for every sample: (c + 1 + r) mod K with r in [0, K-2] fixed per sample
-        wrong_B = (classes_B + 1 + batch["wrong_offset"]) % bank.num_classes
-        scores = {site: f[classes_B] for site, f in bank.freq.items()}  # F_c ranks neurons
         return {
-            "scores": scores,
-            "gates": {"gencnp_transfer": bank_lib.transfer(bank, classes_B)},
-            "wrong_gates": bank_lib.transfer(bank, wrong_B),
-            "wrong_classes": wrong_B,
+            "scores": gates_lib.flatten(scores),
+            "gates": gates_lib.flatten(gates),
+            "full_logits": full_logits_BxK,
         }
 
-    def cdrp(params, batch):
+    def cdrp(params, images):
         scores, gates = baselines.cdrp(
             cls_graphdef,
             params["cls"],
-            batch["images"],
+            images,
             s.cdrp_steps,
             s.cdrp_gamma,
             s.cdrp_lr,
@@ -110,74 +73,53 @@ def make_methods(
             s.cdrp_threshold,
             params["fills"],
         )
-        matched = baselines.gates_at_density(scores, batch["density"])
-        return {"scores": scores, "gates": {"cdrp": gates, "cdrp_matched": matched}}
+        return {"scores": gates_lib.flatten(scores), "gates": gates_lib.flatten(gates)}
 
-    def neuron_mct(params, batch):
-        scores, gates = baselines.neuron_mct(
-            cls_graphdef, params["cls"], batch["images"], None, batch["density"], params["fills"]
-        )
-        return {"scores": scores, "gates": {"neuron_mct": gates}}
+    def gradient(fn, **kw):
+        def run(params, images):
+            scores, _ = fn(cls_graphdef, params["cls"], images, fills=params["fills"], **kw)
+            return {"scores": gates_lib.flatten(scores)}
 
-    def neuron_intgrad(params, batch):
-        scores, gates = baselines.neuron_intgrad(
-            cls_graphdef,
-            params["cls"],
-            batch["images"],
-            None,
-            batch["density"],
-            s.intgrad_steps,
-            params["fills"],
-        )
-        return {"scores": scores, "gates": {"neuron_intgrad": gates}}
+        return run
 
-    def random(params, batch):
-        key = jax.random.fold_in(params["key"], batch["index"][0])
-        scores, gates = baselines.random_pathway(key, site_channels, batch["site_density"])
-        return {"scores": scores, "gates": {"random": gates}}
-
-    def topk_activation(params, batch):
-        scores, gates = baselines.topk_activation(
-            cls_graphdef, params["cls"], batch["images"], batch["density"], params["fills"]
-        )
-        return {"scores": scores, "gates": {"topk_activation": gates}}
-
-    return [
-        Method("gencnp", gencnp, ("gencnp",)),
-        Method("gencnp_transfer", gencnp_transfer, ("gencnp_transfer",)),
-        Method("cdrp", cdrp, ("cdrp", "cdrp_matched"), s.cdrp_max_examples, matched=True),
-        Method("neuron_mct", neuron_mct, ("neuron_mct",), matched=True),
-        Method(
-            "neuron_intgrad",
-            neuron_intgrad,
-            ("neuron_intgrad",),
-            s.intgrad_max_examples,
-            matched=True,
-        ),
-        Method("random", random, ("random",), matched=True),
-        Method("topk_activation", topk_activation, ("topk_activation",), matched=True),
-    ]
+    return {
+        "gencnp": gencnp,
+        "cdrp": cdrp,
+        "neuron_mct": gradient(baselines.neuron_mct),
+        "neuron_mct_signed": gradient(baselines.neuron_mct_signed),
+        "neuron_intgrad": gradient(baselines.neuron_intgrad, steps=s.intgrad_steps),
+        "topk_activation": gradient(baselines.topk_activation),
+    }
 
 
-def make_metric_fn(cls_graphdef: nnx.GraphDef, num_points: int, with_auc: bool):
-    """The jitted metric pass shared by every method and both ablations.
+def make_metric_fn(cls_graphdef: nnx.GraphDef, site_channels: Mapping[str, int], extra: bool):
+    """The jitted metric pass shared by every method, density and ablation.
 
-    ``fn(cls_state, fills, images, classes, valid, auc_valid, scores, gates, wrong=None)
-    -> (per_instance, gates_flat)``, with ``classes`` the explained (predicted) classes.
-    One gated forward over ``[x; x; x; x'; 0]`` with gates ``[1; P; 1 - P; P; P]`` gives the
-    full, pathway, complement (necessity), partner (leakage; ``x'`` the next sample of another
-    class) and null-image logits. The full model shares the pathway's program, so an all-open
-    pathway reproduces its logits bit for bit (separately compiled programs differ by float
-    noise, which mIC would count as increases). With `with_auc`, neuron deletion / insertion
-    curves by `scores` (weights `auc_valid`). ``wrong = (gates, classes)``: a wrong class's
-    pathway per sample, for ``class_leakage`` and ``other_class_drop`` (one more block of rows).
+    ``fn(cls_state, fills, images, classes, gates_BxN, wrong=None, full_logits=None) ->
+    per_instance`` with
+    ``classes`` the explained (predicted) classes and ``per_instance`` as
+    `accumulator.instance_metrics`. One gated forward over ``[x; x; x']`` with gates
+    ``[1; P; P]`` gives the full, pathway and partner (leakage; ``x'`` the next sample of another
+    class) logits; the full model shares the pathway's program, so an all-open pathway
+    reproduces its logits bit for bit. Given ``full_logits`` (e.g. of a sparse mask, where
+    float noise cannot matter), the full block is skipped. With `extra`, also ``[x; 0]`` with
+    ``[1 - P; P]`` (necessity_drop, null_confidence). ``wrong = (gates_BxN, classes_B)``: a
+    wrong class's mask per sample, for ``class_leakage`` and ``other_class_drop`` (one more
+    block).
     """
+    sites = dict(site_channels)
 
-    def fn(cls_state, fills, images, classes_B, valid_B, auc_valid_B, scores, gates, wrong=None):
-        ones = jax.tree.map(jnp.ones_like, gates)
-        partner_B, has_partner_B = metrics.different_class_partners(classes_B, valid_B)
-        image_blocks = [images, images, images, images[partner_B], jnp.zeros_like(images)]
-        gate_blocks = [ones, gates, gates_lib.complement(gates), gates, gates]
+    def fn(cls_state, fills, images, classes_B, gates_BxN, wrong=None, full_logits_BxK=None):
+        gates = gates_lib.unflatten(gates_BxN, sites)
+        partner_B, has_partner_B = metrics.different_class_partners(classes_B)
+        image_blocks = [images, images[partner_B]]
+        gate_blocks = [gates_BxN, gates_BxN]
+        if full_logits_BxK is None:
+            image_blocks.append(images)
+            gate_blocks.append(jnp.ones_like(gates_BxN))
+        if extra:
+            image_blocks += [images, jnp.zeros_like(images)]
+            gate_blocks += [1.0 - gates_BxN, gates_BxN]
         if wrong is not None:
             image_blocks.append(images)
             gate_blocks.append(wrong[0])
@@ -185,56 +127,62 @@ def make_metric_fn(cls_graphdef: nnx.GraphDef, num_points: int, with_auc: bool):
             cls_graphdef,
             cls_state,
             jnp.concatenate(image_blocks),
-            jax.tree.map(lambda *g: jnp.concatenate(g), *gate_blocks),
+            gates_lib.unflatten(jnp.concatenate(gate_blocks), sites),
             fills,
         )[0]
-        full, path, comp, part, null, *rest = jnp.split(logits, len(image_blocks))
-        aucs = {}
-        if with_auc:
-            logits_fn = lambda g: classifiers.forward(cls_graphdef, cls_state, images, g, fills)[0]
-            for mode in perturbation.CURVE_MODES:
-                curve = perturbation.perturbation_curve(
-                    logits_fn, scores, classes_B, mode, num_points
-                )
-                aucs[f"{mode}_auc_B"] = perturbation.curve_auc(curve)
+        path, part, *rest = jnp.split(logits, len(image_blocks))
+        full = rest.pop(0) if full_logits_BxK is None else full_logits_BxK
         per = metric_accumulator.instance_metrics(
             full,
             path,
             gates,
             classes_B,
-            valid_B,
-            complement_logits_BxK=comp,
             partner_logits_BxK=part,
             partner_classes_B=jnp.where(has_partner_B, classes_B[partner_B], classes_B),
-            null_logits_BxK=null,
-            **aucs,
+            complement_logits_BxK=rest[0] if extra else None,
+            null_logits_BxK=rest[1] if extra else None,
         )
-        for name in ("deletion_auc", "insertion_auc"):
-            if name in per:
-                per[name] = (per[name][0], auc_valid_B)
         if wrong is not None:
             other = metric_accumulator.instance_metrics(
-                full, rest[0], None, classes_B, valid_B, pathway_classes_B=wrong[1]
+                full, rest[-1], None, classes_B, pathway_classes_B=wrong[1]
             )
             per.update({k: other[k] for k in ("class_leakage", "other_class_drop")})
-        return per, gates_lib.flatten(gates)
+        return per
+
+    return jax.jit(fn)
+
+
+def make_auc_fn(cls_graphdef: nnx.GraphDef, site_channels: Mapping[str, int], num_points: int):
+    """``fn(cls_state, fills, images, classes, scores_BxN, rows_B, key) -> {deletion_auc,
+    insertion_auc}`` (``f32[B]`` each): neuron deletion / insertion curves by the scores,
+    ties broken at random per row (``fold_in(key, rows_B[b])``)."""
+    sites = dict(site_channels)
+
+    def fn(cls_state, fills, images, classes_B, scores_BxN, rows_B, key):
+        scores = gates_lib.unflatten(scores_BxN, sites)
+        logits_fn = lambda g: classifiers.forward(cls_graphdef, cls_state, images, g, fills)[0]
+        curves = {
+            mode: perturbation.perturbation_curve(
+                logits_fn, scores, classes_B, mode, num_points, key, rows_B
+            )
+            for mode in perturbation.CURVE_MODES
+        }
+        return {f"{mode}_auc": perturbation.curve_auc(c) for mode, c in curves.items()}
 
     return jax.jit(fn)
 
 
 def make_sanity_fn(cls_graphdef: nnx.GraphDef, gen_graphdef: nnx.GraphDef, s: Settings):
-    """``fn(gen_state, random_cls_state, images, gates) -> f32[B]``: per-instance IoU of GEN-CNP
-    pathways read from a weight-randomised classifier and the trained one's `gates`.
-    """
+    """``fn(gen_state, random_cls_state, images, gates_BxN) -> f32[B]``: per-instance IoU
+    (`metrics.paired_iou_B`) of the trained generator's pathways read from the features of a
+    weight-randomised classifier and the trained pathways ``gates_BxN`` (feature swap: the
+    generator sees out-of-distribution features)."""
 
-    def fn(gen_state, random_cls_state, images, gates):
+    def fn(gen_state, random_cls_state, images, gates_BxN):
         _, features = classifiers.forward(cls_graphdef, random_cls_state, images)
         _, random_gates, _ = generator.explain_scores(
             gen_graphdef, gen_state, features, s.daq_temperature, s.daq_sigma
         )
-        sites = sorted(gates)
-        a_BxN, b_BxN = gates_lib.flatten(gates, sites), gates_lib.flatten(random_gates, sites)
-        inter_B, union_B = jnp.sum(a_BxN * b_BxN, -1), jnp.sum(jnp.maximum(a_BxN, b_BxN), -1)
-        return jnp.where(union_B > 0, inter_B / jnp.maximum(union_B, 1.0), 1.0)
+        return metrics.paired_iou_B(gates_BxN, gates_lib.flatten(random_gates))
 
     return jax.jit(fn)

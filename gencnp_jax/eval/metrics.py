@@ -1,6 +1,9 @@
 """Pathway evaluation metrics (DESIGN §7) as pure jnp functions of logits and gates.
 
-Every metric takes an optional ``valid_B`` mask (eval batches are padded) and ignores invalid rows.
+One home per formula: each metric is written once as a per-instance function (``*_B``:
+values, or ``(values, weights)`` when only some rows count), and its batch mean is
+``masked_mean`` of that. `accumulator.instance_metrics` reuses the same per-instance functions.
+Every mean takes an optional ``valid_B`` mask (eval batches are padded) and ignores invalid rows.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import jax.numpy as jnp
 from gencnp_jax.models import gates as gates_lib
 
 MAX_PAIR_ROWS = 512  # pairwise IoU metrics use the first 512 rows: O(B^2) memory otherwise
+Weighted = tuple[jax.Array, jax.Array]  # (values f32[B], weights f32[B])
 
 
 def _mask(valid_B: jax.Array | None, batch: int) -> jax.Array:
@@ -44,24 +48,75 @@ def relative_drop(full_logits_BxK, other_logits_BxK, classes_B) -> jax.Array:
     return jnp.maximum(y_B - o_B, 0.0) / jnp.maximum(y_B, 1e-12)
 
 
+# ---- per-instance metrics: the one place each formula is written ----
+
+
+def increase_B(full_logits_BxK, pathway_logits_BxK, classes_B) -> jax.Array:
+    """``100 * 1[O > Y]`` per row, ``Y = p_c(x)``, ``O = p_c(x; P)`` (mIC's terms)."""
+    y_B = class_confidence(full_logits_BxK, classes_B)
+    return 100.0 * (class_confidence(pathway_logits_BxK, classes_B) > y_B).astype(jnp.float32)
+
+
+def drop_B(full_logits_BxK, pathway_logits_BxK, classes_B) -> jax.Array:
+    """``100 * max(0, Y - O) / Y`` per row (mDC's terms)."""
+    return 100.0 * relative_drop(full_logits_BxK, pathway_logits_BxK, classes_B)
+
+
+def agreement_B(full_logits_BxK, pathway_logits_BxK) -> jax.Array:
+    """``1[argmax H(x; P) == argmax H(x)]`` per row."""
+    same_B = jnp.argmax(pathway_logits_BxK, -1) == jnp.argmax(full_logits_BxK, -1)
+    return same_B.astype(jnp.float32)
+
+
+def leakage_B(partner_pathway_logits_BxK, classes_B, partner_classes_B, valid_B=None) -> Weighted:
+    """``(1[argmax H(x'; P(x)) = c(x)], 1[c(x') != c(x)])`` per row (row i holds x'_i's logits)."""
+    pair_B = (classes_B != partner_classes_B) & (_mask(valid_B, classes_B.shape[0]) > 0)
+    hit_B = jnp.argmax(partner_pathway_logits_BxK, -1) == classes_B
+    return hit_B.astype(jnp.float32), pair_B.astype(jnp.float32)
+
+
+def class_leakage_B(transfer_logits_BxK, pathway_classes_B, sample_classes_B, valid_B=None):
+    """``(1[argmax H(x; P_k) = k], 1[k != c(x)])`` per row, ``k = pathway_classes_B``."""
+    other_B = (pathway_classes_B != sample_classes_B) & (_mask(valid_B, len(sample_classes_B)) > 0)
+    hit_B = jnp.argmax(transfer_logits_BxK, -1) == pathway_classes_B
+    return hit_B.astype(jnp.float32), other_B.astype(jnp.float32)
+
+
+def other_class_drop_B(
+    full_logits_BxK, transfer_logits_BxK, pathway_classes_B, sample_classes_B, valid_B=None
+) -> Weighted:
+    """``(max(0, Y - O) / Y, 1[k != y])`` per row, ``Y = p_y(x)``, ``O = p_y(x; P_k)``."""
+    other_B = (pathway_classes_B != sample_classes_B) & (_mask(valid_B, len(sample_classes_B)) > 0)
+    drop = relative_drop(full_logits_BxK, transfer_logits_BxK, sample_classes_B)
+    return drop, other_B.astype(jnp.float32)
+
+
+iou_matrix = gates_lib.iou_matrix  # IoU_ij of binary rows (one home: models.gates)
+
+
+def paired_iou_B(a_BxN: jax.Array, b_BxN: jax.Array) -> jax.Array:
+    """``IoU(a_i, b_i)`` per row: the diagonal of `iou_matrix`, computed row by row (O(B N))."""
+    return jax.vmap(lambda a_N, b_N: iou_matrix(a_N[None], b_N[None])[0, 0])(a_BxN, b_BxN)
+
+
+# ---- batch means of the per-instance metrics ----
+
+
 def mIC(full_logits_BxK, pathway_logits_BxK, classes_B=None, valid_B=None) -> jax.Array:
     """Increase in confidence: ``100 * mean(1[O > Y])``, ``Y = p_c(x)``, ``O = p_c(x; P)``."""
     c_B = explained_classes(full_logits_BxK, classes_B)
-    y_B = class_confidence(full_logits_BxK, c_B)
-    o_B = class_confidence(pathway_logits_BxK, c_B)
-    return 100.0 * masked_mean((o_B > y_B).astype(jnp.float32), valid_B)
+    return masked_mean(increase_B(full_logits_BxK, pathway_logits_BxK, c_B), valid_B)
 
 
 def mDC(full_logits_BxK, pathway_logits_BxK, classes_B=None, valid_B=None) -> jax.Array:
     """Drop in confidence: ``100 * mean(max(0, Y - O) / Y)``."""
     c_B = explained_classes(full_logits_BxK, classes_B)
-    return 100.0 * masked_mean(relative_drop(full_logits_BxK, pathway_logits_BxK, c_B), valid_B)
+    return masked_mean(drop_B(full_logits_BxK, pathway_logits_BxK, c_B), valid_B)
 
 
 def agreement(full_logits_BxK, pathway_logits_BxK, valid_B=None) -> jax.Array:
     """``mean(argmax H(x; P) == argmax H(x))``."""
-    same_B = jnp.argmax(pathway_logits_BxK, -1) == jnp.argmax(full_logits_BxK, -1)
-    return masked_mean(same_B.astype(jnp.float32), valid_B)
+    return masked_mean(agreement_B(full_logits_BxK, pathway_logits_BxK), valid_B)
 
 
 def density_mean(gates: Mapping[str, jax.Array], valid_B=None) -> jax.Array:
@@ -78,17 +133,6 @@ def density_std(gates: Mapping[str, jax.Array], valid_B=None) -> jax.Array:
 def per_site_density(gates: Mapping[str, jax.Array], valid_B=None) -> dict[str, jax.Array]:
     """``site -> mean over instances of kept / all neurons at that site``."""
     return {s: masked_mean(d_B, valid_B) for s, d_B in gates_lib.site_density(gates).items()}
-
-
-def iou_matrix(a_BxN: jax.Array, b_MxN: jax.Array) -> jax.Array:
-    """``IoU_ij = |a_i & b_j| / |a_i | b_j|`` of binary rows: ``f32[B, M]``.
-
-    ``IoU(empty, empty) := 1`` (two empty pathways are identical).
-    """
-    a_BxN, b_MxN = a_BxN.astype(jnp.float32), b_MxN.astype(jnp.float32)
-    inter_BxM = a_BxN @ b_MxN.T
-    union_BxM = a_BxN.sum(-1)[:, None] + b_MxN.sum(-1)[None, :] - inter_BxM
-    return jnp.where(union_BxM > 0, inter_BxM / jnp.maximum(union_BxM, 1.0), 1.0)
 
 
 def _pairs(classes_B, valid_B, max_rows):
@@ -127,8 +171,7 @@ def inter_class_iou(gates_flat_BxN, classes_B, valid_B=None, max_rows=MAX_PAIR_R
 
 def sanity_iou(gates_a_flat_BxN, gates_b_flat_BxN, valid_B=None) -> jax.Array:
     """``mean_i IoU(P_i, P'_i)``: pathways of the trained vs. a weight-randomised classifier."""
-    iou_B = jnp.diagonal(iou_matrix(gates_a_flat_BxN, gates_b_flat_BxN))
-    return masked_mean(iou_B, valid_B)
+    return masked_mean(paired_iou_B(gates_a_flat_BxN, gates_b_flat_BxN), valid_B)
 
 
 def necessity_drop(full_logits_BxK, complement_logits_BxK, classes_B=None, valid_B=None):
@@ -158,9 +201,9 @@ def leakage(partner_pathway_logits_BxK, classes_B, partner_classes_B, valid_B=No
 
     Row i holds ``H(x'_i; P(x_i))``; rows with equal classes or invalid rows do not count.
     """
-    pair_B = (classes_B != partner_classes_B) & (_mask(valid_B, classes_B.shape[0]) > 0)
-    hit_B = jnp.argmax(partner_pathway_logits_BxK, -1) == classes_B
-    return masked_mean(hit_B.astype(jnp.float32), pair_B)
+    return masked_mean(
+        *leakage_B(partner_pathway_logits_BxK, classes_B, partner_classes_B, valid_B)
+    )
 
 
 def null_confidence(null_pathway_logits_BxK, classes_B, valid_B=None) -> jax.Array:
@@ -174,9 +217,9 @@ def class_leakage(transfer_logits_BxK, pathway_classes_B, sample_classes_B, vali
     Row i holds ``H(x_i; P_k)`` with ``k = pathway_classes_B[i]``; only rows with
     ``k != sample_classes_B[i]`` count: ``mean(1[argmax H(x; P_k) = k])``.
     """
-    other_B = (pathway_classes_B != sample_classes_B) & (_mask(valid_B, len(sample_classes_B)) > 0)
-    hit_B = jnp.argmax(transfer_logits_BxK, -1) == pathway_classes_B
-    return masked_mean(hit_B.astype(jnp.float32), other_B)
+    return masked_mean(
+        *class_leakage_B(transfer_logits_BxK, pathway_classes_B, sample_classes_B, valid_B)
+    )
 
 
 def other_class_drop(
@@ -187,6 +230,8 @@ def other_class_drop(
     ``mean(max(0, Y - O) / Y)`` with ``Y = p_y(x)``, ``O = p_y(x; P_k)``, ``y`` the sample's
     class, over rows with ``k != y``.
     """
-    other_B = (pathway_classes_B != sample_classes_B) & (_mask(valid_B, len(sample_classes_B)) > 0)
-    drop_B = relative_drop(full_logits_BxK, transfer_logits_BxK, sample_classes_B)
-    return masked_mean(drop_B, other_B)
+    return masked_mean(
+        *other_class_drop_B(
+            full_logits_BxK, transfer_logits_BxK, pathway_classes_B, sample_classes_B, valid_B
+        )
+    )

@@ -23,20 +23,25 @@ def perturbation_curve(
     classes_B: jax.Array,
     mode: str,
     num_points: int = 11,
+    key: jax.Array | None = None,
+    rows_B: jax.Array | None = None,
 ) -> jax.Array:
     """``p_c`` after removing / adding the top-scored fraction ``f`` of neurons: ``f32[B, P]``.
 
-    Neurons are ranked per instance by score over all sites (flattened, ties by position);
-    ``f = 0, 1/(P-1), ..., 1``. Deletion starts full and closes the top ``round(f * N)``;
-    insertion starts empty and opens them. `logits_fn` is traced once (`jax.lax.map`).
+    Neurons are ranked per instance by score over all sites (flattened; ties broken at random
+    by `key`, the same order at every point); ``f = 0, 1/(P-1), ..., 1``.
+    Deletion starts full and closes the top ``round(f * N)``; insertion starts empty and opens
+    them. `rows_B`: per-row tie-breaking keys (`baselines.top_k`). `logits_fn` is traced once
+    (`jax.lax.map`).
     """
     if mode not in CURVE_MODES:
         raise ValueError(f"unknown curve mode {mode!r}: choose one of {CURVE_MODES}")
-    batch = classes_B.shape[0]
+    sites = {s: v.shape[-1] for s, v in scores.items()}
+    flat_BxN = gates_lib.flatten(scores)
 
     def point(fraction):
-        top = baselines.gates_at_density(scores, jnp.full((batch,), fraction))
-        gates = top if mode == "insertion" else gates_lib.complement(top)
+        top_BxN = baselines.top_k_at_density(flat_BxN, fraction, key, rows_B)
+        gates = gates_lib.unflatten(top_BxN if mode == "insertion" else 1.0 - top_BxN, sites)
         return metrics.class_confidence(logits_fn(gates), classes_B)
 
     return jax.lax.map(point, jnp.linspace(0.0, 1.0, num_points)).T

@@ -27,21 +27,35 @@ class CheckpointError(RuntimeError):
     """No usable checkpoint where one was expected."""
 
 
-def tree_checksum(tree) -> str:
-    """sha256 over every leaf's dtype, shape and bytes, in `jax.tree.leaves` order.
+def tree_checksum(tree, *, by_path: bool = False, suffix: str = "") -> str:
+    """sha256 over every leaf's dtype, shape and bytes (the package's one array hash).
+
+    Args:
+      tree: any pytree of arrays (PRNG keys are hashed through their key data).
+      by_path: hash leaves sorted by their path and prefix each with that path, so renaming a
+        parameter changes the hash; else leaves go in `jax.tree.leaves` order, unnamed.
+      suffix: text hashed after the leaves (e.g. what else identifies the tree).
 
     Replicated leaves spread over several hosts are read from one local shard (all equal).
     """
     digest = hashlib.sha256()
-    for leaf in jax.tree.leaves(tree):
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    if by_path:
+        leaves = sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0]))
+    for path, leaf in leaves:
         if isinstance(leaf, jax.Array):
             if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
                 leaf = jax.random.key_data(leaf)
             if not leaf.is_fully_addressable:
                 leaf = leaf.addressable_data(0)
         array = np.ascontiguousarray(np.asarray(leaf))
-        digest.update(f"{array.dtype}{array.shape};".encode())
+        if by_path:
+            header = f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape};"
+        else:
+            header = f"{array.dtype}{array.shape};"
+        digest.update(header.encode())
         digest.update(array.tobytes())
+    digest.update(suffix.encode())
     return digest.hexdigest()
 
 

@@ -1,10 +1,9 @@
-"""Class pathways (DESIGN §5) as pure functions: aggregate the pathways of `j` samples per class
-into `F_c` and a class pathway, fingerprint the classifier, transfer a class pathway to new inputs.
+"""Class pathways (docs/METHOD.md §5) as pure functions: aggregate the pathways of `j` samples
+per class into `F_c` and a class pathway, and transfer a class pathway to new inputs.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 
 import flax.struct
@@ -31,7 +30,8 @@ class ClassBank:
       samples_per_class: ``j``, the samples asked for per class.
       threshold: ``rho``.
       class_source: how samples were assigned to classes: "prediction" or "label".
-      fingerprint: `fingerprint` of the classifier the bank was built for.
+      fingerprint: hash of the classifier the bank was built for
+        (`gencnp_jax.stages.build_bank.fingerprint`).
     """
 
     freq: dict[str, jax.Array]
@@ -53,22 +53,6 @@ class ClassBank:
     def class_density(self) -> np.ndarray:
         """Kept neurons / all neurons of each class pathway: ``f64[K]``."""
         return np.asarray(gates_lib.density(self.masks), np.float64)
-
-
-def fingerprint(cls_state, site_channels: Mapping[str, int]) -> str:
-    """sha256 over the classifier state's leaves (sorted by path) and its sites with channels."""
-    digest = hashlib.sha256()
-    leaves, _ = jax.tree_util.tree_flatten_with_path(cls_state)
-    for path, leaf in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
-        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-            leaf = jax.random.key_data(leaf)
-        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-            leaf = leaf.addressable_data(0)  # replicated on every device: any shard is all of it
-        array = np.ascontiguousarray(np.asarray(leaf))
-        digest.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape};".encode())
-        digest.update(array.tobytes())
-    digest.update(repr(sorted(site_channels.items())).encode())
-    return digest.hexdigest()
 
 
 def aggregate(

@@ -78,15 +78,8 @@ class Pathway:
         ``IoU = |P & Q| / |P | Q|``, summed over all sites; two empty pathways have IoU 1.
         """
         gates_lib.check_sites(other.gates, {s: g.shape[-1] for s, g in self.gates.items()})
-        inter = sum(
-            jnp.sum((self.gates[s] * other.gates[s]).reshape(self.batch_size, -1), axis=-1)
-            for s in self.gates
-        )
-        union = sum(
-            jnp.sum(jnp.maximum(self.gates[s], other.gates[s]).reshape(self.batch_size, -1), -1)
-            for s in self.gates
-        )
-        return jnp.where(union > 0, inter / jnp.maximum(union, 1.0), 1.0)
+        rows = jax.vmap(lambda p, q: gates_lib.iou_matrix(p[None], q[None])[0, 0])
+        return rows(gates_lib.flatten(self.gates), gates_lib.flatten(other.gates))
 
     def take(self, indices) -> Pathway:
         """The pathways at `indices` (an int array, slice or boolean mask; keeps the batch axis)."""

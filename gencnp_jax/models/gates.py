@@ -83,6 +83,17 @@ def site_density(gates: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     return {s: jnp.mean(g.reshape(g.shape[0], -1), axis=-1) for s, g in gates.items()}
 
 
+def iou_matrix(a_BxN: jax.Array, b_MxN: jax.Array) -> jax.Array:
+    """``IoU_ij = |a_i & b_j| / |a_i | b_j|`` of binary rows: ``f32[B, M]``.
+
+    ``IoU(empty, empty) := 1`` (two empty pathways are identical).
+    """
+    a_BxN, b_MxN = a_BxN.astype(jnp.float32), b_MxN.astype(jnp.float32)
+    inter_BxM = a_BxN @ b_MxN.T
+    union_BxM = a_BxN.sum(-1)[:, None] + b_MxN.sum(-1)[None, :] - inter_BxM
+    return jnp.where(union_BxM > 0, inter_BxM / jnp.maximum(union_BxM, 1.0), 1.0)
+
+
 def check_sites(gates: Mapping[str, jax.Array], site_channels: Mapping[str, int]) -> None:
     """Raises a ValueError naming the mismatch when gates do not fit the classifier."""
     unknown = sorted(set(gates) - set(site_channels))

@@ -6,19 +6,14 @@ class-pathway transfer, CDRP and NeuronMCT; train steps/s per device count; peak
 
 from __future__ import annotations
 
-import dataclasses
 import platform
 import resource
-import statistics
 import sys
-import time
-from collections.abc import Callable
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from gencnp_jax.eval import baselines
 from gencnp_jax.io import sharding
@@ -26,14 +21,10 @@ from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.io import writers as logging_utils
 from gencnp_jax.method import explain
 from gencnp_jax.models import classifiers, generator
-from gencnp_jax.stages import (
-    build_bank,
-    context,
-    explainer,
-    train_classifier,
-    train_generator,
-    validation,
-)
+from gencnp_jax.stages import bench_train, build_bank, context, explainer, validation
+
+measure = bench_train.measure  # the timing rule of every number here
+_per_image = bench_train.per_image
 
 INFERENCE = ("forward", "gencnp", "transfer", "cdrp", "neuron_mct")
 LABELS = {
@@ -48,59 +39,6 @@ LABELS = {
 }
 
 
-def measure(call: Callable[[], object], repeats: int, jitted=None, warmup: int = 2) -> dict:
-    """Times `call()` (blocking on its outputs): median of `repeats` runs after `warmup` runs.
-
-    The first run includes compilation and is reported apart as `first_call_seconds`. Two
-    warm-up runs by default: a train step's second call feeds the first call's outputs back
-    in, which would recompile if their shardings differed from the inputs'. `compilations` is
-    the cache size of `jitted` afterwards (1 = compiled once).
-    """
-    t0 = time.perf_counter()
-    jax.block_until_ready(call())
-    first = time.perf_counter() - t0
-    for _ in range(warmup - 1):
-        jax.block_until_ready(call())
-    seconds = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(call())
-        seconds.append(time.perf_counter() - t0)
-    out = {
-        "median_seconds": statistics.median(seconds),
-        "first_call_seconds": first,
-        "seconds": seconds,
-    }
-    cache_size = getattr(jitted, "_cache_size", None)
-    if cache_size is not None:
-        out["compilations"] = int(cache_size())
-    return out
-
-
-def _per_image(timing: dict, batch: int) -> dict:
-    return {
-        **timing,
-        "images_per_second": batch / timing["median_seconds"],
-        "seconds_per_image": timing["median_seconds"] / batch,
-    }
-
-
-def _per_step(timing: dict) -> dict:
-    return {**timing, "steps_per_second": 1.0 / timing["median_seconds"]}
-
-
-@dataclasses.dataclass
-class _Models:
-    """What every measurement reads: trained classifier, trained generator, a real batch."""
-
-    classifier: context.Classifier
-    gen_graphdef: nnx.GraphDef
-    gen_state: nnx.State
-    fills: dict | None
-    images: np.ndarray  # f32[B, H, W, C], normalised
-    labels: np.ndarray  # i32[B]
-
-
 def _batch(config, batch_size: int, notes: list[str]) -> tuple[np.ndarray, np.ndarray]:
     test = context.load_data(config, "test")
     n = len(test.labels)
@@ -110,7 +48,7 @@ def _batch(config, batch_size: int, notes: list[str]) -> tuple[np.ndarray, np.nd
     return context.normalize(config, test.images[idx]), np.asarray(test.labels[idx], np.int32)
 
 
-def _inference(models: _Models, config, mesh, repeats: int, bank) -> dict:
+def _inference(models: bench_train.Models, config, mesh, repeats: int, bank) -> dict:
     """(a) forward, (b) GEN-CNP (+ its three stages), (c) transfer, (d) CDRP, (e) NeuronMCT."""
     cls, g, e = models.classifier, config.generator, config.eval
     cls_gd, gen_gd = cls.graphdef, models.gen_graphdef
@@ -123,9 +61,7 @@ def _inference(models: _Models, config, mesh, repeats: int, bank) -> dict:
 
     fns = {
         "forward": jax.jit(lambda cs, x: classifiers.forward(cls_gd, cs, x)[0]),
-        "gencnp": jax.jit(
-            lambda gs, cs, x, f: explain.explain(gen_gd, gs, cls_gd, cs, x, temp, sigma, f)
-        ),
+        "gencnp": explain.jit_explain(gen_gd, cls_gd),
         "cdrp": jax.jit(
             lambda cs, x, f: baselines.cdrp(
                 cls_gd,
@@ -144,7 +80,7 @@ def _inference(models: _Models, config, mesh, repeats: int, bank) -> dict:
     }
     calls = {
         "forward": lambda: fns["forward"](cls_state, images),
-        "gencnp": lambda: fns["gencnp"](gen_state, cls_state, images, fills),
+        "gencnp": lambda: fns["gencnp"](gen_state, cls_state, images, temp, sigma, fills),
         "cdrp": lambda: fns["cdrp"](cls_state, images, fills),
         "neuron_mct": lambda: fns["neuron_mct"](cls_state, images, fills),
     }
@@ -212,127 +148,6 @@ def _load_bank(config, workdir: str, classifier, notes: list[str]):
         return None
 
 
-class _TrainLoop:
-    """Calls a donating train step repeatedly, feeding its new state back in."""
-
-    def __init__(self, step_fn, state: tuple, make_args: Callable[[tuple, int], tuple]):
-        self.step_fn, self.state, self.make_args, self.count = step_fn, state, make_args, 0
-
-    def __call__(self):
-        out = self.step_fn(*self.make_args(self.state, self.count))
-        self.state, self.count = tuple(out[: len(self.state)]), self.count + 1
-        return out
-
-
-def _host_copy(tree):
-    """An owning numpy copy: each mesh gets fresh buffers that its donating step may consume."""
-    return jax.tree.map(lambda x: np.array(x, copy=True), tree)
-
-
-def _train_states(models: _Models, config):
-    """Host copies of the classifier and generator train states (trained weights)."""
-    c, g = config.classifier, config.generator
-    cls_model = nnx.merge(models.classifier.graphdef, models.classifier.state)
-    cls_gd, params, rest = nnx.split(cls_model, nnx.Param, ...)
-    cls_tx = train_classifier.make_optimizer(
-        c.learning_rate, c.weight_decay, c.warmup_steps, 10_000, c.grad_clip
-    )
-    cls_state = {"params": params, "rest": rest, "opt_state": cls_tx.init(params)}
-    gen_model = nnx.merge(models.gen_graphdef, models.gen_state)
-    gen_gd, gparams, grest = nnx.split(gen_model, nnx.Param, ...)
-    gen_tx = train_classifier.make_optimizer(
-        g.opt.learning_rate, 0.0, g.opt.warmup_steps, max(g.steps, 2), g.opt.grad_clip
-    )
-    n = sum(models.classifier.site_channels.values())
-    k = models.classifier.num_classes
-    gen = {"params": gparams, "rest": grest, "opt_state": gen_tx.init(gparams)}
-    bank = {"scores": np.zeros((k, n), np.float32), "counts": np.zeros((k,), np.float32)}
-    return (
-        (cls_gd, cls_tx, _host_copy(cls_state)),
-        (gen_gd, gen_tx, _host_copy(gen), _host_copy(bank)),
-    )
-
-
-def _train(models: _Models, config, mesh, repeats: int, states) -> dict:
-    """Train steps/s of the classifier and of the generator step on `mesh`."""
-    (cls_gd, cls_tx, cls_host), (gen_gd, gen_tx, gen_host, bank_host) = states
-    images, labels = sharding.shard_batch(mesh, models.images, models.labels)
-    cls_step = train_classifier.make_train_step(cls_gd, cls_tx, models.classifier.site_channels)
-    root_key = jax.random.key(config.seed)
-    # the extra step arguments exactly as train_classifier.train_classifier passes them
-    c = config.classifier
-    dropout = jnp.float32(c.get("channel_dropout", 0.0))
-    variable = jnp.float32(c.get("dropout_mode", "fixed") == "variable")
-    cls_loop = _TrainLoop(
-        cls_step,
-        (sharding.replicate(mesh, _host_copy(cls_host)),),
-        lambda st, i: (*st, images, labels, jax.random.fold_in(root_key, i), dropout, variable),
-    )
-    gen_step = train_generator.make_train_step(gen_gd, models.classifier.graphdef, gen_tx)
-    hp, weights = sharding.replicate(mesh, train_generator.hparams_from_config(config.generator))
-    gen, bank, cls_state, fills = sharding.replicate(
-        mesh, (_host_copy(gen_host), _host_copy(bank_host), models.classifier.state, models.fills)
-    )
-    gen_loop = _TrainLoop(
-        gen_step,
-        (gen, bank),
-        lambda st, i: (*st, cls_state, fills, images, jnp.int32(i), weights, hp),
-    )
-    return {
-        "classifier": _per_step(measure(cls_loop, repeats, cls_step)),
-        "generator": _per_step(measure(gen_loop, repeats, gen_step)),
-    }
-
-
-def _gencnp_on(models: _Models, config, mesh, repeats: int) -> dict:
-    g = config.generator
-    cls_gd, gen_gd = models.classifier.graphdef, models.gen_graphdef
-    fn = jax.jit(
-        lambda gs, cs, x, f: explain.explain(
-            gen_gd, gs, cls_gd, cs, x, g.daq.temperature, g.daq.sigma, f
-        )
-    )
-    gen_state, cls_state, fills = sharding.replicate(
-        mesh, (models.gen_state, models.classifier.state, models.fills)
-    )
-    images = sharding.shard_batch(mesh, models.images)
-    return _per_image(
-        measure(lambda: fn(gen_state, cls_state, images, fills), repeats, fn),
-        models.images.shape[0],
-    )
-
-
-def _scaling(models, config, main_mesh, main_train, main_gencnp, repeats, states, notes):
-    """Steps/s of both train steps and GEN-CNP images/s on meshes over the first n devices."""
-    out = {}
-    available, batch = jax.device_count(), models.images.shape[0]
-    for n in config.bench.device_counts:
-        n = int(n)
-        reason = None
-        if n > available:
-            reason = f"only {available} device(s) visible"
-        elif batch % n:
-            reason = f"batch size {batch} does not split over {n} devices"
-        elif jax.process_count() > 1 and n != available:
-            reason = "multi-host run: only the mesh over all devices is measured"
-        if reason:
-            out[str(n)] = {"skipped": reason}
-            notes.append(f"device count {n} skipped: {reason}")
-            continue
-        if n == main_mesh.size:
-            train, gencnp = main_train, main_gencnp
-        else:
-            mesh = sharding.make_mesh(n)
-            train = _train(models, config, mesh, repeats, states)
-            gencnp = _gencnp_on(models, config, mesh, repeats)
-        out[str(n)] = {
-            "classifier_steps_per_second": train["classifier"]["steps_per_second"],
-            "generator_steps_per_second": train["generator"]["steps_per_second"],
-            "gencnp_images_per_second": gencnp["images_per_second"],
-        }
-    return out
-
-
 def _memory() -> dict:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     rss_mb = rss / 2**20 if sys.platform == "darwin" else rss / 2**10
@@ -386,7 +201,7 @@ def bench(config, workdir: str) -> dict:
     classifier = context.load_classifier(config, workdir)
     gen_graphdef, gen_state, fills, _ = explainer.load_generator(config, workdir, classifier)
     images, labels = _batch(config, batch, notes)
-    models = _Models(classifier, gen_graphdef, gen_state, fills, images, labels)
+    models = bench_train.Models(classifier, gen_graphdef, gen_state, fills, images, labels)
     bank = _load_bank(config, workdir, classifier, notes)
 
     inference = _inference(models, config, mesh, repeats, bank)
@@ -397,9 +212,11 @@ def bench(config, workdir: str) -> dict:
     }
     if "transfer" in inference:
         ratios["transfer_vs_forward"] = per_image("transfer") / per_image("forward")
-    states = _train_states(models, config)
-    train = _train(models, config, mesh, repeats, states)
-    scaling = _scaling(models, config, mesh, train, inference["gencnp"], repeats, states, notes)
+    states = bench_train.train_states(models, config)
+    train = bench_train.train(models, config, mesh, repeats, states)
+    scaling = bench_train.scaling(
+        models, config, mesh, train, inference["gencnp"], repeats, states, notes
+    )
     result = {
         "environment": _environment(mesh, batch, repeats),
         "inference": inference,

@@ -1,5 +1,6 @@
 """The build_bank stage: class pathways of `j` training samples per class, stored with orbax
-beside a fingerprint of the classifier, and loaded back only for that classifier (DESIGN §5).
+beside a fingerprint of the classifier, and loaded back only for that classifier
+(docs/METHOD.md §5).
 """
 
 from __future__ import annotations
@@ -9,22 +10,17 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gencnp_jax.io import checkpointing, data, sharding
+from gencnp_jax.io import batched, checkpointing, data, sharding
 from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.io import writers as logging_utils
 from gencnp_jax.method import explain
-from gencnp_jax.method.class_bank import (
-    CLASS_SOURCES,
-    ClassBank,
-    aggregate,
-    fingerprint,
-    first_per_class,
-)
+from gencnp_jax.method.class_bank import CLASS_SOURCES, ClassBank, aggregate, first_per_class
 from gencnp_jax.models import classifiers
 from gencnp_jax.models import gates as gates_lib
 from gencnp_jax.stages import context, explainer
@@ -40,6 +36,13 @@ class BankMismatchError(Exception):
 
 
 bank_dir = workdir_lib.bank_dir
+
+
+def fingerprint(cls_state, site_channels: Mapping[str, int]) -> str:
+    """sha256 of the classifier: its state's leaves by path, then its sites with channels."""
+    return checkpointing.tree_checksum(
+        cls_state, by_path=True, suffix=repr(sorted(site_channels.items()))
+    )
 
 
 def _check_source(class_source: str) -> None:
@@ -61,16 +64,16 @@ def _select(config, classifier, train: data.ArraySplit, mesh) -> tuple[np.ndarra
     predict = jax.jit(
         lambda s, x: jnp.argmax(classifiers.forward(classifier.graphdef, s, x)[0], -1)
     )
-    preds, scanned = [], 0
-    for idx, valid in data.eval_batches(len(train.labels), config.eval.batch_size):
-        images = sharding.shard_batch(mesh, context.normalize(config, train.images[idx]))
-        preds.append(np.asarray(sharding.to_host(predict(classifier.state, images)))[:valid])
-        scanned += valid
-        if np.bincount(np.concatenate(preds), minlength=num_classes).min() >= j:
-            break
-    preds_N = np.concatenate(preds)
+    preds_N = batched.map_batches(
+        lambda images: predict(classifier.state, images),
+        lambda idx: context.normalize(config, train.images[idx]),
+        len(train.labels),
+        config.eval.batch_size,
+        mesh,
+        stop=lambda preds: np.bincount(preds, minlength=num_classes).min() >= j,
+    )
     idx = first_per_class(preds_N, num_classes, j)
-    return idx, preds_N[idx].astype(np.int32), scanned
+    return idx, preds_N[idx].astype(np.int32), len(preds_N)
 
 
 def save_bank(
@@ -211,20 +214,17 @@ def build_bank(config, workdir: str) -> dict:
     cls_state, gen_state, fills = sharding.replicate(mesh, (classifier.state, gen_state, fills))
     classifier = dataclasses.replace(classifier, state=cls_state)
     idx_M, classes_M, scanned = _select(config, classifier, train, mesh)
-    g = config.generator
-    explain_fn = jax.jit(
-        lambda gs, cs, x, f: (
-            explain.explain(
-                gen_graphdef, gs, classifier.graphdef, cs, x, g.daq.temperature, g.daq.sigma, f
-            ).gates
-        )
+    explain_fn = explain.jit_explain(gen_graphdef, classifier.graphdef)
+    g = config.generator.daq
+    temperature, sigma = jnp.float32(g.temperature), jnp.float32(g.sigma)
+    gates_M = batched.map_batches(
+        lambda x: explain_fn(gen_state, classifier.state, x, temperature, sigma, fills).gates,
+        lambda rows: context.normalize(config, train.images[idx_M[rows]]),
+        len(idx_M),
+        config.eval.batch_size,
+        mesh,
     )
-    chunks = []
-    for rows, valid in data.eval_batches(len(idx_M), config.eval.batch_size):
-        images = sharding.shard_batch(mesh, context.normalize(config, train.images[idx_M[rows]]))
-        gates = sharding.to_host(explain_fn(gen_state, classifier.state, images, fills))
-        chunks.append({s: np.asarray(v)[:valid] for s, v in gates.items()})
-    gates_M = {s: jnp.asarray(np.concatenate([c[s] for c in chunks])) for s in chunks[0]}
+    gates_M = {s: jnp.asarray(v) for s, v in gates_M.items()}
     freq, masks, counts = aggregate(
         gates_M, jnp.asarray(classes_M), classifier.num_classes, config.bank.threshold
     )

@@ -10,10 +10,11 @@ import dataclasses
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gencnp_jax.io import checkpointing, data, sharding
+from gencnp_jax.io import batched, checkpointing, data, sharding
 from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.models import classifiers
 
@@ -86,6 +87,10 @@ def new_classifier(config, num_classes: int, in_channels: int) -> nnx.Module:
 classifier_dir = workdir_lib.classifier_dir
 
 
+def num_classes(config) -> int:
+    return data.dataset_info(config.data.dataset)[1]
+
+
 def classifier_template(config, abstract: bool = False) -> tuple[nnx.Module, dict]:
     """A fresh model and the train-state pytree its checkpoints have.
 
@@ -114,3 +119,84 @@ def load_classifier(config, workdir: str) -> Classifier:
     graphdef, full_state = nnx.split(model)
     _, num_classes = data.dataset_info(config.data.dataset)
     return Classifier(graphdef, full_state, dict(model.site_channels), num_classes)
+
+
+class _Probe(nnx.Module):
+    """Stands in for a BatchNorm: records its input, then normalises in inference mode."""
+
+    def __init__(self, bn: nnx.BatchNorm, record):
+        self.bn, self.record = bn, record
+
+    def __call__(self, x, use_running_average=None, **kwargs):
+        self.record(x)
+        return self.bn(x, use_running_average=True, **kwargs)
+
+
+def _batchnorm_paths(model: nnx.Module) -> list[tuple]:
+    return [path for path, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)]
+
+
+def _probed_moments(graphdef: nnx.GraphDef, state: nnx.State, images_BxHxWxC, order=None):
+    """Per-example mean and variance (over every axis but batch and channel) of each
+    BatchNorm's input in inference mode: ``[{"mean": f32[B, C], "var": f32[B, C]}]`` in call
+    order; the BatchNorms' module paths are appended to `order` (a list) when given."""
+    model = nnx.merge(graphdef, state)
+    seen = []
+    for path in _batchnorm_paths(model):
+        parent = _module_at(model, path[:-1])
+        bn = getattr(parent, path[-1])
+        setattr(parent, path[-1], _Probe(bn, lambda x, p=path: seen.append((p, x))))
+    model(images_BxHxWxC, train=False)
+    if order is not None:
+        order.extend(p for p, _ in seen)
+    axes = lambda x: tuple(range(1, x.ndim - 1))
+    return [{"mean": x.mean(axes(x)), "var": x.var(axes(x))} for _, x in seen]
+
+
+def _module_at(model: nnx.Module, path: tuple) -> nnx.Module:
+    for key in path:
+        model = getattr(model, key)
+    return model
+
+
+def reestimate_batchnorm(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    make_batch,
+    num_examples: int,
+    batch_size: int,
+    mesh: jax.sharding.Mesh,
+) -> nnx.State:
+    """`state` with every BatchNorm's running mean and variance set to the exact population
+    statistics of its input over examples ``0..num_examples-1``, in inference mode.
+
+    The BatchNorms are re-estimated one at a time in call order, each after those before it
+    (its input depends on their statistics), so afterwards each one's input, with the model
+    in inference mode and every gate open, has exactly its running mean and (biased)
+    variance. Per example: the mean and variance over its positions (`batched.map_batches`,
+    padded rows dropped); the population variance is the mean of those variances plus the
+    variance of those means (every example has the same number of positions).
+
+    Args:
+      make_batch: ``indices int64[n] -> f32[n, H, W, C]`` normalised images of those rows.
+      batch_size: rows per pass; a multiple of the mesh size.
+
+    Returns:
+      The new state (the input is not changed); non-BatchNorm variables are kept.
+    """
+    order = []
+    example = jnp.asarray(make_batch(np.zeros(1, np.int64)))
+    jax.eval_shape(lambda s, x: _probed_moments(graphdef, s, x, order), state, example)
+    probe = jax.jit(lambda s, x: _probed_moments(graphdef, s, x))  # one compilation
+    for layer, path in enumerate(order):
+        state_dev = sharding.replicate(mesh, state)
+        run = lambda x, s=state_dev, i=layer: probe(s, x)[i]
+        moments = batched.map_batches(run, make_batch, num_examples, batch_size, mesh)
+        mean_BxC = moments["mean"].astype(np.float64)  # exact sums over the whole split
+        var_C = moments["var"].astype(np.float64).mean(0) + mean_BxC.var(0)
+        model = nnx.merge(graphdef, state, copy=True)  # never write into the caller's state
+        bn = _module_at(model, path)
+        bn.mean.set_value(jnp.asarray(mean_BxC.mean(0), bn.mean.get_value().dtype))
+        bn.var.set_value(jnp.asarray(var_C, bn.var.get_value().dtype))
+        state = nnx.state(model)
+    return state

@@ -1,262 +1,299 @@
-"""Evaluates GEN-CNP, its class pathways and the baselines on the test split (DESIGN §6-7).
+"""Evaluates GEN-CNP, its class pathways, the baselines and the controls (DESIGN §6-7).
 
 Writes `WORKDIR/eval/results.json` and `WORKDIR/eval/results.md` (launch.py ``--mode=evaluate``).
+Every method runs on one common subset of the test split (the first ``eval.num_examples``),
+at fixed densities ``eval.densities`` (the top ``round(d N)`` of all N channels by the method's
+scores, ties broken at random) and at its own density, under each of ``eval.ablations`` (the
+first is the headline).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from gencnp_jax.eval import accumulator as metric_accumulator
+from gencnp_jax.eval import baselines, controls
 from gencnp_jax.eval import methods as eval_methods
-from gencnp_jax.eval import perturbation
-from gencnp_jax.io import data, sharding
 from gencnp_jax.io import workdir as workdir_lib
-from gencnp_jax.io import writers as logging_utils
+from gencnp_jax.io import writers
+from gencnp_jax.models import classifiers
+from gencnp_jax.models import gates as gates_lib
 from gencnp_jax.stages import build_bank, context, explainer
-from gencnp_jax.viz import html as report
+from gencnp_jax.stages import evaluate_passes as passes
 
-OTHER_ABLATION = {"zero": "mean", "mean": "zero"}
+AT_DENSITY_KEYS = ("mDC", "mIC", "agreement", "leakage", "class_leakage", "density_mean")
+AT_DENSITY_KEYS += ("acIOU", "inter_class_iou")
+CLASS_TABLES = ("gencnp_transfer", "constant_gencnp_score", "constant_mct_score")
+CLASS_TABLES += ("class_constant_gencnp_score", "class_constant_mct_score")
 
 
 def settings_from_config(config) -> eval_methods.Settings:
-    """The plain settings of `config`; eval fields the config lacks keep their defaults."""
+    """The plain method settings of `config` (eval fields it lacks keep their defaults)."""
     e, g = config.eval, config.generator
-    names = {f.name for f in dataclasses.fields(eval_methods.Settings)}
+    names = {f.name for f in eval_methods.dataclasses.fields(eval_methods.Settings)}
     given = {k: e[k] for k in names if k in e}
     return eval_methods.Settings(daq_temperature=g.daq.temperature, daq_sigma=g.daq.sigma, **given)
 
 
-@dataclasses.dataclass
-class _Run:
-    """What every method's loop shares. `host` holds GEN-CNP's per-example outputs (the first
-    method fills it; the matched methods read it): full_logits, density, site_density."""
-
-    mesh: jax.sharding.Mesh
-    normalize: object
-    images_uint8: np.ndarray
-    batch_size: int
-    auc_examples: int
-    ablations: dict  # result-name suffix -> (placed fills, examples); "" = the config's ablation
-    params: dict
-    metric_fns: dict  # with_auc -> jitted metric pass
-    sanity_fn: object
-    random_cls_state: object
-    host: dict
-    num_classes: int
-    sanity: list = dataclasses.field(default_factory=list)
-
-    def shard(self, tree):
-        return jax.tree.map(lambda a: sharding.shard_batch(self.mesh, np.asarray(a)), tree)
+def _tables(bank, control: dict, classes_K: int) -> dict:
+    """``name -> f32[K, N]`` class-indexed score tables (a row per class: its mask's ranking)."""
+    out = {"gencnp_transfer": np.asarray(gates_lib.flatten(bank.freq))}
+    for source, (mean_N, mean_KxN) in control.items():
+        out[f"constant_{source}"] = np.tile(mean_N, (classes_K, 1))
+        out[f"class_constant_{source}"] = mean_KxN
+    return out
 
 
-def _batch(run: _Run, idx: np.ndarray, matched: bool) -> dict:
-    batch = {
-        "images": run.normalize(run.images_uint8[idx]),
-        "index": idx.astype(np.int32),
-        "wrong_offset": run.host["wrong_offset"][idx],
-    }
-    if matched:
-        batch["density"] = run.host["density"][idx]
-        batch["site_density"] = {s: v[idx] for s, v in run.host["site_density"].items()}
-    return run.shard(batch)
+def _masks(run, name, table_KxN, density) -> np.ndarray:
+    """Class masks ``f32[K, N]`` at `density`; the constant's rows are one mask (row 0's)."""
+    key = run.key("mask", name, density)
+    if name.startswith("constant_"):
+        row = np.asarray(controls.constant_mask(table_KxN[0], density, key))
+        return np.tile(row, (len(table_KxN), 1))
+    return np.asarray(controls.class_masks(table_KxN, density, key))
 
 
-def _record_gencnp(run: _Run, idx, valid, out, images) -> None:
-    """Keeps GEN-CNP's logits and densities per example, and its sanity-check IoU."""
-    gates, rows = out["gates"]["gencnp"], idx[:valid]
-    host = sharding.to_host({"logits": out["full_logits"], "gates": gates})
-    run.host["full_logits"][rows] = host["logits"][:valid]
-    for site, g in host["gates"].items():
-        run.host["site_density"][site][rows] = g[:valid].mean(-1)
-    flat = np.concatenate([host["gates"][s][:valid] for s in sorted(gates)], -1)
-    run.host["density"][rows] = flat.mean(-1)
-    iou_B = run.sanity_fn(run.params["gen"], run.random_cls_state, images, gates)
-    run.sanity.append(np.asarray(sharding.to_host(iou_B))[:valid])
+def _gates(run, ctx, name, density):
+    """``(gates_BxN, wrong)`` of method `name` at `density` (a float, or "own")."""
+    classes_B, wrong_B = ctx["classes"], ctx["wrong_classes"]
+    own = density == "own"
+    if name in CLASS_TABLES:
+        if own:
+            masks_KxN = np.asarray(gates_lib.flatten(ctx["bank"].masks))
+            if name != "gencnp_transfer":
+                masks_KxN = _masks(run, name, ctx["tables"][name], ctx["gencnp_density"])
+        else:
+            masks_KxN = _masks(run, name, ctx["tables"][name], density)
+        return masks_KxN[classes_B], (masks_KxN[wrong_B], wrong_B)
+    scores_BxN = ctx["scores"][name]
+    if name == "random":
+        sites = run.classifier.site_channels
+        if own:  # GEN-CNP's per-instance density at every site
+            scores = gates_lib.unflatten(jnp.asarray(scores_BxN), sites)
+            site_d = {s: jnp.asarray(v) for s, v in ctx["site_density"].items()}
+            gates = baselines.gates_at_site_density(scores, site_d, run.key("random_own"))
+            return np.asarray(gates_lib.flatten(gates)), None
+        wrong = passes.top_k(ctx["scores"]["random_wrong"], density, run.key("random_wrong"))
+        return passes.top_k(scores_BxN, density, run.key(name, density)), (wrong, wrong_B)
+    if own:
+        if name in ctx["own_gates"]:
+            return ctx["own_gates"][name], None
+        return passes.top_k(scores_BxN, ctx["density_B"], run.key(name, "own")), None
+    return passes.top_k(scores_BxN, density, run.key(name, density)), None
 
 
-def _run_method(run: _Run, method: eval_methods.Method, num_examples: int) -> dict:
-    """One method over its examples: ``{result name: metrics}`` per variant and ablation (the
-    gates are computed once; each ablation redoes only the gated passes)."""
-    n = min(num_examples, method.max_examples or num_examples)
-    accs = {
-        v + sfx: metric_accumulator.MetricAccumulator(run.num_classes)
-        for v in method.variants
-        for sfx in run.ablations
-    }
-    compiled, seconds = None, 0.0
-    bar = logging_utils.progress(n, desc=f"evaluate {method.name}")
-    for idx, valid in data.eval_batches(n, run.batch_size):
-        batch = _batch(run, idx, method.matched)
-        if compiled is None:  # compiled ahead of time: the timings below exclude compiling
-            compiled = jax.jit(method.pathway_fn).lower(run.params, batch).compile()
-        start = time.perf_counter()
-        out = jax.block_until_ready(compiled(run.params, batch))
-        seconds += time.perf_counter() - start
-        if method.name == "gencnp":
-            _record_gencnp(run, idx, valid, out, batch["images"])
-        classes_B = run.host["full_logits"][idx].argmax(-1).astype(np.int32)
-        wrong = (out["wrong_gates"], out["wrong_classes"]) if "wrong_gates" in out else None
-        for sfx, (fills, limit) in run.ablations.items():
-            if idx[0] >= limit:
-                continue
-            valid_B = ((np.arange(len(idx)) < valid) & (idx < limit)).astype(np.float32)
-            placed = run.shard((classes_B, valid_B, valid_B * (idx < run.auc_examples)))
-            metric_fn = run.metric_fns[bool(idx[0] < run.auc_examples)]
-            for variant, gates in out["gates"].items():
-                per, flat = metric_fn(
-                    run.params["cls"], fills, batch["images"], *placed, out["scores"], gates, wrong
+def _rank_scores(ctx, name) -> np.ndarray | None:
+    """The per-instance scores that rank `name`'s channels for the AUCs (None: controls)."""
+    if name in ctx["scores"]:
+        return ctx["scores"][name]
+    return ctx["tables"][name][ctx["classes"]] if name == "gencnp_transfer" else None
+
+
+def _pick_controls(at: dict, by: str) -> dict:
+    """Adds ``constant`` and ``class_constant``: per density the source with the lower mDC
+    under ablation `by` (`controls.better_source`), the same source under every ablation."""
+    sources = {}
+    for d in at[by]:
+        for kind in ("constant", "class_constant"):
+            mdc = {src: at[by][d][f"{kind}_{src}"]["mDC"] for src in ("gencnp_score", "mct_score")}
+            sources.setdefault(kind, {})[d] = controls.better_source(mdc)
+    for per_density in at.values():
+        for d, row in per_density.items():
+            for kind in ("constant", "class_constant"):
+                src = sources[kind][d]
+                row[kind] = {**row[f"{kind}_{src}"], f"{kind}_source": src}
+    return sources
+
+
+def _evaluate_all(run, ctx, names, ablations, densities, s) -> tuple[dict, dict]:
+    """``(at_density, own_density)``: every method's metrics at each density and ablation."""
+    sites = run.classifier.site_channels
+    metric_fns = {x: eval_methods.make_metric_fn(run.classifier.graphdef, sites, x) for x in (0, 1)}
+    auc_fn = eval_methods.make_auc_fn(run.classifier.graphdef, sites, s.auc_points)
+    at, own = {}, {}
+    for abl in ablations:
+        fills = ctx["fills"][abl]
+        at[abl] = {}
+        for d in densities:
+            at[abl][str(d)] = {}
+            for name in names:
+                gates_BxN, wrong = _gates(run, ctx, name, d)
+                m = passes.metric_pass(
+                    run,
+                    metric_fns[0],
+                    fills,
+                    ctx["images"],
+                    ctx["classes"],
+                    gates_BxN,
+                    wrong,
+                    ctx["full_logits"],  # sparse masks: the ungated program's logits will do
                 )
-                accs[variant + sfx].add(*sharding.to_host((per, flat)), classes_B, valid_B)
-        bar.update(valid)
-    bar.close()
-    limits = {v + sfx: lim for v in method.variants for sfx, (_, lim) in run.ablations.items()}
-    results = {}
-    for name, acc in accs.items():
-        used = min(n, limits[name])
-        results[name] = {
-            **acc.result(),
-            "num_examples": used,
-            "num_examples_auc": min(used, run.auc_examples),
-            "seconds_per_image": seconds / max(n, 1),
-        }
-    return results
+                at[abl][str(d)][name] = {k: m[k] for k in AT_DENSITY_KEYS if k in m}
+        own[abl] = {}
+        for name in names:
+            gates_BxN, wrong = _gates(run, ctx, name, "own")
+            own[abl][name] = passes.metric_pass(
+                run, metric_fns[1], fills, ctx["images"], ctx["classes"], gates_BxN, wrong
+            )
+            scores = _rank_scores(ctx, name)
+            if abl == ablations[0] and scores is not None and ctx["auc_n"] > 0:
+                n, key = ctx["auc_n"], run.key("auc", name)
+                args = (ctx["images"][:n], ctx["classes"][:n], scores[:n], key)
+                own[abl][name].update(passes.auc_pass(run, auc_fn, fills, *args))
+            own[abl][name]["num_examples_auc"] = ctx["auc_n"] if abl == ablations[0] else 0
+    return at, own
 
 
-def _cap(n: int, cap: int) -> int:
-    return min(n, cap) if cap else n
-
-
-def _setup(config, workdir: str, num_examples: int, test, s: eval_methods.Settings):
-    """`(run, gen_graphdef, classifier)`: everything loaded and placed on the mesh."""
-    classifier = context.load_classifier(config, workdir)
-    gen_graphdef, gen_state, _, means = explainer.load_generator(config, workdir, classifier)
-    class_bank = build_bank.load_bank(config, workdir, classifier)
-    mesh = context.make_mesh(config)
-    sharding.check_batch_size(mesh, config.eval.batch_size)
-    zeros = {site: np.zeros((c,), np.float32) for site, c in classifier.site_channels.items()}
-    fills = {"zero": zeros, "mean": {k: np.asarray(v, np.float32) for k, v in means.items()}}
-    main, other = config.generator.ablation, OTHER_ABLATION[config.generator.ablation]
-    params = sharding.replicate(
-        mesh,
-        {
-            "cls": classifier.state,
-            "gen": gen_state,
-            "bank": class_bank,
-            "fills": fills[main],
-            "key": jax.random.key(config.seed + 11),
-        },
-    )
-    k = classifier.num_classes
-    host = {
-        "full_logits": np.zeros((num_examples, k), np.float32),
-        "density": np.zeros((num_examples,), np.float32),
-        "site_density": {
-            site: np.zeros((num_examples,), np.float32) for site in classifier.site_channels
-        },
-        # the wrong class of a sample for transfer: (c + 1 + r) mod K, r fixed per sample
-        "wrong_offset": np.random.default_rng(config.seed)
-        .integers(0, max(k - 1, 1), num_examples)
-        .astype(np.int32),
+def _gains(row: dict) -> dict:
+    """``method -> mDC(class_constant) / mDC(method)`` at one density."""
+    return {
+        nm: controls.specificity_gain(row["class_constant"]["mDC"], m["mDC"])
+        for nm, m in row.items()
     }
-    run = _Run(
-        mesh=mesh,
-        normalize=lambda x: context.normalize(config, x),
-        images_uint8=test.images[:num_examples],
-        batch_size=config.eval.batch_size,
-        auc_examples=_cap(num_examples, s.auc_max_examples),
-        ablations={
-            "": (params["fills"], num_examples),
-            f"_{other}_ablation": (
-                sharding.replicate(mesh, fills[other]),
-                _cap(num_examples, s.ablation_max_examples),
-            ),
-        },
-        params=params,
-        metric_fns={
-            w: eval_methods.make_metric_fn(classifier.graphdef, s.auc_points, w)
-            for w in (False, True)
-        },
-        sanity_fn=eval_methods.make_sanity_fn(classifier.graphdef, gen_graphdef, s),
-        random_cls_state=sharding.replicate(
-            mesh, perturbation.randomize_weights(classifier.state, config.seed + 13)
-        ),
-        host=host,
-        num_classes=k,
-    )
-    return run, gen_graphdef, classifier
 
 
-def _none_for_nan(tree):
-    if isinstance(tree, dict):
-        return {k: _none_for_nan(v) for k, v in tree.items()}
-    if isinstance(tree, list | tuple):
-        return [_none_for_nan(v) for v in tree]
-    return None if isinstance(tree, float) and not math.isfinite(tree) else tree
+def _per_density(at: dict, fn) -> dict:
+    return {abl: {d: fn(row) for d, row in per.items()} for abl, per in at.items()}
 
 
 def results_table(results: dict) -> str:
-    """The Markdown table of `results` (`report.results_markdown`)."""
-    table = {k: results[k] for k in ("split", "num_examples", "sanity_iou", "methods")}
-    return report.results_markdown(table)
+    """Markdown: one table per density (headline ablation), then the own-density table."""
+    head = results["config"]["ablations"][0]
+    cols = ("mDC", "mIC", "agreement", "leakage", "class_leakage", "density_mean", "acIOU")
+    fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+    lines = [f"# Evaluation ({results['num_examples']} test images, {head} ablation)", ""]
+    blocks = [(f"density {d}", rows) for d, rows in results["at_density"][head].items()]
+    blocks.append(("own density", results["own_density"][head]))
+    for title, rows in blocks:
+        lines += [f"## {title}", "", "| method | " + " | ".join(cols) + " |"]
+        lines.append("|---" * (len(cols) + 1) + "|")
+        for name, m in rows.items():
+            lines.append(f"| {name} | " + " | ".join(fmt(m.get(c)) for c in cols) + " |")
+        lines.append("")
+    lines.append(f"sanity: {results['sanity']}")
+    return "\n".join(lines) + "\n"
 
 
 def evaluate(config, workdir: str) -> dict:
-    """Evaluates every method on the test split and writes ``WORKDIR/eval/results.{json,md}``.
-
-    Methods: ``gencnp``, ``gencnp_transfer`` (class pathways of the predicted class; a wrong
-    class ``(c + 1 + r) mod K`` for class_leakage / other_class_drop), ``cdrp`` (its own
-    threshold) and ``cdrp_matched``, ``neuron_mct``, ``neuron_intgrad``, ``random`` and
-    ``topk_activation`` (each instance at GEN-CNP's density; random at its per-site density).
-    Each also as ``<method>_<other>_ablation``: the same gates, closed gates filled with the
-    other ablation value (mean if the generator was trained with zero ablation, else zero).
-    The costly parts run on the first ``config.eval.*_max_examples`` examples (see
-    `eval_methods.Settings`); each entry records its ``num_examples`` and ``num_examples_auc``.
+    """Evaluates every method and control; writes ``WORKDIR/eval/results.{json,md}``.
 
     Returns:
-      The results dict written to results.json (NaN written as null).
+      The results dict written to results.json (NaN written as null); keys documented in
+      docs and in `results_table`.
     """
-    t0 = time.time()
+    t0, e, s = time.time(), config.eval, settings_from_config(config)
     test = context.load_data(config, "test")
-    num_examples = _cap(len(test.labels), config.eval.max_examples)
-    s = settings_from_config(config)
-    run, gen_graphdef, classifier = _setup(config, workdir, num_examples, test, s)
-    methods = {}
-    for method in eval_methods.make_methods(
-        classifier.graphdef, gen_graphdef, classifier.site_channels, s
-    ):
-        methods.update(_run_method(run, method, num_examples))
-    site_density = {
-        name: {k.split("/", 1)[1]: m.pop(k) for k in list(m) if k.startswith("density/")}
-        for name, m in methods.items()
+    n = min(len(test.labels), e.num_examples or len(test.labels))
+    classifier = context.load_classifier(config, workdir)
+    gen_graphdef, gen_state, _, means = explainer.load_generator(config, workdir, classifier)
+    bank = build_bank.load_bank(config, workdir, classifier)
+    mesh = context.make_mesh(config)
+    run = passes.Run(config, mesh, e.batch_size, classifier, config.seed)
+    zeros = {k: np.zeros((c,), np.float32) for k, c in classifier.site_channels.items()}
+    fills = {"zero": zeros, "mean": {k: np.asarray(v, np.float32) for k, v in means.items()}}
+    ablations, densities = tuple(e.ablations), tuple(float(d) for d in e.densities)
+    params = {"cls": classifier.state, "gen": gen_state, "fills": fills[ablations[0]]}
+    score_fns = eval_methods.make_score_fns(classifier.graphdef, gen_graphdef, s)
+    images = test.images[:n]
+    scores, own_gates, seconds = {}, {}, {}
+    for name, fn in score_fns.items():
+        out, seconds[name] = passes.score_pass(run, fn, params, images)
+        scores[name] = out["scores"]
+        if "gates" in out:
+            own_gates[name] = out["gates"]
+        if name == "gencnp":
+            full_logits = out["full_logits"]
+    k = classifier.num_classes
+    classes = full_logits.argmax(-1).astype(np.int32)
+    n_all = sum(classifier.site_channels.values())
+    key = run.key("random_scores")
+    scores["random"] = np.asarray(jax.random.uniform(key, (n, n_all)))
+    scores["random_wrong"] = np.asarray(jax.random.uniform(jax.random.fold_in(key, 1), (n, n_all)))
+    train = context.load_data(config, "train")
+    control = passes.control_tables(run, score_fns, params, train.images[: e.control_examples], k)
+    offset = np.random.default_rng(config.seed).integers(0, max(k - 1, 1), n)
+    gates = gates_lib.unflatten(jnp.asarray(own_gates["gencnp"]), classifier.site_channels)
+    ctx = {
+        "images": images,
+        "classes": classes,
+        "full_logits": full_logits,
+        "wrong_classes": ((classes + 1 + offset) % k).astype(np.int32),
+        "scores": scores,
+        "own_gates": own_gates,
+        "density_B": own_gates["gencnp"].mean(-1),
+        "gencnp_density": float(own_gates["gencnp"].mean()),
+        "site_density": {st: np.asarray(v) for st, v in gates_lib.site_density(gates).items()},
+        "bank": bank,
+        "tables": _tables(bank, control, k),
+        "fills": fills,
+        "auc_n": min(n, e.auc_examples) if e.auc_examples else n,
     }
-    results = _none_for_nan(
+    names = ("gencnp", "gencnp_transfer", *eval_methods.SCORED[1:], "random", *CLASS_TABLES[1:])
+    at, own = _evaluate_all(run, ctx, names, ablations, densities, s)
+    by = "mean" if "mean" in ablations else ablations[0]
+    sources = _pick_controls(at, by)
+    own_sources = {}
+    for kind in ("constant", "class_constant"):
+        mdc = {src: own[by][f"{kind}_{src}"]["mDC"] for src in ("gencnp_score", "mct_score")}
+        own_sources[kind] = src = controls.better_source(mdc)
+        for rows in own.values():
+            rows[kind] = {**rows[f"{kind}_{src}"], f"{kind}_source": src}
+    for name, sec in seconds.items():
+        for rows in own.values():
+            rows[name]["seconds_per_image"] = sec
+    # p_c of the full classifier on the all-zero (normalised-mean) image, c each test prediction
+    zero_image = jnp.zeros_like(context.normalize(config, images[:1]))
+    null_logits_1xK = classifiers.forward(classifier.graphdef, classifier.state, zero_image)[0]
+    null_conf = float(np.mean(np.asarray(jax.nn.softmax(null_logits_1xK[0]))[classes]))
+    scored = {**scores, "gencnp_gates": own_gates["gencnp"]}
+    sanity = passes.sanity(
+        run, s, gen_graphdef, gen_state, fills[ablations[0]], images, scored, densities
+    )
+    head, others = ablations[0], ablations[1:]
+    site_density = {  # per-site densities move out of the metric rows
+        nm: {k.split("/", 1)[1]: m.pop(k) for k in list(m) if k.startswith("density/")}
+        for rows in own.values()
+        for nm, m in rows.items()
+    }
+    methods = {name: {**own[head][name], "num_examples": n} for name in own[head]}
+    for other in others:
+        methods.update({f"{nm}_{other}_ablation": own[other][nm] for nm in own[other]})
+    results = passes.none_for_nan(
         {
             "split": "test",
-            "num_examples": num_examples,
+            "num_examples": n,
             "methods": methods,
             "site_density": site_density,
-            "sanity_iou": float(np.mean(np.concatenate(run.sanity))),
+            "at_density": at,
+            "own_density": own,
+            "specificity_gain": _per_density(at, _gains),
+            "random_reference": _per_density(
+                at, lambda row: {x: row["random"].get(x) for x in ("leakage", "class_leakage")}
+            ),
+            "constant_source": {**sources, "own": own_sources},
+            "null_confidence_full_model": null_conf,
+            "sanity": sanity,
+            "sanity_iou": sanity["gencnp_retrained_iou"],
             "config": {
-                "max_examples": config.eval.max_examples,
-                "batch_size": config.eval.batch_size,
-                **dataclasses.asdict(s),
-                "ablation": config.generator.ablation,
-                "other_ablation": OTHER_ABLATION[config.generator.ablation],
-                "bank": {
-                    k: config.bank[k] for k in ("samples_per_class", "threshold", "class_source")
-                },
+                "densities": list(densities),
+                "ablations": list(ablations),
+                "num_examples": n,
+                "control_examples": min(len(train.labels), e.control_examples),
+                "auc_examples": ctx["auc_n"],
+                "sanity_steps": e.sanity_steps,
+                "seed": config.seed,
+                "batch_size": e.batch_size,
+                "generator_ablation": config.generator.ablation,
+                **eval_methods.dataclasses.asdict(s),
             },
             "seconds": round(time.time() - t0, 2),
         }
     )
     out_dir = workdir_lib.eval_dir(workdir)
-    logging_utils.write_text(os.path.join(out_dir, "results.md"), results_table(results))
-    logging_utils.write_json(os.path.join(out_dir, "results.json"), results)
+    writers.write_text(os.path.join(out_dir, "results.md"), results_table(results))
+    writers.write_json(os.path.join(out_dir, "results.json"), results)
     return results

@@ -15,7 +15,7 @@ from flax import nnx
 
 from gencnp_jax.io import checkpointing, data
 from gencnp_jax.io import workdir as workdir_lib
-from gencnp_jax.method.explain import explain
+from gencnp_jax.method.explain import jit_explain
 from gencnp_jax.method.pathway import Pathway
 from gencnp_jax.models import generator
 from gencnp_jax.stages import context
@@ -62,12 +62,9 @@ class Explainer:
     def __init__(self, config, classifier, gen_graphdef, gen_state, fills):
         self.config, self.classifier = config, classifier
         self.gen_graphdef, self.gen_state, self.fills = gen_graphdef, gen_state, fills
-        g = config.generator
-        self._explain = jax.jit(
-            lambda gs, cs, x, f: explain(
-                gen_graphdef, gs, classifier.graphdef, cs, x, g.daq.temperature, g.daq.sigma, f
-            )
-        )
+        daq = config.generator.daq
+        self._temperature, self._sigma = jnp.float32(daq.temperature), jnp.float32(daq.sigma)
+        self._explain = jit_explain(gen_graphdef, classifier.graphdef)
 
     @classmethod
     def from_workdir(cls, config, workdir: str) -> Explainer:
@@ -93,4 +90,5 @@ class Explainer:
         d = self.config.data
         hwc, _ = data.dataset_info(d.dataset, os.path.expanduser(d.data_dir))
         data.validate_images(images, hwc)
-        return self._explain(self.gen_state, self.classifier.state, images, self.fills)
+        state = (self.gen_state, self.classifier.state)
+        return self._explain(*state, images, self._temperature, self._sigma, self.fills)

@@ -13,9 +13,10 @@ import time
 
 import jax
 
+from gencnp_jax.io import checkpointing, data
 from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.io import writers as logging_utils
-from gencnp_jax.stages import build_bank, modes
+from gencnp_jax.stages import build_bank, context, modes, validation
 
 _CLUSTER_ENV = (
     "SLURM_NTASKS",
@@ -85,30 +86,23 @@ def run_all(config, workdir: str) -> dict:
     return timings
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    from gencnp_jax.io import checkpointing, data
-    from gencnp_jax.stages import context, validation
-
-    errors = [
-        UserError,
-        validation.ConfigError,
-        context.StageOrderError,
-        checkpointing.CheckpointError,
-        data.DatasetError,
-        FloatingPointError,
-        build_bank.BankMismatchError,
-    ]
-    return tuple(errors)
+# Failures the user can fix: `run` prints their message on one line and exits with status 1.
+USER_ERRORS = (
+    UserError,
+    validation.ConfigError,
+    context.StageOrderError,
+    checkpointing.CheckpointError,
+    data.DatasetError,
+    FloatingPointError,
+    build_bank.BankMismatchError,
+)
 
 
 def run(mode: str, config, workdir: str):
     """Runs one mode; user-fixable errors exit with one message (status 1)."""
     logging.getLogger("absl").setLevel(logging.WARNING)
-    user_errors = _user_errors()
     try:
         workdir = check_workdir(workdir)
-        from gencnp_jax.stages import validation
-
         validation.check_config(config)
         if jax.process_index() == 0:
             logging_utils.write_text(
@@ -119,7 +113,7 @@ def run(mode: str, config, workdir: str):
         if mode == modes.ALL:
             return run_all(config, workdir)
         return modes.stage_fn(mode)(config, workdir)
-    except user_errors as err:
+    except USER_ERRORS as err:
         _close_progress_bars()  # else the message lands at the end of a half-drawn bar
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -15,10 +14,14 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gencnp_jax.io import checkpointing, data, sharding
+from gencnp_jax.eval import perturbation
+from gencnp_jax.io import batched, checkpointing, sharding
 from gencnp_jax.io import writers as logging_utils
+from gencnp_jax.method import explain
 from gencnp_jax.models import classifiers
-from gencnp_jax.stages import context
+from gencnp_jax.stages import context, train_loop
+
+check_finite = train_loop.check_finite  # kept here too: callers know it as the trainers' guard
 
 
 def make_optimizer(lr: float, weight_decay: float, warmup: int, total: int, clip: float):
@@ -48,14 +51,16 @@ def channel_dropout_gates(key, site_channels, batch: int, rate: jax.Array, varia
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, site_channels):
-    """`step(state, images, labels, key, dropout, variable) -> (state, metrics)`, compiled once.
+    """`step(state, batch, key, dropout, variable) -> (state, metrics)`, compiled once.
 
-    `dropout` is the channel-dropout rate at every gate site (0 = none): it trains the
-    classifier to tolerate closed channels, the redundancy sparse pathways need.
+    `batch` is ``{"images": f32[B, H, W, C], "labels": i32[B]}``; `state` a
+    `train_loop.TrainState` (donated). `dropout` is the channel-dropout rate at every gate
+    site (0 = none) and `variable` selects its mode (see `channel_dropout_gates`).
     """
 
-    def step(state, images_BxHxWxC, labels_B, key, dropout, variable):
-        model = nnx.merge(graphdef, state["params"], state["rest"])
+    def step(state: train_loop.TrainState, batch, key, dropout, variable):
+        images_BxHxWxC, labels_B = batch["images"], batch["labels"]
+        model = nnx.merge(graphdef, state.params, state.rest)
         gates = channel_dropout_gates(
             key, site_channels, images_BxHxWxC.shape[0], dropout, variable
         )
@@ -67,170 +72,197 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, si
 
         (loss, accuracy), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         params = nnx.state(model, nnx.Param)
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        updates, opt_state = tx.update(grads, state.opt_state, params)
         _, _, rest = nnx.split(model, nnx.Param, ...)
-        new_state = {
-            "params": optax.apply_updates(params, updates),
-            "rest": rest,
-            "opt_state": opt_state,
-        }
+        new_state = train_loop.TrainState(optax.apply_updates(params, updates), rest, opt_state)
         return new_state, {"train/loss": loss, "train/accuracy": accuracy}
 
     return jax.jit(step, donate_argnums=0)
 
 
-def make_predict(graphdef: nnx.GraphDef):
-    """`predict(state, images, gates=None) -> logits`, jit-compiled (gates optional)."""
-    return jax.jit(
-        lambda state, images, gates=None: classifiers.forward(graphdef, state, images, gates)[0]
+def init_state(config, model: nnx.Module, total: int):
+    """`(graphdef, tx, TrainState)` of `model` with the config's optimizer over `total` steps."""
+    c = config.classifier
+    tx = make_optimizer(c.learning_rate, c.weight_decay, c.warmup_steps, total, c.grad_clip)
+    graphdef, state = train_loop.TrainState.create(model, tx)
+    return graphdef, tx, state
+
+
+def bound_step(config, graphdef: nnx.GraphDef, tx, site_channels) -> train_loop.BoundStep:
+    """The train step with the config's dropout and a `(seed, step)` dropout key bound."""
+    c = config.classifier
+    dropout = jnp.float32(c.channel_dropout)
+    variable = jnp.float32(c.dropout_mode == "variable")
+    root_key = jax.random.key(config.seed)
+    return train_loop.BoundStep(
+        make_train_step(graphdef, tx, dict(site_channels)),
+        lambda step: (jax.random.fold_in(root_key, step), dropout, variable),
     )
 
 
-def predict_split(predict, state, images_uint8, config, mesh, batch_size, gates_fn=None):
-    """Logits for a whole split in padded fixed-size batches (one compilation)."""
-    out = []
-    for idx, valid in data.eval_batches(len(images_uint8), batch_size):
-        images = sharding.shard_batch(mesh, context.normalize(config, images_uint8[idx]))
-        gates = None if gates_fn is None else gates_fn(idx)
-        out.append(np.asarray(sharding.to_host(predict(state, images, gates)))[:valid])
-    return np.concatenate(out)
+def make_predict(graphdef: nnx.GraphDef):
+    """`predict(state, images, gates=None, fills=None) -> logits`, jit-compiled."""
+    return jax.jit(
+        lambda state, images, gates=None, fills=None: classifiers.forward(
+            graphdef, state, images, gates, fills
+        )[0]
+    )
 
 
-def random_drop_agreement(predict, state, split, config, mesh, site_channels, full_pred, frac=0.1):
-    """Agreement with the full model when `frac` of all channels are closed at random."""
-    bs = config.classifier.eval_batch_size
+def predict_split(
+    predict, state, images_uint8, config, mesh, batch_size, gates_fn=None, fills=None
+):
+    """Logits for a whole split in padded fixed-size batches (one compilation).
+
+    `gates_fn(indices) -> host gates` of those rows (None: every gate open).
+    """
+    make_batch = lambda idx: {
+        "images": context.normalize(config, images_uint8[idx]),
+        "gates": None if gates_fn is None else gates_fn(idx),
+    }
+    run = lambda batch: predict(state, batch["images"], batch["gates"], fills)
+    return batched.map_batches(run, make_batch, len(images_uint8), batch_size, mesh)
+
+
+def random_drop_agreements(
+    predict, state, split, config, mesh, site_channels, full_pred, means=None, frac=0.1
+) -> dict[str, float]:
+    """Agreement with the full model when `frac` of all channels are closed at random.
+
+    Returns:
+      ``{"zero": agreement}`` with closed channels at 0, and ``"mean"`` with the same channels
+      closed to their training-set mean `means` (mean ablation) when `means` is given.
+    """
     rng = np.random.default_rng(config.seed)
     masks = {
         s: (rng.random((len(split.labels), c)) >= frac).astype(np.float32)
         for s, c in site_channels.items()
     }
-    gates_fn = lambda idx: {s: sharding.shard_batch(mesh, m[idx]) for s, m in masks.items()}
-    logits = predict_split(predict, state, split.images, config, mesh, bs, gates_fn)
-    return float(np.mean(logits.argmax(-1) == full_pred))
+    gates_fn = lambda idx: {s: m[idx] for s, m in masks.items()}
+    bs = config.classifier.eval_batch_size
+    out = {}
+    for name, fills in (("zero", None), ("mean", means)):
+        if name == "mean" and means is None:
+            continue
+        fills = None if fills is None else sharding.replicate(mesh, fills)
+        logits = predict_split(predict, state, split.images, config, mesh, bs, gates_fn, fills)
+        out[name] = float(np.mean(logits.argmax(-1) == full_pred))
+    return out
 
 
 def train_classifier(config, workdir: str) -> dict:
-    """Trains (or resumes) the classifier and writes `classifier/metrics.json`."""
+    """Trains (or resumes) the classifier and writes `classifier/metrics.json`.
+
+    With `classifier.reestimate_bn`, the BatchNorm statistics of the final classifier are
+    re-estimated on the training split with every gate open (`context.reestimate_batchnorm`):
+    the running averages of training are those of dropout-gated, still-moving weights.
+    """
     c = config.classifier
     out_dir = context.classifier_dir(workdir)
     train, test = context.load_data(config, "train"), context.load_data(config, "test")
     mesh = context.make_mesh(config)
     sharding.check_batch_size(mesh, c.batch_size)
     sharding.check_batch_size(mesh, c.eval_batch_size)  # fail now, not after training
-    model, template = context.classifier_template(config)
-    graphdef = nnx.graphdef(model)
+    model, _ = context.classifier_template(config)
     steps_per_epoch = len(train.labels) // c.batch_size
     total = max(1, math.ceil(c.epochs * steps_per_epoch))
-    tx = make_optimizer(c.learning_rate, c.weight_decay, c.warmup_steps, total, c.grad_clip)
-    state = {**template, "opt_state": tx.init(template["params"])}
-    ckpt = checkpointing.Checkpointer(os.path.join(out_dir, "checkpoints"))
-    restored = ckpt.restore(state)
-    start = 0 if restored is None else restored[0]
-    if restored is not None:
-        state = restored[1]
-    state = sharding.replicate(mesh, state)
-    step_fn = make_train_step(graphdef, tx, dict(model.site_channels))
-    dropout = jnp.float32(c.channel_dropout)
-    variable = jnp.float32(c.dropout_mode == "variable")
-    root_key = jax.random.key(config.seed)
-    writer = logging_utils.MetricWriter(out_dir)
-    bar = logging_utils.progress(total, start, "train_classifier")
-    t0, pending = time.time(), None
-    for step in range(start, total):
-        idx = data.batch_indices(len(train.labels), c.batch_size, config.seed, step)
-        images, labels = sharding.shard_batch(
-            mesh, context.normalize(config, train.images[idx]), train.labels[idx]
-        )
-        key = jax.random.fold_in(root_key, step)
-        state, metrics = step_fn(state, images, labels, key, dropout, variable)
-        if pending is not None:  # the previous step's metrics: no host stall on this one
-            _log(writer, bar, *pending)
-        pending = (step + 1, metrics) if (step + 1) % c.log_every == 0 else None
-        bar.update(1)
-        if (step + 1) % c.checkpoint_every == 0 and step + 1 < total:
-            check_finite(step + 1, metrics)  # never checkpoint a diverged state
-            ckpt.save(step + 1, state)
-    if pending is not None:
-        _log(writer, bar, *pending)
-    elif start < total:
-        check_finite(total, metrics)
-    bar.close()
-    ckpt.save(total, state)
-    ckpt.close()
-    train_seconds = time.time() - t0
-    final = {"params": state["params"], "rest": state["rest"]}
-    final_ckpt = checkpointing.Checkpointer(os.path.join(out_dir, "final"), max_to_keep=1)
-    final_ckpt.save(total, final)
-    final_ckpt.close()
-    return _evaluate(
-        config,
-        workdir,
-        graphdef,
-        final,
-        model,
-        train,
-        test,
+    graphdef, tx, state = init_state(config, model, total)
+    norm = lambda x: context.normalize(config, x)
+    batch_at = train_loop.batches_at(
         mesh,
+        lambda idx: {"images": norm(train.images[idx]), "labels": train.labels[idx]},
+        len(train.labels),
+        c.batch_size,
+        config.seed,
+    )
+    writer = logging_utils.MetricWriter(out_dir)
+    result = train_loop.run(
+        bound_step(config, graphdef, tx, model.site_channels),
+        state,
+        batch_at,
         total,
-        train_seconds,
-        start,
-        writer,
+        mesh,
+        log_every=c.log_every,
+        checkpoint_every=c.checkpoint_every,
+        desc="train_classifier",
+        ckpt_dir=os.path.join(out_dir, "checkpoints"),
+        writer=writer,
     )
-
-
-def check_finite(step: int, metrics: dict) -> dict[str, float]:
-    """The metrics as floats; FloatingPointError naming the non-finite loss terms and `step`.
-
-    Loss terms (`loss/kd`, `train/loss`...) are named first, the most specific first: when
-    one term alone diverges, `loss/total` and the term are the only non-finite losses.
-    """
-    values = {k: float(v) for k, v in metrics.items()}
-    bad = [k for k, v in values.items() if not math.isfinite(v)]
-    if not bad:
-        return values
-    losses = sorted((k for k in bad if "loss" in k), key=lambda k: (k.endswith("total"), k))
-    others = [k for k in bad if k not in losses]
-    what = ", ".join(losses) if losses else ", ".join(others[:3])
-    also = f" (and {len(others)} other non-finite metrics)" if losses and others else ""
-    raise FloatingPointError(
-        f"non-finite {what} at step {step}{also}: training stopped before saving this state; "
-        f"lower this stage's learning_rate in the config and rerun (it resumes from the last "
-        f"checkpoint)"
+    full_model = nnx.merge(graphdef, result.state.params, result.state.rest)
+    full_graphdef, full_state = nnx.split(full_model)
+    if c.get("reestimate_bn", False):
+        full_state = context.reestimate_batchnorm(
+            full_graphdef, full_state, lambda idx: norm(train.images[idx]), len(train.labels),
+            c.eval_batch_size, mesh,
+        )  # fmt: skip
+    _, params, rest = nnx.split(nnx.merge(full_graphdef, full_state), nnx.Param, ...)
+    final_ckpt = checkpointing.Checkpointer(os.path.join(out_dir, "final"), max_to_keep=1)
+    final_ckpt.save(total, {"params": params, "rest": rest})
+    final_ckpt.close()
+    classifier = context.Classifier(
+        full_graphdef, full_state, dict(model.site_channels), context.num_classes(config)
     )
-
-
-def _log(writer, bar, step, metrics):
-    values = check_finite(step, metrics)
-    writer.write(step, values)
-    shown = {
-        k.split("/")[-1]: f"{v:.3f}" for k, v in values.items() if k.startswith(("loss/", "train/"))
-    }
-    bar.set_postfix(shown)
-
-
-def _evaluate(
-    config, workdir, graphdef, final, model, train, test, mesh, total, secs, start, writer
-):
-    full_model = nnx.merge(graphdef, final["params"], final["rest"])
-    gd, full_state = nnx.split(full_model)
-    predict = make_predict(gd)
-    bs = config.classifier.eval_batch_size
-    logits = predict_split(predict, full_state, test.images, config, mesh, bs)
-    pred = logits.argmax(-1)
-    metrics = {
-        "test_accuracy": float(np.mean(pred == test.labels)),
-        "num_params": classifiers.num_params(full_state),
-        "random_drop10_agreement": random_drop_agreement(
-            predict, full_state, test, config, mesh, model.site_channels, pred
-        ),
-        "train_steps": total,
-        "train_seconds": secs,
-        "train_steps_per_second": (total - start) / max(secs, 1e-9),
-        "resumed_from_step": start,
-        "num_devices": mesh.size,
-        "site_channels": dict(model.site_channels),
-    }
+    metrics = _evaluate(config, classifier, {"train": train, "test": test}, mesh)
+    metrics.update(
+        train_steps=total,
+        train_seconds=result.seconds,
+        train_steps_per_second=(total - result.start) / max(result.seconds, 1e-9),
+        resumed_from_step=result.start,
+        num_devices=mesh.size,
+        site_channels=dict(model.site_channels),
+    )
     writer.write(total, {"test/accuracy": metrics["test_accuracy"]})
     writer.close()
-    logging_utils.write_json(os.path.join(context.classifier_dir(workdir), "metrics.json"), metrics)
+    logging_utils.write_json(os.path.join(out_dir, "metrics.json"), metrics)
     return metrics
+
+
+def _evaluate(config, classifier: context.Classifier, splits: dict, mesh) -> dict:
+    """Test accuracy, size and random-drop agreements (zero and mean ablation) of `classifier`.
+
+    Args:
+      splits: ``{"train": ArraySplit, "test": ArraySplit}``; the train split gives the
+        channel means of mean ablation.
+    """
+    predict = make_predict(classifier.graphdef)
+    test, bs = splits["test"], config.classifier.eval_batch_size
+    logits = predict_split(predict, classifier.state, test.images, config, mesh, bs)
+    pred = logits.argmax(-1)
+    means = explain.channel_means(
+        classifier.graphdef,
+        classifier.state,
+        splits["train"].images,
+        lambda x: context.normalize(config, x),
+    )
+    drops = random_drop_agreements(
+        predict, classifier.state, test, config, mesh, classifier.site_channels, pred, means
+    )
+    return {
+        "test_accuracy": float(np.mean(pred == test.labels)),
+        "num_params": classifiers.num_params(classifier.state),
+        "random_drop10_agreement": drops["zero"],
+        "random_drop10_agreement_mean_ablation": drops["mean"],
+    }
+
+
+def randomized_classifier(
+    config, classifier: context.Classifier, train_split, mesh, seed: int
+) -> context.Classifier:
+    """`classifier` with every weight re-drawn and its BatchNorm statistics re-estimated.
+
+    The model-randomisation sanity check's classifier: `perturbation.randomize_weights`
+    re-draws the Params; the trained BatchNorm statistics would then normalise activations
+    they were never measured on, so they are re-estimated on `train_split` (all gates open).
+    """
+    state = perturbation.randomize_weights(classifier.state, seed)
+    state = context.reestimate_batchnorm(
+        classifier.graphdef,
+        state,
+        lambda idx: context.normalize(config, train_split.images[idx]),
+        len(train_split.labels),
+        config.classifier.eval_batch_size,
+        mesh,
+    )
+    return context.Classifier(
+        classifier.graphdef, state, classifier.site_channels, classifier.num_classes
+    )

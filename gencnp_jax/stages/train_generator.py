@@ -1,29 +1,26 @@
 """Trains the GEN-CNP generator against the frozen classifier (DESIGN §4).
 
-One jit-compiled sharded step; the classifier state is a non-donated argument that
-no gradient reaches. Writes `WORKDIR/generator/{checkpoints,final,metrics.json,...}`.
+One jit-compiled sharded step; the classifier state is a non-donated argument that no gradient
+reaches. Writes `WORKDIR/generator/{checkpoints,final,metrics.json,...}`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import time
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
 from gencnp_jax.eval import metrics
-from gencnp_jax.io import checkpointing, data, sharding
+from gencnp_jax.io import batched, checkpointing, sharding
 from gencnp_jax.io import writers as logging_utils
 from gencnp_jax.method import explain, losses
 from gencnp_jax.models import classifiers, daq
 from gencnp_jax.models import gates as gates_lib
-from gencnp_jax.stages import context, explainer, train_classifier
+from gencnp_jax.stages import context, explainer, train_classifier, train_loop
 
 
 @flax.struct.dataclass
@@ -40,37 +37,52 @@ class StepHParams:
 
 
 def hparams_from_config(g) -> tuple[StepHParams, losses.LossWeights]:
-    f = lambda v: jnp.asarray(v, jnp.float32)
-    hp = StepHParams(
-        f(g.daq.temperature),
-        f(g.daq.sigma),
-        f(g.loss.tau),
-        f(g.loss.hinge_margin),
-        f(g.loss.leak_margin),
-        f(g.loss.sparsity_ramp_steps),
-        f(g.loss.bank_decay),
-    )
-    weights = losses.LossWeights.create(
-        kd=g.loss.w_kd,
-        hinge=g.loss.w_hinge,
-        sparsity=g.loss.w_sparsity,
-        pdn=g.loss.w_pdn,
-        pull=g.loss.w_pull,
-        leak=g.loss.w_leak,
-    )
-    return hp, weights
+    """The step's numbers and loss weights from the `config.generator` section `g`."""
+    d, loss = g.daq, g.loss
+    values = (d.temperature, d.sigma, loss.tau, loss.hinge_margin, loss.leak_margin)
+    values += (loss.sparsity_ramp_steps, loss.bank_decay)
+    hp = StepHParams(*(jnp.asarray(v, jnp.float32) for v in values))
+    names = ("kd", "hinge", "sparsity", "pdn", "pull", "leak")
+    return hp, losses.LossWeights.create(**{n: loss[f"w_{n}"] for n in names})
 
 
-def _loss_terms(
-    model, cls_graphdef, cls_state, fills, images, full_logits, pred, partner, has_partner, bank, hp
-):
-    """Every loss term of §4 for one batch; one gated pass covers x and its partners x'."""
-    features = classifiers.forward(cls_graphdef, cls_state, images)[1]
+@flax.struct.dataclass
+class ScoreBank:
+    """The running per-class mean gate scores of the pull loss (EMA over training batches).
+
+    Attributes:
+      scores: f32[K, N] mean flat score vector per class (N = channels of every site).
+      counts: f32[K] examples seen per class.
+    """
+
+    scores: jax.Array
+    counts: jax.Array
+
+
+@flax.struct.dataclass
+class GeneratorState:
+    """The generator's train state: its `train_loop.TrainState` and the class-score bank."""
+
+    gen: train_loop.TrainState
+    bank: ScoreBank
+
+
+def _loss_terms(model, classify, batch: dict, bank: ScoreBank, hp: StepHParams):
+    """Every loss term of §4 for one batch; one gated pass covers x and its partners x'.
+
+    `classify(images, gates=None) -> (logits, features)` is the frozen classifier (closed
+    gates take the run's ablation fills); `batch` holds the ``images`` and what the full
+    classifier says of them: ``full_logits``, ``pred``, the different-class ``partner`` and
+    ``has_partner``.
+    """
+    images, full_logits, pred = batch["images"], batch["full_logits"], batch["pred"]
+    partner = batch["partner"]
+    features = classify(images)[1]
     scores, q_logits_BxK = model(features)
     gates = daq.binarize_tree(scores, hp.temperature, hp.sigma)
     both_images = jnp.concatenate([images, images[partner]])  # x, then x' gated with P(x)
     both_gates = jax.tree.map(lambda g: jnp.concatenate([g, g]), gates)
-    both_logits, _ = classifiers.forward(cls_graphdef, cls_state, both_images, both_gates, fills)
+    both_logits, _ = classify(both_images, both_gates)
     pathway_logits, partner_logits = jnp.split(both_logits, 2)
     scores_flat = gates_lib.flatten(scores)
     terms = {
@@ -78,39 +90,35 @@ def _loss_terms(
         "hinge": losses.top1_hinge(full_logits, pathway_logits, hp.hinge_margin),
         "sparsity": losses.sparsity(scores),
         "pdn": losses.pdn_kl(full_logits, q_logits_BxK),
-        "pull": losses.class_pull(scores_flat, bank["scores"], pred, bank["counts"]),
+        "pull": losses.class_pull(scores_flat, bank.scores, pred, bank.counts),
         "leak": losses.leakage_hinge(
-            full_logits[partner], partner_logits, pred, has_partner, hp.leak_margin
+            full_logits[partner], partner_logits, pred, batch["has_partner"], hp.leak_margin
         ),
     }
     return terms, gates, pathway_logits, scores_flat
 
 
 def make_train_step(gen_graphdef: nnx.GraphDef, cls_graphdef: nnx.GraphDef, tx):
-    """`step(gen, bank, cls_state, fills, images, step, weights, hp) -> (gen, bank, metrics)`."""
+    """`step(state, images, step, cls_state, fills, weights, hp) -> (state, metrics)`.
 
-    def step(gen, bank, cls_state, fills, images, step_idx, weights, hp):
+    `state` is a `GeneratorState` (donated); the classifier state is not donated and no
+    gradient reaches it.
+    """
+
+    def step(state: GeneratorState, images, step_idx, cls_state, fills, weights, hp):
         full_logits = classifiers.forward(cls_graphdef, cls_state, images)[0]
         pred = jnp.argmax(full_logits, -1)
-        partner, has_partner = losses.partner_indices(pred)
+        batch = {"images": images, "full_logits": full_logits, "pred": pred}
+        batch["partner"], batch["has_partner"] = losses.partner_indices(pred)
         w = weights.replace(
             sparsity=losses.sparsity_ramp(step_idx, hp.ramp_steps, weights.sparsity)
         )
-        model = nnx.merge(gen_graphdef, gen["params"], gen["rest"])
+        model = nnx.merge(gen_graphdef, state.gen.params, state.gen.rest)
+        classify = lambda x, g=None: classifiers.forward(cls_graphdef, cls_state, x, g, fills)
 
         def loss_fn(model):
             terms, gates, pathway_logits, scores_flat = _loss_terms(
-                model,
-                cls_graphdef,
-                cls_state,
-                fills,
-                images,
-                full_logits,
-                pred,
-                partner,
-                has_partner,
-                bank,
-                hp,
+                model, classify, batch, state.bank, hp
             )
             loss, aux = losses.total_loss(terms, w)
             return loss, (aux, gates, pathway_logits, scores_flat)
@@ -119,14 +127,12 @@ def make_train_step(gen_graphdef: nnx.GraphDef, cls_graphdef: nnx.GraphDef, tx):
             loss_fn, has_aux=True
         )(model)
         params = nnx.state(model, nnx.Param)
-        updates, opt_state = tx.update(grads, gen["opt_state"], params)
-        new_gen = {
-            "params": optax.apply_updates(params, updates),
-            "rest": gen["rest"],
-            "opt_state": opt_state,
-        }
+        updates, opt_state = tx.update(grads, state.gen.opt_state, params)
+        new_gen = train_loop.TrainState(
+            optax.apply_updates(params, updates), state.gen.rest, opt_state
+        )
         new_scores, new_counts = losses.bank_ema_update(
-            bank["scores"], bank["counts"], scores_flat, pred, hp.bank_decay
+            state.bank.scores, state.bank.counts, scores_flat, pred, hp.bank_decay
         )
         density_B = gates_lib.density(gates)
         out = {
@@ -136,25 +142,75 @@ def make_train_step(gen_graphdef: nnx.GraphDef, cls_graphdef: nnx.GraphDef, tx):
             "train/agreement": metrics.agreement(full_logits, pathway_logits),
             **{f"gates/{s}/density": jnp.mean(d) for s, d in gates_lib.site_density(gates).items()},
         }
-        return new_gen, {"scores": new_scores, "counts": new_counts}, out
+        return GeneratorState(new_gen, ScoreBank(new_scores, new_counts)), out
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    return jax.jit(step, donate_argnums=0)
 
 
-def _init(config, classifier):
+def init_state(config, classifier: context.Classifier, model=None, steps: int | None = None):
+    """`(gen_graphdef, tx, GeneratorState)`: a fresh generator (or `model`), fresh Adam
+    state for a run of `steps` (default `config.generator.steps`), an empty score bank."""
     g = config.generator
-    model = explainer.new_generator(config, classifier.site_channels, classifier.num_classes)
-    gen_graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = train_classifier.make_optimizer(
-        g.opt.learning_rate, 0.0, g.opt.warmup_steps, g.steps, g.opt.grad_clip
+    if model is None:
+        model = explainer.new_generator(config, classifier.site_channels, classifier.num_classes)
+    o, total = g.opt, g.steps if steps is None else steps
+    tx = train_classifier.make_optimizer(o.learning_rate, 0.0, o.warmup_steps, total, o.grad_clip)
+    gen_graphdef, gen = train_loop.TrainState.create(model, tx)
+    n, k = sum(classifier.site_channels.values()), classifier.num_classes
+    bank = ScoreBank(jnp.zeros((k, n), jnp.float32), jnp.zeros((k,), jnp.float32))
+    return gen_graphdef, tx, GeneratorState(gen, bank)
+
+
+_init = init_state  # the name older callers (tests/test_bad_input.py) use
+
+
+def bound_step(config, gen_graphdef, classifier: context.Classifier, tx, fills, mesh):
+    """The train step with the classifier, fills and loss settings bound (replicated)."""
+    cls_state, fills, hp, weights = sharding.replicate(
+        mesh, (classifier.state, fills, *hparams_from_config(config.generator))
     )
-    n = sum(classifier.site_channels.values())
-    gen = {"params": params, "rest": rest, "opt_state": tx.init(params)}
-    bank = {
-        "scores": jnp.zeros((classifier.num_classes, n), jnp.float32),
-        "counts": jnp.zeros((classifier.num_classes,), jnp.float32),
-    }
-    return gen_graphdef, tx, gen, bank
+    return train_loop.BoundStep(
+        make_train_step(gen_graphdef, classifier.graphdef, tx),
+        lambda step: (jnp.int32(step), cls_state, fills, weights, hp),
+    )
+
+
+def _fit(config, classifier, train_split, mesh, steps, seed, fills, out_dir=None, writer=None):
+    """Trains a fresh generator for `steps` steps on batches of `(seed, step)`; with
+    `out_dir`, resumes from and checkpoints to its `checkpoints` folder."""
+    g = config.generator
+    gen_graphdef, tx, state = init_state(config, classifier, steps=steps)
+    images_at = lambda idx: context.normalize(config, train_split.images[idx])
+    batch_at = train_loop.batches_at(mesh, images_at, len(train_split.labels), g.batch_size, seed)
+    result = train_loop.run(
+        bound_step(config, gen_graphdef, classifier, tx, fills, mesh),
+        state,
+        batch_at,
+        steps,
+        mesh,
+        log_every=g.log_every,
+        checkpoint_every=g.checkpoint_every,
+        desc="train_generator",
+        ckpt_dir=None if out_dir is None else os.path.join(out_dir, "checkpoints"),
+        writer=writer,
+    )
+    return gen_graphdef, result
+
+
+def fit_generator(config, classifier: context.Classifier, train_split, mesh, steps: int, seed: int):
+    """Trains a fresh generator in memory on any classifier: `(gen_graphdef, gen_state)`.
+
+    The objective, model and optimizer settings of `train_generator` (the config's ablation
+    too), on `steps` batches drawn with `seed`; no checkpoint, log or file is written.
+    """
+    fills = _means(config, classifier, train_split) if config.generator.ablation == "mean" else None
+    gen_graphdef, result = _fit(config, classifier, train_split, mesh, steps, seed, fills)
+    return gen_graphdef, result.state.gen.model_state()
+
+
+def _means(config, classifier: context.Classifier, split) -> dict:
+    norm = lambda x: context.normalize(config, x)
+    return explain.channel_means(classifier.graphdef, classifier.state, split.images, norm)
 
 
 def train_generator(config, workdir: str) -> dict:
@@ -166,64 +222,34 @@ def train_generator(config, workdir: str) -> dict:
     mesh = context.make_mesh(config)
     sharding.check_batch_size(mesh, g.batch_size)
     sharding.check_batch_size(mesh, g.eval_batch_size)  # fail now, not after training
-    norm = lambda x: context.normalize(config, x)
-    means = explain.channel_means(classifier.graphdef, classifier.state, train.images, norm)
+    means = _means(config, classifier, train)
     fills = means if g.ablation == "mean" else None
-    gen_graphdef, tx, gen, bank = _init(config, classifier)
-    ckpt = checkpointing.Checkpointer(os.path.join(out_dir, "checkpoints"))
-    restored = ckpt.restore({"gen": gen, "bank": bank})
-    start = 0 if restored is None else restored[0]
-    if restored is not None:
-        gen, bank = restored[1]["gen"], restored[1]["bank"]
-    gen, bank, cls_state, fills_dev = sharding.replicate(mesh, (gen, bank, classifier.state, fills))
-    hp, weights = sharding.replicate(mesh, hparams_from_config(g))
-    classifier = dataclasses.replace(classifier, state=cls_state)
-    step_fn = make_train_step(gen_graphdef, classifier.graphdef, tx)
     writer = logging_utils.MetricWriter(out_dir)
-    bar = logging_utils.progress(g.steps, start, "train_generator")
-    t0, pending = time.time(), None
-    for step in range(start, g.steps):
-        idx = data.batch_indices(len(train.labels), g.batch_size, config.seed + 1, step)
-        images = sharding.shard_batch(mesh, norm(train.images[idx]))
-        gen, bank, out = step_fn(
-            gen, bank, cls_state, fills_dev, images, jnp.int32(step), weights, hp
-        )
-        if pending is not None:
-            train_classifier._log(writer, bar, *pending)
-        pending = (step + 1, out) if (step + 1) % g.log_every == 0 else None
-        bar.update(1)
-        if (step + 1) % g.checkpoint_every == 0 and step + 1 < g.steps:
-            train_classifier.check_finite(step + 1, out)  # never checkpoint a diverged state
-            ckpt.save(step + 1, {"gen": gen, "bank": bank})
-    if pending is not None:
-        train_classifier._log(writer, bar, *pending)
-    elif start < g.steps:
-        train_classifier.check_finite(g.steps, out)
-    bar.close()
-    seconds = time.time() - t0
-    ckpt.save(g.steps, {"gen": gen, "bank": bank})
-    ckpt.close()
-    gen_state = nnx.merge_state(gen["params"], gen["rest"])
+    gen_graphdef, result = _fit(
+        config, classifier, train, mesh, g.steps, config.seed + 1, fills, out_dir, writer
+    )
+    gen_state = result.state.gen.model_state()
     final = checkpointing.Checkpointer(os.path.join(out_dir, "final"), max_to_keep=1)
     final.save(g.steps, {"generator": gen_state, "means": means})
     final.close()
-    result = evaluate_split(config, classifier, gen_graphdef, gen_state, fills_dev, test, mesh)
-    result.update(
-        train_seconds=seconds,
+    out = evaluate_split(config, classifier, gen_graphdef, gen_state, fills, test, mesh)
+    out.update(
+        train_seconds=result.seconds,
         train_steps=g.steps,
-        resumed_from_step=start,
-        train_steps_per_second=(g.steps - start) / max(seconds, 1e-9),
+        resumed_from_step=result.start,
+        train_steps_per_second=(g.steps - result.start) / max(result.seconds, 1e-9),
     )
-    writer.write(g.steps, {f"test/{k}": v for k, v in result.items()})
+    writer.write(g.steps, {f"test/{k}": v for k, v in out.items()})
     writer.close()
-    logging_utils.write_json(os.path.join(out_dir, "metrics.json"), result)
-    return result
+    logging_utils.write_json(os.path.join(out_dir, "metrics.json"), out)
+    return out
 
 
-def pathway_outputs(gen_graphdef, cls_graphdef, temperature, sigma):
-    """A jitted fn: per-instance outputs of GEN-CNP on a batch, for the metrics."""
+def pathway_outputs(gen_graphdef, cls_graphdef):
+    """A jitted fn of `(gen_state, cls_state, images, temperature, sigma, fills)`: the
+    per-instance outputs of GEN-CNP on a batch that the metrics need."""
 
-    def fn(gen_state, cls_state, fills, images):
+    def fn(gen_state, cls_state, images, temperature, sigma, fills):
         p = explain.explain(
             gen_graphdef, gen_state, cls_graphdef, cls_state, images, temperature, sigma, fills
         )
@@ -247,14 +273,17 @@ def pathway_outputs(gen_graphdef, cls_graphdef, temperature, sigma):
 def evaluate_split(config, classifier, gen_graphdef, gen_state, fills, split, mesh) -> dict:
     """agreement, density, mDC, mIC and leakage of GEN-CNP pathways on a split."""
     g = config.generator
-    fn = pathway_outputs(gen_graphdef, classifier.graphdef, g.daq.temperature, g.daq.sigma)
-    cols = {}
-    for idx, valid in data.eval_batches(len(split.labels), g.eval_batch_size):
-        images = sharding.shard_batch(mesh, context.normalize(config, split.images[idx]))
-        out = sharding.to_host(fn(gen_state, classifier.state, fills, images))
-        for k, v in out.items():
-            cols.setdefault(k, []).append(np.asarray(v)[:valid])
-    c = {k: jnp.asarray(np.concatenate(v)) for k, v in cols.items()}
+    fn = pathway_outputs(gen_graphdef, classifier.graphdef)
+    gen_state, cls_state, fills = sharding.replicate(mesh, (gen_state, classifier.state, fills))
+    temperature, sigma = jnp.float32(g.daq.temperature), jnp.float32(g.daq.sigma)
+    cols = batched.map_batches(
+        lambda images: fn(gen_state, cls_state, images, temperature, sigma, fills),
+        lambda idx: context.normalize(config, split.images[idx]),
+        len(split.labels),
+        g.eval_batch_size,
+        mesh,
+    )
+    c = {k: jnp.asarray(v) for k, v in cols.items()}
     density_B = jnp.mean(c["gates_flat"], axis=-1)
     pairs = c["has_partner"]
     return {

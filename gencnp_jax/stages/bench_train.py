@@ -1,0 +1,174 @@
+"""Timing helpers of `--mode=bench`, and its train-step and multi-device measurements.
+
+The train steps timed are the trainers' own (`train_classifier.bound_step`,
+`train_generator.bound_step`) on their own train states, started from the trained weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from flax import nnx
+
+from gencnp_jax.io import sharding
+from gencnp_jax.method import explain
+from gencnp_jax.stages import context, train_classifier, train_generator, train_loop
+
+
+def measure(call: Callable[[], object], repeats: int, jitted=None, warmup: int = 2) -> dict:
+    """Times `call()` (blocking on its outputs): median of `repeats` runs after `warmup` runs.
+
+    The first run includes compilation and is reported apart as `first_call_seconds`. Two
+    warm-up runs by default: a train step's second call feeds the first call's outputs back
+    in, which would recompile if their shardings differed from the inputs'. `compilations` is
+    the cache size of `jitted` afterwards (1 = compiled once).
+    """
+    t0 = time.perf_counter()
+    jax.block_until_ready(call())
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        jax.block_until_ready(call())
+    seconds = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(call())
+        seconds.append(time.perf_counter() - t0)
+    out = {
+        "median_seconds": statistics.median(seconds),
+        "first_call_seconds": first,
+        "seconds": seconds,
+    }
+    cache_size = getattr(jitted, "_cache_size", None)
+    if cache_size is not None:
+        out["compilations"] = int(cache_size())
+    return out
+
+
+def per_image(timing: dict, batch: int) -> dict:
+    return {
+        **timing,
+        "images_per_second": batch / timing["median_seconds"],
+        "seconds_per_image": timing["median_seconds"] / batch,
+    }
+
+
+def per_step(timing: dict) -> dict:
+    return {**timing, "steps_per_second": 1.0 / timing["median_seconds"]}
+
+
+@dataclasses.dataclass
+class Models:
+    """What every measurement reads: trained classifier, trained generator, a real batch."""
+
+    classifier: context.Classifier
+    gen_graphdef: nnx.GraphDef
+    gen_state: nnx.State
+    fills: dict | None
+    images: np.ndarray  # f32[B, H, W, C], normalised
+    labels: np.ndarray  # i32[B]
+
+
+@dataclasses.dataclass
+class TrainStates:
+    """Both trainers' `(graphdef, tx, host train state)`, from the trained weights."""
+
+    classifier: tuple
+    generator: tuple
+
+
+class _Repeat:
+    """Calls a donating bound train step on one batch, feeding its new state back in."""
+
+    def __init__(self, bound: train_loop.BoundStep, state, batch):
+        self.bound, self.state, self.batch, self.count = bound, state, batch, 0
+
+    def __call__(self):
+        self.state, metrics = self.bound(self.state, self.batch, self.count)
+        self.count += 1
+        return self.state, metrics
+
+
+def _host_copy(tree):
+    """An owning numpy copy: each mesh gets fresh buffers that its donating step may consume."""
+    return jax.tree.map(lambda x: np.array(x, copy=True), tree)
+
+
+def train_states(models: Models, config) -> TrainStates:
+    """The trainers' own train states (fresh optimizer state) around the trained weights."""
+    cls_model = nnx.merge(models.classifier.graphdef, models.classifier.state)
+    cls_gd, cls_tx, cls_state = train_classifier.init_state(config, cls_model, 10_000)
+    gen_model = nnx.merge(models.gen_graphdef, models.gen_state)
+    steps = max(config.generator.steps, 2)
+    gen_gd, gen_tx, gen_state = train_generator.init_state(
+        config, models.classifier, gen_model, steps
+    )
+    return TrainStates(
+        (cls_gd, cls_tx, _host_copy(cls_state)), (gen_gd, gen_tx, _host_copy(gen_state))
+    )
+
+
+def train(models: Models, config, mesh, repeats: int, states: TrainStates) -> dict:
+    """Train steps/s of the classifier and of the generator step on `mesh`."""
+    (cls_gd, cls_tx, cls_host), (gen_gd, gen_tx, gen_host) = states.classifier, states.generator
+    images, labels = sharding.shard_batch(mesh, models.images, models.labels)
+    site_channels = models.classifier.site_channels
+    cls_bound = train_classifier.bound_step(config, cls_gd, cls_tx, site_channels)
+    cls_state = sharding.replicate(mesh, _host_copy(cls_host))
+    cls_loop = _Repeat(cls_bound, cls_state, {"images": images, "labels": labels})
+    gen_bound = train_generator.bound_step(
+        config, gen_gd, models.classifier, gen_tx, models.fills, mesh
+    )
+    gen_loop = _Repeat(gen_bound, sharding.replicate(mesh, _host_copy(gen_host)), images)
+    return {
+        "classifier": per_step(measure(cls_loop, repeats, cls_bound.jitted)),
+        "generator": per_step(measure(gen_loop, repeats, gen_bound.jitted)),
+    }
+
+
+def gencnp_on(models: Models, config, mesh, repeats: int) -> dict:
+    """GEN-CNP images/s on `mesh` (`explain.jit_explain`)."""
+    g = config.generator
+    fn = explain.jit_explain(models.gen_graphdef, models.classifier.graphdef)
+    gen_state, cls_state, fills = sharding.replicate(
+        mesh, (models.gen_state, models.classifier.state, models.fills)
+    )
+    images = sharding.shard_batch(mesh, models.images)
+    temp, sigma = g.daq.temperature, g.daq.sigma
+    call = lambda: fn(gen_state, cls_state, images, temp, sigma, fills)
+    return per_image(measure(call, repeats, fn), models.images.shape[0])
+
+
+def scaling(models, config, main_mesh, main_train, main_gencnp, repeats, states, notes) -> dict:
+    """Steps/s of both train steps and GEN-CNP images/s on meshes over the first n devices."""
+    out = {}
+    available, batch = jax.device_count(), models.images.shape[0]
+    for n in config.bench.device_counts:
+        n = int(n)
+        reason = None
+        if n > available:
+            reason = f"only {available} device(s) visible"
+        elif batch % n:
+            reason = f"batch size {batch} does not split over {n} devices"
+        elif jax.process_count() > 1 and n != available:
+            reason = "multi-host run: only the mesh over all devices is measured"
+        if reason:
+            out[str(n)] = {"skipped": reason}
+            notes.append(f"device count {n} skipped: {reason}")
+            continue
+        if n == main_mesh.size:
+            steps, gencnp = main_train, main_gencnp
+        else:
+            mesh = sharding.make_mesh(n)
+            steps = train(models, config, mesh, repeats, states)
+            gencnp = gencnp_on(models, config, mesh, repeats)
+        out[str(n)] = {
+            "classifier_steps_per_second": steps["classifier"]["steps_per_second"],
+            "generator_steps_per_second": steps["generator"]["steps_per_second"],
+            "gencnp_images_per_second": gencnp["images_per_second"],
+        }
+    return out
