@@ -58,9 +58,15 @@ def test_run_all_resumes_after_the_last_complete_stage(tmp_path, capsys, monkeyp
         def run(config, wd):
             assert wd == workdir and config == "config"
             calls.append(mode)
-            path = os.path.join(wd, workdir_lib.DONE_FILES[mode])
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            open(path, "w").close()
+            for rel in workdir_lib.OUTPUTS[mode]:  # outputs that parse: a complete stage
+                path = os.path.join(wd, rel)
+                os.makedirs(
+                    os.path.join(path, "1") if rel.endswith("/") else os.path.dirname(path),
+                    exist_ok=True,
+                )
+                if not rel.endswith("/"):
+                    with open(path, "w") as f:
+                        f.write("<html></html>" if rel.endswith(".html") else "{}")
 
         return run
 

@@ -6,9 +6,11 @@ fall back past damaged steps with a warning, and say what to delete if none is g
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
+import shutil
 import sys
 import traceback
 
@@ -115,6 +117,44 @@ def _quiet_failed_reads() -> None:
     logging.getLogger("asyncio").addFilter(_ReadEchoFilter())
 
 
+def is_no_space(err: BaseException) -> bool:
+    """Whether `err` (an OSError, or orbax / TensorStore's ValueError) means a full disk."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    return "No space left on device" in text or "os_error_code='28'" in text
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _du(path: str) -> int:
+    return sum(
+        os.path.getsize(os.path.join(root, name))
+        for root, _, names in os.walk(path)
+        for name in names
+    )
+
+
+class _NoSpaceFilter(logging.Filter):
+    """Drops orbax's tracebacks of a save that failed on a full disk: `save` says it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not ("raised an exception" in text and is_no_space(ValueError(text)))
+
+
+_no_space_quiet = False
+
+
+def _quiet_no_space() -> None:
+    global _no_space_quiet
+    if not _no_space_quiet:
+        _no_space_quiet = True
+        logging.getLogger("absl").addFilter(_NoSpaceFilter())
+
+
 class Checkpointer:
     """A thin wrapper over `ocp.CheckpointManager` with damaged-step fallback."""
 
@@ -149,8 +189,33 @@ class Checkpointer:
             self._damaged.discard(step)
         meta = {**(meta or {}), CHECKSUM_KEY: tree_checksum(state)}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        self._manager.save(step, args=args, force=True)
-        self._manager.wait_until_finished()
+        _quiet_no_space()
+        try:
+            self._manager.save(step, args=args, force=True)
+            self._manager.wait_until_finished()
+        except Exception as err:
+            if not is_no_space(err):
+                raise
+            raise CheckpointError(self._no_space_message(step)) from None
+
+    def _no_space_message(self, step: int) -> str:
+        """Removes the half-written `step` (its space back) and says what is free and kept."""
+        for name in os.listdir(self.directory):
+            if name.startswith(f"{step}.orbax-checkpoint-tmp"):
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        kept = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
+        free = shutil.disk_usage(self.directory).free
+        need = _du(os.path.join(self.directory, str(kept[-1]))) if kept else 0
+        keeps = (
+            f"the checkpoint of step {kept[-1]} is kept and a rerun resumes from it"
+            if kept
+            else "no earlier checkpoint exists"
+        )
+        return (
+            f"no space left on device: checkpoint step {step} could not be saved in "
+            f"{self.directory} ({_size(free)} free there; a checkpoint takes about "
+            f"{_size(need)}); {keeps}: free some space or use another --workdir"
+        )
 
     def restore(self, template, step: int | None = None):
         """Restores `(step, state, meta)` shaped like `template`; None if there is no checkpoint.

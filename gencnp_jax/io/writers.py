@@ -5,6 +5,7 @@ Only process 0 writes; other processes get a writer that drops everything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -55,15 +56,30 @@ def progress(total: int, initial: int = 0, desc: str = ""):
     )
 
 
+@contextlib.contextmanager
+def atomic_file(path: str, mode: str = "w", **kwargs):
+    """Opens a temporary file beside `path`; renamed onto `path` only when the block ends
+    without error (else removed): readers see the old file or the whole new one, never half."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
 def write_json(path: str, payload: dict) -> None:
     """Atomically writes a JSON file (process 0 only), so a crash never leaves half a file."""
     if jax.process_index() != 0:
         return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_file(path) as f:
         json.dump(payload, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def read_json(path: str) -> dict | None:
@@ -77,7 +93,5 @@ def write_text(path: str, text: str) -> None:
     """Atomically writes a text file (process 0 only)."""
     if jax.process_index() != 0:
         return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w") as f:
+    with atomic_file(path) as f:
         f.write(text)
-    os.replace(path + ".tmp", path)

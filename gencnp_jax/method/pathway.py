@@ -97,8 +97,14 @@ class Pathway:
         for field in ("gates", "scores"):
             flat.update({f"{field}/{site}": v for site, v in arrays[field].items()})
         flat["sites"] = np.asarray(list(self.gates), dtype=str)
-        with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to a name
-            np.savez(f, **flat)
+        tmp = f"{os.fspath(path)}.tmp{os.getpid()}"  # renamed into place once whole
+        try:
+            with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+                np.savez(f, **flat)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Pathway:

@@ -1,19 +1,24 @@
 """Stage dispatch for launch.py: one function per mode, `all` skips finished stages.
 
-User-facing failures (bad config, missing data, stages out of order) end with one
-clear message and exit status 1 instead of a traceback from deep inside JAX.
+User-facing failures (bad config, missing data, stages out of order, a workdir locked by a
+live run, a full disk) end with one clear message and exit status 1 instead of a traceback
+from deep inside JAX. Training stages stop cleanly on SIGTERM / SIGINT (`io/preemption.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import sys
 import time
 
 import jax
+import numpy as np
 
-from gencnp_jax.io import checkpointing, data
+from gencnp_jax.io import checkpointing, data, preemption
+from gencnp_jax.io import lock as lock_lib
 from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.io import writers as logging_utils
 from gencnp_jax.stages import build_bank, context, modes, validation
@@ -68,22 +73,75 @@ def check_workdir(workdir: str) -> str:
 
 
 def run_all(config, workdir: str) -> dict:
-    """Runs every stage in order, skipping those already complete; returns timings."""
-    timings = {}
+    """Runs every stage in order, skipping those already complete; returns timings.
+
+    A stage whose outputs exist but one of them is cut short or does not parse runs again,
+    after a warning naming the file; once a stage has run, every later stage runs again too
+    (their outputs were made from what it replaced).
+    """
+    timings, ran = {}, False
     for mode in modes.PIPELINE:
-        if workdir_lib.is_done(mode, workdir):
+        done, problem = workdir_lib.check_done(mode, workdir)
+        if done and ran:
+            print(f"[{mode}] an earlier stage ran again: running {mode} again", flush=True)
+        elif done:
             print(f"[{mode}] already complete in {workdir}: skipped", flush=True)
             timings[mode] = "skipped"
             continue
+        if problem is not None:
+            print(f"warning: [{mode}] {problem}: running {mode} again", file=sys.stderr, flush=True)
         print(f"[{mode}] starting", flush=True)
-        t0 = time.time()
-        modes.stage_fn(mode)(config, workdir)
+        t0, ran = time.time(), True
+        run_stage(mode, config, workdir, modes.ALL)
         timings[mode] = round(time.time() - t0, 1)
         print(f"[{mode}] done in {timings[mode]} s", flush=True)
     report = workdir_lib.done_file("report", workdir)
     print("\nSummary:", ", ".join(f"{k}: {v}" for k, v in timings.items()))
     print(f"Report: {report}", flush=True)
     return timings
+
+
+TRAINING = ("train_classifier", "train_generator")
+
+
+def run_stage(mode: str, config, workdir: str, launched_mode: str | None = None):
+    """Runs one stage; a training stage under a SIGTERM / SIGINT guard (`io/preemption.py`)."""
+    if mode not in TRAINING:
+        return modes.stage_fn(mode)(config, workdir)
+    command = preemption.rerun_command(
+        f"python launch.py --config=<this run's config> --workdir={workdir} "
+        f"--mode={launched_mode or mode}"
+    )
+    with preemption.StopGuard(config.get("preemption_grace_s", 30.0), command):
+        return modes.stage_fn(mode)(config, workdir)
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str, mode: str):
+    """Holds the workdir's lock (process 0 takes it; every process learns whether it got it).
+
+    Raises:
+      UserError: a live process holds it (the message names its pid, host and start).
+    """
+    lock = lock_lib.WorkdirLock(workdir, f"--mode={mode}")
+    busy = None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except lock_lib.WorkdirBusy as err:
+            busy = str(err)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        got = multihost_utils.broadcast_one_to_all(np.int32(busy is None))
+        if not int(got) and busy is None:
+            busy = f"workdir {workdir} is in use by another run (see process 0's message)"
+    if busy is not None:
+        raise UserError(busy)
+    try:
+        yield lock
+    finally:
+        lock.release()
 
 
 # Failures the user can fix: `run` prints their message on one line and exits with status 1.
@@ -99,24 +157,42 @@ USER_ERRORS = (
 
 
 def run(mode: str, config, workdir: str):
-    """Runs one mode; user-fixable errors exit with one message (status 1)."""
+    """Runs one mode; user-fixable errors exit with one message (status 1), a SIGTERM / SIGINT
+    of a training stage with one message saying how to resume (status 128 + signal)."""
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         workdir = check_workdir(workdir)
         validation.check_config(config)
-        if jax.process_index() == 0:
-            logging_utils.write_text(
-                os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2)
-            )
         if mode not in modes.NAMES:
             raise UserError(f"unknown mode {mode!r}: choose one of {modes.NAMES}")
-        if mode == modes.ALL:
-            return run_all(config, workdir)
-        return modes.stage_fn(mode)(config, workdir)
+        with workdir_lock(workdir, mode):
+            if jax.process_index() == 0:
+                logging_utils.write_text(
+                    os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2)
+                )
+            if mode == modes.ALL:
+                return run_all(config, workdir)
+            return run_stage(mode, config, workdir)
     except USER_ERRORS as err:
-        _close_progress_bars()  # else the message lands at the end of a half-drawn bar
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+        _fail(f"error: {err}", 1)
+    except preemption.Preempted as err:
+        _fail(f"error: {err}", err.exit_code)
+    except OSError as err:
+        if not checkpointing.is_no_space(err):
+            raise
+        where = err.filename or workdir
+        free = shutil.disk_usage(workdir).free / 2**20
+        _fail(
+            f"error: no space left on device writing {where} ({free:.1f} MiB free there): "
+            f"free some space or use another --workdir, then rerun",
+            1,
+        )
+
+
+def _fail(message: str, code: int):
+    _close_progress_bars()  # else the message lands at the end of a half-drawn bar
+    print(message, file=sys.stderr, flush=True)
+    raise SystemExit(code) from None
 
 
 def _close_progress_bars() -> None:

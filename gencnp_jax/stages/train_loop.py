@@ -3,11 +3,13 @@
 `run` steps a jitted, donating train step over deterministic `(seed, step)` batches: it logs
 each step's metrics one step late (reading them would otherwise stall the host on the step
 just launched), checkpoints periodically, stops on non-finite losses before saving them, and
-resumes from the newest checkpoint.
+resumes from the newest checkpoint. Under a pipeline's SIGTERM / SIGINT guard
+(`io/preemption.py`) it stops after the current step, saves that step and raises `Preempted`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -20,7 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gencnp_jax.io import checkpointing, data, sharding
+from gencnp_jax.io import checkpointing, data, preemption, sharding
 from gencnp_jax.io import writers as logging_utils
 
 
@@ -130,26 +132,51 @@ def run(
     if restored is not None:
         state = restored[1]
     state = sharding.replicate(mesh, state)
+    # A pipeline training stage's SIGTERM / SIGINT guard: stop after a step, save it, exit.
+    guard = preemption.active() if ckpt else None
+    if guard is not None:
+        guard.where, guard.resume_step = ckpt.directory, None if restored is None else start
+    polling = guard.polling() if guard is not None else contextlib.nullcontext()
     bar = logging_utils.progress(total, start, desc)
     t0, pending, metrics = time.time(), None, None
-    for step in range(start, total):
-        state, metrics = bound(state, batch_at(step), step)
-        if pending is not None:  # the previous step's metrics: no host stall on this one
+    with polling:
+        for step in range(start, total):
+            state, metrics = bound(state, batch_at(step), step)
+            if pending is not None:  # the previous step's metrics: no host stall on this one
+                log_metrics(writer, bar, *pending)
+            pending = (step + 1, metrics) if (step + 1) % log_every == 0 else None
+            bar.update(1)
+            if guard is not None and step + 1 < total and guard.should_stop(step + 1, log_every):
+                _stop(guard, ckpt, bar, step + 1, state, metrics, pending, writer)
+            if ckpt and (step + 1) % checkpoint_every == 0 and step + 1 < total:
+                check_finite(step + 1, metrics)  # never checkpoint a diverged state
+                _save(guard, ckpt, step + 1, state)
+        if pending is not None:
             log_metrics(writer, bar, *pending)
-        pending = (step + 1, metrics) if (step + 1) % log_every == 0 else None
-        bar.update(1)
-        if ckpt and (step + 1) % checkpoint_every == 0 and step + 1 < total:
-            check_finite(step + 1, metrics)  # never checkpoint a diverged state
-            ckpt.save(step + 1, state)
+        elif start < total:
+            check_finite(total, metrics)
+        bar.close()
+        if ckpt:
+            _save(guard, ckpt, total, state)
+            ckpt.close()
+    return LoopResult(state, start, time.time() - t0)
+
+
+def _save(guard, ckpt, step: int, state) -> None:
+    ckpt.save(step, state)
+    if guard is not None:
+        guard.resume_step = step
+
+
+def _stop(guard, ckpt, bar, step: int, state, metrics, pending, writer) -> None:
+    """Ends a preempted run: logs and checks `step`'s metrics, saves its state, raises."""
     if pending is not None:
         log_metrics(writer, bar, *pending)
-    elif start < total:
-        check_finite(total, metrics)
+    check_finite(step, metrics)  # never checkpoint a diverged state
+    _save(guard, ckpt, step, state)
+    ckpt.close()
     bar.close()
-    if ckpt:
-        ckpt.save(total, state)
-        ckpt.close()
-    return LoopResult(state, start, time.time() - t0)
+    raise guard.preempted(step, saved_now=True)
 
 
 def check_finite(step: int, metrics: dict) -> dict[str, float]:

@@ -117,7 +117,8 @@ def _local_image(path: str, report_dir: str) -> str | None:
     dest, n = os.path.join(report_dir, "figures", stem + ext), 1
     while os.path.exists(dest) and not filecmp.cmp(path, dest, shallow=False):
         dest, n = os.path.join(report_dir, "figures", f"{stem}_{n}{ext}"), n + 1  # name clash
-    shutil.copyfile(path, dest)
+    shutil.copyfile(path, dest + ".tmp")  # renamed into place once whole
+    os.replace(dest + ".tmp", dest)
     return os.path.relpath(dest, report_dir)
 
 
@@ -208,6 +209,12 @@ def write_report(
         f"<nav>{nav}</nav>{body}</body></html>\n"
     )
     path = os.path.join(report_dir, "index.html")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(page)
+    tmp = f"{path}.tmp{os.getpid()}"  # renamed into place once whole: never half a page
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(page)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path

@@ -244,6 +244,12 @@ def plot_gallery_row(
 def save(fig: Figure, path: str, dpi: int = DPI) -> str:
     """Writes `fig` as PNG (creating parent folders) and releases its contents; returns `path`."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=dpi, format="png", facecolor="white")
+    tmp = f"{path}.tmp{os.getpid()}"  # renamed into place once whole: never half a PNG
+    try:
+        fig.savefig(tmp, dpi=dpi, format="png", facecolor="white")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     fig.clear()  # no pyplot registry to close from; clearing frees the artists now
     return path
