@@ -17,6 +17,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.num_devices = 0  # 0 = every visible device (all hosts); data parallel mesh
     c.cpu_devices = 2  # XLA host devices when running on CPU (one per core is fastest here)
+    # SIGTERM / SIGINT of a training stage: finish the step, checkpoint it, exit within this
+    # many seconds (else exit at once; a rerun resumes from the last checkpoint).
+    c.preemption_grace_s = 30.0
 
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "fashion_mnist"  # our offline TFDS builder; others use stock TFDS builders
@@ -55,16 +58,20 @@ def get_config() -> ml_collections.ConfigDict:
     c.generator.checkpoint_every = 250
     c.generator.log_every = 25
     c.generator.eval_batch_size = 500
+    c.generator.stats_examples = 5000  # training images for the channel-evidence statistics
     # Generator(site_channels, num_classes, **c.generator.model, rngs=...)
     c.generator.model = ml_collections.ConfigDict()
     c.generator.model.hidden = 128
     c.generator.model.cell = "gru"  # "gru" | "lstm" | "mlp" (our choice: GRU)
     c.generator.model.pooling = ("avg", "max")
     c.generator.model.init_open = 0.7  # initial score: gates start mostly open
+    c.generator.model.channel_evidence = False  # gate logit also sees its own channel (ours)
+    c.generator.model.input_norm = False  # LayerNorm on the embedders' pooled inputs
+    c.generator.model.head_kernel_scale = 0.1  # variance scale of the score heads' kernels
     c.generator.daq = ml_collections.ConfigDict()  # distance-aware quantization of the scores
     c.generator.daq.temperature = 2.0
     c.generator.daq.sigma = 2.0
-    c.generator.loss = ml_collections.ConfigDict()  # DESIGN §4 terms and their weights
+    c.generator.loss = ml_collections.ConfigDict()  # docs/METHOD.md §4 terms and their weights
     c.generator.loss.tau = 2.0  # distillation temperature
     c.generator.loss.w_kd = 1.0
     c.generator.loss.w_hinge = 5.0
@@ -76,6 +83,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.generator.loss.bank_decay = 0.9
     c.generator.loss.w_leak = 1.0
     c.generator.loss.leak_margin = 1.0
+    c.generator.loss.leak_form = "log_ratio"  # "log_ratio" | "rank" (x's class near the top on x')
+    c.generator.loss.hinge_cap = False  # cap the top-1 margin at the full model's own margin
+    c.generator.loss.sparsity_on = "scores"  # "scores" | "daq_soft" (DAQ's soft value)
+    c.generator.loss.w_budget = 0.0  # per-instance distillation budget term
+    c.generator.loss.kd_budget = 0.05
+    c.generator.loss.w_contrast = 0.0  # supervised contrastive term on the scores
+    c.generator.loss.contrast_temperature = 0.1
+    c.generator.loss.contrast_start = 300  # steps of warm-up before it counts
     c.generator.opt = ml_collections.ConfigDict()  # Adam, warmup + cosine, global-norm clipping
     c.generator.opt.learning_rate = 3e-3
     c.generator.opt.warmup_steps = 50

@@ -1,4 +1,5 @@
-"""Baseline pathway finders (DESIGN §6) as their authors wrote them, and the top-k binarisation.
+"""Baseline pathway finders (docs/METHOD.md §6) as their authors wrote them, and top-k
+binarisation.
 
 NeuronMCT and NeuronIntGrad follow CAMP-eXplain-AI/PathwayGrad (``src/Pruner.py``), CDRP
 follows frankwang345/cdrp-detect (``get_critical_path``). Each finder returns ``(scores,

@@ -1,4 +1,4 @@
-"""The evaluated methods' score passes (DESIGN §6) and the shared metric passes (§7).
+"""The evaluated methods' score passes (docs/METHOD.md §6) and the shared metric passes (§7).
 
 Every method is reduced to flat per-instance scores ``f32[B, N]`` (N = all channels, sites in
 sorted order) that rank its channels, plus its own gates; `evaluate` binarises the scores at

@@ -1,4 +1,4 @@
-"""Pathway evaluation metrics (DESIGN §7) as pure jnp functions of logits and gates.
+"""Pathway evaluation metrics (docs/METHOD.md §7) as pure jnp functions of logits and gates.
 
 One home per formula: each metric is written once as a per-instance function (``*_B``:
 values, or ``(values, weights)`` when only some rows count), and its batch mean is

@@ -1,5 +1,5 @@
-"""Metrics that perturb the classifier: neuron deletion / insertion curves (DESIGN §7) and the
-weight randomisation of the sanity check (Adebayo et al. 2018, in pathway space).
+"""Metrics that perturb the classifier: neuron deletion / insertion curves (docs/METHOD.md
+§7) and the weight randomisation of the sanity check (Adebayo et al. 2018, in pathway space).
 """
 
 from __future__ import annotations

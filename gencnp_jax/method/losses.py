@@ -1,4 +1,4 @@
-"""The generator's training objective (DESIGN §4) as pure functions of logits and scores.
+"""The generator's training objective (docs/METHOD.md §4) as pure functions of logits and scores.
 
 Every term returns a scalar; `total_loss` weights them with a `LossWeights` pytree.
 """

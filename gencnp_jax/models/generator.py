@@ -1,7 +1,7 @@
 """The GEN-CNP generator: clean classifier features -> per-site importance scores.
 
 RFE (shallow -> deep embeddings), PDN (class code z and auxiliary class head q), RPD (deep ->
-shallow decoders emitting scores); DAQ turns the scores into binary gates (DESIGN §3).
+shallow decoders emitting scores); DAQ turns the scores into binary gates (docs/METHOD.md §3).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def pool(feats_BxHxWxC: jax.Array, pooling: Sequence[str]) -> jax.Array:
 
 
 class Generator(nnx.Module):
-    """GEN-CNP generator (DESIGN §3): ``features -> (scores, q_logits)``.
+    """GEN-CNP generator (docs/METHOD.md §3): ``features -> (scores, q_logits)``.
 
     Per-site submodules live in `nnx.List`s indexed in the order of `site_channels`
     (shallow to deep), so site names with ``"/"`` never become attribute names.

@@ -1,4 +1,4 @@
-"""Evaluates GEN-CNP, its class pathways, the baselines and the controls (DESIGN §6-7).
+"""Evaluates GEN-CNP, its class pathways, the baselines and the controls (docs/METHOD.md §6-7).
 
 Writes `WORKDIR/eval/results.json` and `WORKDIR/eval/results.md` (launch.py ``--mode=evaluate``).
 Every method runs on one common subset of the test split (the first ``eval.num_examples``),
@@ -115,12 +115,15 @@ def _evaluate_all(run, ctx, names, ablations, densities, s) -> tuple[dict, dict]
     metric_fns = {x: eval_methods.make_metric_fn(run.classifier.graphdef, sites, x) for x in (0, 1)}
     auc_fn = eval_methods.make_auc_fn(run.classifier.graphdef, sites, s.auc_points)
     at, own = {}, {}
+    bar = writers.progress(len(ablations) * (len(densities) + 1) * len(names), desc="evaluate")
     for abl in ablations:
         fills = ctx["fills"][abl]
         at[abl] = {}
         for d in densities:
             at[abl][str(d)] = {}
             for name in names:
+                bar.set_postfix_str(f"{abl} ablation, density {d}, {name}", refresh=False)
+                bar.update(1)
                 gates_BxN, wrong = _gates(run, ctx, name, d)
                 m = passes.metric_pass(
                     run,
@@ -135,6 +138,8 @@ def _evaluate_all(run, ctx, names, ablations, densities, s) -> tuple[dict, dict]
                 at[abl][str(d)][name] = {k: m[k] for k in AT_DENSITY_KEYS if k in m}
         own[abl] = {}
         for name in names:
+            bar.set_postfix_str(f"{abl} ablation, own density, {name}", refresh=False)
+            bar.update(1)
             gates_BxN, wrong = _gates(run, ctx, name, "own")
             own[abl][name] = passes.metric_pass(
                 run, metric_fns[1], fills, ctx["images"], ctx["classes"], gates_BxN, wrong
@@ -145,6 +150,7 @@ def _evaluate_all(run, ctx, names, ablations, densities, s) -> tuple[dict, dict]
                 args = (ctx["images"][:n], ctx["classes"][:n], scores[:n], key)
                 own[abl][name].update(passes.auc_pass(run, auc_fn, fills, *args))
             own[abl][name]["num_examples_auc"] = ctx["auc_n"] if abl == ablations[0] else 0
+    bar.close()
     return at, own
 
 
@@ -160,30 +166,12 @@ def _per_density(at: dict, fn) -> dict:
     return {abl: {d: fn(row) for d, row in per.items()} for abl, per in at.items()}
 
 
-def results_table(results: dict) -> str:
-    """Markdown: one table per density (headline ablation), then the own-density table."""
-    head = results["config"]["ablations"][0]
-    cols = ("mDC", "mIC", "agreement", "leakage", "class_leakage", "density_mean", "acIOU")
-    fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
-    lines = [f"# Evaluation ({results['num_examples']} test images, {head} ablation)", ""]
-    blocks = [(f"density {d}", rows) for d, rows in results["at_density"][head].items()]
-    blocks.append(("own density", results["own_density"][head]))
-    for title, rows in blocks:
-        lines += [f"## {title}", "", "| method | " + " | ".join(cols) + " |"]
-        lines.append("|---" * (len(cols) + 1) + "|")
-        for name, m in rows.items():
-            lines.append(f"| {name} | " + " | ".join(fmt(m.get(c)) for c in cols) + " |")
-        lines.append("")
-    lines.append(f"sanity: {results['sanity']}")
-    return "\n".join(lines) + "\n"
-
-
 def evaluate(config, workdir: str) -> dict:
     """Evaluates every method and control; writes ``WORKDIR/eval/results.{json,md}``.
 
     Returns:
       The results dict written to results.json (NaN written as null); keys documented in
-      docs and in `results_table`.
+      docs and in `evaluate_passes.results_table`.
     """
     t0, e, s = time.time(), config.eval, settings_from_config(config)
     test = context.load_data(config, "test")
@@ -294,6 +282,6 @@ def evaluate(config, workdir: str) -> dict:
         }
     )
     out_dir = workdir_lib.eval_dir(workdir)
-    writers.write_text(os.path.join(out_dir, "results.md"), results_table(results))
+    writers.write_text(os.path.join(out_dir, "results.md"), passes.results_table(results))
     writers.write_json(os.path.join(out_dir, "results.json"), results)
     return results

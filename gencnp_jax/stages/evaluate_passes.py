@@ -203,3 +203,21 @@ def none_for_nan(tree):
     if isinstance(tree, np.floating | np.integer):
         tree = tree.item()
     return None if isinstance(tree, float) and not math.isfinite(tree) else tree
+
+
+def results_table(results: dict) -> str:
+    """Markdown: one table per density (headline ablation), then the own-density table."""
+    head = results["config"]["ablations"][0]
+    cols = ("mDC", "mIC", "agreement", "leakage", "class_leakage", "density_mean", "acIOU")
+    fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+    lines = [f"# Evaluation ({results['num_examples']} test images, {head} ablation)", ""]
+    blocks = [(f"density {d}", rows) for d, rows in results["at_density"][head].items()]
+    blocks.append(("own density", results["own_density"][head]))
+    for title, rows in blocks:
+        lines += [f"## {title}", "", "| method | " + " | ".join(cols) + " |"]
+        lines.append("|---" * (len(cols) + 1) + "|")
+        for name, m in rows.items():
+            lines.append(f"| {name} | " + " | ".join(fmt(m.get(c)) for c in cols) + " |")
+        lines.append("")
+    lines.append(f"sanity: {results['sanity']}")
+    return "\n".join(lines) + "\n"

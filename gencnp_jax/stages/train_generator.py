@@ -1,4 +1,4 @@
-"""Trains the GEN-CNP generator against the frozen classifier (DESIGN §4).
+"""Trains the GEN-CNP generator against the frozen classifier (docs/METHOD.md §4).
 
 One jit-compiled sharded step; the classifier state is a non-donated argument that no gradient
 reaches. Writes `WORKDIR/generator/{checkpoints,final,metrics.json,...}`.
@@ -17,33 +17,29 @@ from flax import nnx
 from gencnp_jax.eval import metrics
 from gencnp_jax.io import batched, checkpointing, sharding
 from gencnp_jax.io import writers as logging_utils
-from gencnp_jax.method import explain, losses
-from gencnp_jax.models import classifiers, daq
+from gencnp_jax.method import explain, losses, objective
+from gencnp_jax.models import classifiers
 from gencnp_jax.models import gates as gates_lib
+from gencnp_jax.models import generator as generator_lib
 from gencnp_jax.stages import context, explainer, train_classifier, train_loop
 
 
-@flax.struct.dataclass
-class StepHParams:
-    """Numbers the step needs, as pytree leaves: changing them never recompiles."""
-
-    temperature: jax.Array
-    sigma: jax.Array
-    tau: jax.Array
-    hinge_margin: jax.Array
-    leak_margin: jax.Array
-    ramp_steps: jax.Array
-    bank_decay: jax.Array
-
-
-def hparams_from_config(g) -> tuple[StepHParams, losses.LossWeights]:
+def hparams_from_config(g) -> tuple[objective.StepHParams, losses.LossWeights]:
     """The step's numbers and loss weights from the `config.generator` section `g`."""
     d, loss = g.daq, g.loss
-    values = (d.temperature, d.sigma, loss.tau, loss.hinge_margin, loss.leak_margin)
-    values += (loss.sparsity_ramp_steps, loss.bank_decay)
-    hp = StepHParams(*(jnp.asarray(v, jnp.float32) for v in values))
-    names = ("kd", "hinge", "sparsity", "pdn", "pull", "leak")
-    return hp, losses.LossWeights.create(**{n: loss[f"w_{n}"] for n in names})
+    f = lambda v: jnp.asarray(v, jnp.float32)
+    hp = objective.StepHParams(
+        **{"temperature": f(d.temperature), "sigma": f(d.sigma)},
+        **{k: f(loss[k]) for k in ("tau", "hinge_margin", "leak_margin", "bank_decay")},
+        ramp_steps=f(loss.sparsity_ramp_steps),
+        hinge_cap=f(loss.hinge_cap),
+        leak_rank=f(loss.leak_form == "rank"),
+        sparsity_soft=f(loss.sparsity_on == "daq_soft"),
+        kd_budget=f(loss.kd_budget),
+        contrast_temperature=f(loss.contrast_temperature),
+        contrast_start=f(loss.contrast_start),
+    )
+    return hp, losses.LossWeights.create(**{n: loss[f"w_{n}"] for n in losses.TERMS})
 
 
 @flax.struct.dataclass
@@ -67,37 +63,6 @@ class GeneratorState:
     bank: ScoreBank
 
 
-def _loss_terms(model, classify, batch: dict, bank: ScoreBank, hp: StepHParams):
-    """Every loss term of §4 for one batch; one gated pass covers x and its partners x'.
-
-    `classify(images, gates=None) -> (logits, features)` is the frozen classifier (closed
-    gates take the run's ablation fills); `batch` holds the ``images`` and what the full
-    classifier says of them: ``full_logits``, ``pred``, the different-class ``partner`` and
-    ``has_partner``.
-    """
-    images, full_logits, pred = batch["images"], batch["full_logits"], batch["pred"]
-    partner = batch["partner"]
-    features = classify(images)[1]
-    scores, q_logits_BxK = model(features)
-    gates = daq.binarize_tree(scores, hp.temperature, hp.sigma)
-    both_images = jnp.concatenate([images, images[partner]])  # x, then x' gated with P(x)
-    both_gates = jax.tree.map(lambda g: jnp.concatenate([g, g]), gates)
-    both_logits, _ = classify(both_images, both_gates)
-    pathway_logits, partner_logits = jnp.split(both_logits, 2)
-    scores_flat = gates_lib.flatten(scores)
-    terms = {
-        "kd": losses.distillation_kl(full_logits, pathway_logits, hp.tau),
-        "hinge": losses.top1_hinge(full_logits, pathway_logits, hp.hinge_margin),
-        "sparsity": losses.sparsity(scores),
-        "pdn": losses.pdn_kl(full_logits, q_logits_BxK),
-        "pull": losses.class_pull(scores_flat, bank.scores, pred, bank.counts),
-        "leak": losses.leakage_hinge(
-            full_logits[partner], partner_logits, pred, batch["has_partner"], hp.leak_margin
-        ),
-    }
-    return terms, gates, pathway_logits, scores_flat
-
-
 def make_train_step(gen_graphdef: nnx.GraphDef, cls_graphdef: nnx.GraphDef, tx):
     """`step(state, images, step, cls_state, fills, weights, hp) -> (state, metrics)`.
 
@@ -110,14 +75,12 @@ def make_train_step(gen_graphdef: nnx.GraphDef, cls_graphdef: nnx.GraphDef, tx):
         pred = jnp.argmax(full_logits, -1)
         batch = {"images": images, "full_logits": full_logits, "pred": pred}
         batch["partner"], batch["has_partner"] = losses.partner_indices(pred)
-        w = weights.replace(
-            sparsity=losses.sparsity_ramp(step_idx, hp.ramp_steps, weights.sparsity)
-        )
+        w = objective.step_weights(weights, step_idx, hp)
         model = nnx.merge(gen_graphdef, state.gen.params, state.gen.rest)
         classify = lambda x, g=None: classifiers.forward(cls_graphdef, cls_state, x, g, fills)
 
         def loss_fn(model):
-            terms, gates, pathway_logits, scores_flat = _loss_terms(
+            terms, gates, pathway_logits, scores_flat = objective.loss_terms(
                 model, classify, batch, state.bank, hp
             )
             loss, aux = losses.total_loss(terms, w)
@@ -147,12 +110,17 @@ def make_train_step(gen_graphdef: nnx.GraphDef, cls_graphdef: nnx.GraphDef, tx):
     return jax.jit(step, donate_argnums=0)
 
 
-def init_state(config, classifier: context.Classifier, model=None, steps: int | None = None):
+def init_state(
+    config, classifier, model=None, steps=None, train_split=None, mesh=None
+) -> tuple[nnx.GraphDef, optax.GradientTransformation, GeneratorState]:
     """`(gen_graphdef, tx, GeneratorState)`: a fresh generator (or `model`), fresh Adam
-    state for a run of `steps` (default `config.generator.steps`), an empty score bank."""
+    state for a run of `steps` (default `config.generator.steps`), an empty score bank.
+    With channel evidence, the pooled-feature statistics come from `train_split`."""
     g = config.generator
     if model is None:
         model = explainer.new_generator(config, classifier.site_channels, classifier.num_classes)
+        if g.model.channel_evidence and train_split is not None:
+            model.set_pool_stats(pool_stats(config, classifier, train_split, mesh))
     o, total = g.opt, g.steps if steps is None else steps
     tx = train_classifier.make_optimizer(o.learning_rate, 0.0, o.warmup_steps, total, o.grad_clip)
     gen_graphdef, gen = train_loop.TrainState.create(model, tx)
@@ -179,7 +147,7 @@ def _fit(config, classifier, train_split, mesh, steps, seed, fills, out_dir=None
     """Trains a fresh generator for `steps` steps on batches of `(seed, step)`; with
     `out_dir`, resumes from and checkpoints to its `checkpoints` folder."""
     g = config.generator
-    gen_graphdef, tx, state = init_state(config, classifier, steps=steps)
+    gen_graphdef, tx, state = init_state(config, classifier, None, steps, train_split, mesh)
     images_at = lambda idx: context.normalize(config, train_split.images[idx])
     batch_at = train_loop.batches_at(mesh, images_at, len(train_split.labels), g.batch_size, seed)
     result = train_loop.run(
@@ -206,6 +174,28 @@ def fit_generator(config, classifier: context.Classifier, train_split, mesh, ste
     fills = _means(config, classifier, train_split) if config.generator.ablation == "mean" else None
     gen_graphdef, result = _fit(config, classifier, train_split, mesh, steps, seed, fills)
     return gen_graphdef, result.state.gen.model_state()
+
+
+def pool_stats(config, classifier: context.Classifier, split, mesh) -> dict:
+    """``site -> (mean, std)`` of the generator's pooled clean features, ``f32[P * C]`` each,
+    over the first ``config.generator.stats_examples`` images of `split`."""
+    pooling = tuple(config.generator.model.pooling)
+    fn = jax.jit(
+        lambda cls_state, x: {
+            s: generator_lib.pool(f, pooling)
+            for s, f in classifiers.forward(classifier.graphdef, cls_state, x)[1].items()
+        }
+    )
+    cls_state = sharding.replicate(mesh, classifier.state)
+    n = min(len(split.labels), config.generator.stats_examples)
+    pooled = batched.map_batches(
+        lambda x: fn(cls_state, x),
+        lambda idx: context.normalize(config, split.images[idx]),
+        n,
+        config.generator.eval_batch_size,
+        mesh,
+    )
+    return {s: (v.mean(0), v.std(0)) for s, v in pooled.items()}
 
 
 def _means(config, classifier: context.Classifier, split) -> dict:

@@ -11,6 +11,7 @@ import jax
 from flax import nnx
 
 from gencnp_jax.io import data
+from gencnp_jax.method import objective
 from gencnp_jax.models import classifiers, generator
 
 
@@ -75,6 +76,14 @@ def check_config(config) -> None:
         raise ConfigError(
             f"config.generator.model.pooling={pooling}: choose one or more of {generator.POOLINGS}"
         )
+    for field, allowed in (
+        ("leak_form", objective.LEAK_FORMS),
+        ("sparsity_on", objective.SPARSITY_ON),
+    ):
+        if g.loss[field] not in allowed:
+            raise ConfigError(
+                f"config.generator.loss.{field}={g.loss[field]!r}: choose one of {allowed}"
+            )
     if config.bank.class_source not in ("prediction", "label"):
         raise ConfigError(
             f"config.bank.class_source={config.bank.class_source!r}: choose 'prediction' or 'label'"

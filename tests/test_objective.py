@@ -1,0 +1,66 @@
+"""The generator's objective: its switches select the documented forms, and change no shape."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gencnp_jax.method import losses, objective
+from gencnp_jax.models import classifiers
+from gencnp_jax.models import gates as gates_lib
+from gencnp_jax.models.generator import Generator
+
+IMAGES = jax.random.normal(jax.random.key(0), (6, 16, 16, 1))
+
+
+def _hp(**overrides):
+    values = dict(
+        temperature=2.0, sigma=2.0, tau=2.0, hinge_margin=1.0, leak_margin=1.0, ramp_steps=0.0,
+        bank_decay=0.9, hinge_cap=0.0, leak_rank=0.0, sparsity_soft=0.0, kd_budget=0.05,
+        contrast_temperature=0.1, contrast_start=10.0,
+    )  # fmt: skip
+    values.update(overrides)
+    return objective.StepHParams(**{k: jnp.float32(v) for k, v in values.items()})
+
+
+@pytest.fixture(scope="module")
+def setup():
+    classifier = classifiers.make_classifier("vgg", (8, 16), 10, 1)
+    classifier.eval()
+    generator = Generator(classifier.site_channels, 10, hidden=16, init_open=0.6, rngs=nnx.Rngs(0))
+    classify = lambda x, g=None: classifier(x, g)
+    full_logits = classify(IMAGES)[0]
+    pred = jnp.argmax(full_logits, -1)
+    partner, has_partner = losses.partner_indices(pred)
+    batch = dict(images=IMAGES, full_logits=full_logits, pred=pred)
+    batch.update(partner=partner, has_partner=has_partner)
+    n = sum(classifier.site_channels.values())
+    bank = type("Bank", (), {"scores": jnp.zeros((10, n)), "counts": jnp.zeros((10,))})
+    return generator, classify, batch, bank
+
+
+def test_switches_select_the_documented_forms(setup):
+    generator, classify, batch, bank = setup
+    base, gates, path_logits, _ = objective.loss_terms(generator, classify, batch, bank, _hp())
+    soft, *_ = objective.loss_terms(generator, classify, batch, bank, _hp(sparsity_soft=1.0))
+    rank, *_ = objective.loss_terms(generator, classify, batch, bank, _hp(leak_rank=1.0))
+    scores, _ = generator(classify(batch["images"])[1])
+    assert float(base["sparsity"]) == pytest.approx(float(losses.sparsity(scores)))
+    # DAQ's soft value is the hard gate in value: sparsity on it is the density
+    density = float(jnp.mean(gates_lib.flatten(gates)))
+    assert float(soft["sparsity"]) == pytest.approx(density, abs=1e-6)
+    partner_logits = classify(batch["images"][batch["partner"]], gates)[0]
+    expected = losses.leakage_rank_hinge(partner_logits, batch["pred"], batch["has_partner"], 1.0)
+    assert float(rank["leak"]) == pytest.approx(float(expected), rel=1e-5)
+    assert set(base) == set(losses.TERMS)
+    np.testing.assert_array_equal(gates_lib.flatten(gates), jnp.round(gates_lib.flatten(gates)))
+
+
+def test_step_weights_ramp_sparsity_and_start_the_contrast_late():
+    weights = losses.LossWeights.create(sparsity=2.0, contrast=1.0)
+    hp = _hp(ramp_steps=10.0, contrast_start=5.0)
+    early = objective.step_weights(weights, jnp.float32(2.0), hp)
+    late = objective.step_weights(weights, jnp.float32(20.0), hp)
+    assert float(early.sparsity) == pytest.approx(0.4) and float(early.contrast) == 0.0
+    assert float(late.sparsity) == pytest.approx(2.0) and float(late.contrast) == 1.0
