@@ -4,9 +4,10 @@ Run everything (classifier, generator, class pathways, evaluation, report):
 
     python launch.py --config=configs/default.py --workdir=runs/default --mode=all
 
-On 2 CPU cores (shared with other work when measured) the classifier stage took 7 min
-and reached 91.1% test accuracy; the whole pipeline took 21 min. The generator
-reaches agreement 0.938 at density 0.57 (leakage 0.007); see README.md.
+Measured 2026-12-02 on 2 CPU cores shared with other work (README.md has the table): the
+classifier (no channel dropout, BatchNorm statistics re-estimated) reaches 92.9% test
+accuracy; the generator, trained under mean ablation with channel evidence, keeps agreement
+0.985 at density 0.44 +- 0.02 with leakage 0.05 (random masks: 0.10).
 """
 
 import ml_collections
@@ -52,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.classifier.eval_batch_size = 500
 
     c.generator = ml_collections.ConfigDict()
-    c.generator.ablation = "zero"  # closed gates -> "zero" | "mean" (training-set channel mean)
+    c.generator.ablation = "mean"  # closed gates -> "zero" | "mean" (training-set channel mean)
     c.generator.batch_size = 128
     c.generator.steps = 1500
     c.generator.checkpoint_every = 250
@@ -65,9 +66,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.generator.model.cell = "gru"  # "gru" | "lstm" | "mlp" (our choice: GRU)
     c.generator.model.pooling = ("avg", "max")
     c.generator.model.init_open = 0.7  # initial score: gates start mostly open
-    c.generator.model.channel_evidence = False  # gate logit also sees its own channel (ours)
-    c.generator.model.input_norm = False  # LayerNorm on the embedders' pooled inputs
-    c.generator.model.head_kernel_scale = 0.1  # variance scale of the score heads' kernels
+    c.generator.model.channel_evidence = True  # gate logit also sees its own channel (ours)
+    c.generator.model.input_norm = True  # LayerNorm on the embedders' pooled inputs
+    c.generator.model.head_kernel_scale = 1.0  # variance scale of the score heads' kernels
     c.generator.daq = ml_collections.ConfigDict()  # distance-aware quantization of the scores
     c.generator.daq.temperature = 2.0
     c.generator.daq.sigma = 2.0
@@ -76,16 +77,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.generator.loss.w_kd = 1.0
     c.generator.loss.w_hinge = 5.0
     c.generator.loss.hinge_margin = 1.0
-    c.generator.loss.w_sparsity = 10.0
-    c.generator.loss.sparsity_ramp_steps = 300
+    c.generator.loss.w_sparsity = 12.0
+    c.generator.loss.sparsity_ramp_steps = 200
     c.generator.loss.w_pdn = 0.1
-    c.generator.loss.w_pull = 0.5
+    c.generator.loss.w_pull = 0.0  # the EMA pull collapsed same-class masks (IoU 0.976)
     c.generator.loss.bank_decay = 0.9
-    c.generator.loss.w_leak = 1.0
+    c.generator.loss.w_leak = 5.0
     c.generator.loss.leak_margin = 1.0
-    c.generator.loss.leak_form = "log_ratio"  # "log_ratio" | "rank" (x's class near the top on x')
-    c.generator.loss.hinge_cap = False  # cap the top-1 margin at the full model's own margin
-    c.generator.loss.sparsity_on = "scores"  # "scores" | "daq_soft" (DAQ's soft value)
+    c.generator.loss.leak_form = "rank"  # "rank" (x's class near the top on x') | "log_ratio"
+    c.generator.loss.hinge_cap = True  # cap the top-1 margin at the full model's own margin
+    c.generator.loss.sparsity_on = "daq_soft"  # "daq_soft" (DAQ's soft value) | "scores"
     c.generator.loss.w_budget = 0.0  # per-instance distillation budget term
     c.generator.loss.kd_budget = 0.05
     c.generator.loss.w_contrast = 0.0  # supervised contrastive term on the scores

@@ -147,7 +147,10 @@ def test_generator_metrics_json(generator_workdir):
 def test_final_checkpoint_round_trip(tiny_config, generator_workdir, tmp_path):
     classifier = context.load_classifier(tiny_config, generator_workdir)
     gd, state, fills, means = explainer.load_generator(tiny_config, generator_workdir, classifier)
-    assert fills is None  # zero ablation in the tiny config; the means are kept anyway
+    assert tiny_config.generator.ablation == "mean"  # the default: closed gates take the means
+    assert fills is not None and set(fills) == set(means)
+    for site in means:
+        np.testing.assert_array_equal(fills[site], means[site])
     train = context.load_data(tiny_config, "train")
     expected_means = explain.channel_means(
         classifier.graphdef,
@@ -207,7 +210,8 @@ def test_explainer_returns_binary_pathways(tiny_config, generator_workdir):
     normalized = jnp.asarray(context.normalize(tiny_config, images))
     cls = explain_fn.classifier
     full, _ = classifiers.forward(cls.graphdef, cls.state, normalized)
-    gated, _ = classifiers.forward(cls.graphdef, cls.state, normalized, pathway.gates)
+    fills = explain_fn.fills  # closed gates take the ablation value the generator trained with
+    gated, _ = classifiers.forward(cls.graphdef, cls.state, normalized, pathway.gates, fills)
     chex.assert_trees_all_close(pathway.full_logits, full, rtol=1e-5, atol=1e-5)
     chex.assert_trees_all_close(pathway.pathway_logits, gated, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(pathway.explained_class, np.argmax(full, -1))
