@@ -44,14 +44,14 @@ class MetricWriter:
             self._jsonl.close()
 
 
-def progress(total: int, initial: int = 0, desc: str = ""):
-    """A tqdm bar on process 0 only (disabled elsewhere)."""
+def progress(total: int, initial: int = 0, desc: str = "", disable: bool = False):
+    """A tqdm bar on process 0 only (disabled elsewhere, or everywhere with `disable`)."""
     return tqdm(
         total=total,
         initial=initial,
         desc=desc,
         dynamic_ncols=True,
-        disable=jax.process_index() != 0,
+        disable=disable or jax.process_index() != 0,
         mininterval=1.0,
     )
 

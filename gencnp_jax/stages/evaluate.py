@@ -189,7 +189,7 @@ def evaluate(config, workdir: str) -> dict:
     images = test.images[:n]
     scores, own_gates, seconds = {}, {}, {}
     for name, fn in score_fns.items():
-        out, seconds[name] = passes.score_pass(run, fn, params, images)
+        out, seconds[name] = passes.score_pass(run, fn, params, images, f"evaluate: {name} scores")
         scores[name] = out["scores"]
         if "gates" in out:
             own_gates[name] = out["gates"]

@@ -16,7 +16,7 @@ import numpy as np
 
 from gencnp_jax.eval import accumulator, baselines, controls, metrics, perturbation
 from gencnp_jax.eval import methods as eval_methods
-from gencnp_jax.io import batched, sharding
+from gencnp_jax.io import batched, sharding, writers
 from gencnp_jax.method import explain
 from gencnp_jax.stages import context, train_classifier, train_generator
 
@@ -42,14 +42,17 @@ class Run:
         return key
 
 
-def score_pass(run: Run, fn, params, images_uint8: np.ndarray) -> tuple[dict, float]:
+def score_pass(
+    run: Run, fn, params, images_uint8: np.ndarray, desc: str = ""
+) -> tuple[dict, float]:
     """``(outputs, seconds_per_image)`` of a score fn over every image (compiled first, so the
-    time excludes compiling)."""
+    time excludes compiling); a progress bar named `desc` when given."""
     n = len(images_uint8)
     placed = sharding.replicate(run.mesh, params)
     jitted = jax.jit(fn)
     first = {"images": run.images(images_uint8, np.zeros(run.batch_size, np.int64))}
     jax.block_until_ready(jitted(placed, sharding.shard_batch(run.mesh, first["images"])))
+    bar = writers.progress(n, desc=desc, disable=not desc)
     start = time.perf_counter()
     out = batched.map_batches(
         lambda b: jitted(placed, b["images"]),
@@ -57,8 +60,11 @@ def score_pass(run: Run, fn, params, images_uint8: np.ndarray) -> tuple[dict, fl
         n,
         run.batch_size,
         run.mesh,
+        progress=bar.update,
     )
-    return out, (time.perf_counter() - start) / max(n, 1)
+    seconds = (time.perf_counter() - start) / max(n, 1)
+    bar.close()
+    return out, seconds
 
 
 def metric_pass(
@@ -133,8 +139,8 @@ def top_k(scores_BxN, density, key) -> np.ndarray:
 def control_tables(run: Run, score_fns, params, train_images, num_classes) -> dict:
     """``source -> (mean_N, mean_KxN)``: training-set mean GEN-CNP and NeuronMCT scores, over
     all images and per predicted class (`controls.class_mean_scores`)."""
-    gen, _ = score_pass(run, score_fns["gencnp"], params, train_images)
-    mct, _ = score_pass(run, score_fns["neuron_mct"], params, train_images)
+    gen, _ = score_pass(run, score_fns["gencnp"], params, train_images, "evaluate: controls")
+    mct, _ = score_pass(run, score_fns["neuron_mct"], params, train_images, "evaluate: controls")
     classes_B = gen["full_logits"].argmax(-1)
     return {
         "gencnp_score": controls.class_mean_scores(gen["scores"], classes_B, num_classes),
