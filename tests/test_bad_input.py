@@ -376,5 +376,5 @@ def test_trainers_pass_the_configured_clip(stage, tiny_config, tmp_path, monkeyp
         graphdef, state = classifiers.split(model)
         classifier = context.Classifier(graphdef, state, dict(model.site_channels), 10)
         with pytest.raises(Stop):
-            train_generator._init(config, classifier)
+            train_generator.init_state(config, classifier)
     assert seen == [0.123]

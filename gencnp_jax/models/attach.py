@@ -19,11 +19,11 @@ from flax import nnx
 
 from gencnp_jax.models import attach_linen
 from gencnp_jax.models.gating import (
-    _ACTIVE,
+    ACTIVE,
+    Context,
     GatedClassifier,
-    _Ctx,
-    _probe,
-    _run_site,
+    probe,
+    run_site,
     select,
 )
 
@@ -35,14 +35,14 @@ def _gated_type(cls: type) -> type:
     if cls not in _GATED_TYPES:
 
         def __call__(self, *args, **kwargs):
-            ctx = _ACTIVE.get()
+            ctx = ACTIVE.get()
             if ctx is not None and ctx.ids is not None and id(self) not in ctx.ids:
                 raise ValueError(
                     f"gate site {self._attach_site!r} runs inside an NNX transform of the model "
                     "(nnx.scan / nnx.vmap-stacked layers, nnx.remat, nnx.jit...); gate sites "
                     "must be called directly by their parent: choose a site outside it"
                 )
-            return _run_site(self._attach_site, lambda: cls.__call__(self, *args, **kwargs))
+            return run_site(self._attach_site, lambda: cls.__call__(self, *args, **kwargs))
 
         ns = {"__call__": __call__, "__module__": cls.__module__, "_attach_base": cls}
         _GATED_TYPES[cls] = type(f"Gated{cls.__name__}", (cls,), ns)
@@ -57,7 +57,7 @@ class _GatedFn:
     site: str
 
     def __call__(self, *args, **kwargs):
-        return _run_site(self.site, lambda: self.fn(*args, **kwargs))
+        return run_site(self.site, lambda: self.fn(*args, **kwargs))
 
 
 def _candidates(model: nnx.Module) -> dict[str, tuple]:
@@ -97,16 +97,16 @@ def _wrap(model: nnx.Module, paths) -> nnx.Module:
 
 
 def _nnx_runner(call: Callable | None) -> Callable:
-    def run(graphdef, state, x, ctx: _Ctx):
+    def run(graphdef, state, x, ctx: Context):
         model = nnx.merge(graphdef, state)
         if not ctx.record_all:
             sites = ((m, getattr(m, "_attach_site", None)) for _, m in nnx.iter_modules(model))
             ctx.ids = {id(m): s for m, s in sites if s is not None}
-        token = _ACTIVE.set(ctx)
+        token = ACTIVE.set(ctx)
         try:
             return model(x) if call is None else call(model, x)
         finally:
-            _ACTIVE.reset(token)
+            ACTIVE.reset(token)
 
     return run
 
@@ -124,7 +124,7 @@ def list_sites(model, example_input=None, *, variables=None, call=None) -> dict[
     if example_input is None:
         return dict.fromkeys(paths)
     graphdef, state = nnx.split(_wrap(model, paths))
-    ctx = _Ctx(record_all=True)
+    ctx = Context(record_all=True)
     run = _nnx_runner(call)
     jax.eval_shape(lambda s, x: run(graphdef, s, x, ctx), state, example_input)
     return {**ctx.features, **{p: None for p in paths if p not in ctx.features}}
@@ -154,4 +154,4 @@ def attach(model, sites, example_input=None, *, variables=None, call=None) -> Ga
     if example_input is None:
         channels = {p: _channels_from_attrs(p, cands[p][2]) for p in chosen}
         return GatedClassifier(graphdef, state, channels, run)
-    return _probe(graphdef, state, chosen, run, example_input)
+    return probe(graphdef, state, chosen, run, example_input)

@@ -1,7 +1,7 @@
 """Gate sites on a Linen model (a module plus its variables), via `nn.intercept_methods`.
 
 A site is a submodule whose ``'/'.join(module.path)`` matches a pattern; the interceptor
-runs its ``__call__``, records the output and gates it, with the same `_Ctx` as NNX.
+runs its ``__call__``, records the output and gates it, with the same `Context` as NNX.
 Sites inside lifted transforms (nn.scan / nn.vmap) are not supported (see docs/ATTACH.md).
 """
 
@@ -22,7 +22,7 @@ def _default_call(module, variables, x):
 def _runner(call: Callable, sites: frozenset[str] | None) -> Callable:
     """`run(module, variables, x, ctx)` with an interceptor over ``sites`` (None: all)."""
 
-    def run(module, variables, x, ctx: core._Ctx):
+    def run(module, variables, x, ctx: core.Context):
         def interceptor(next_fun, args, kwargs, context):
             mod = context.module
             if context.method_name != "__call__" or mod.scope is None or not mod.path:
@@ -43,7 +43,7 @@ def list_sites(module, variables, example_input, call=None) -> dict[str, object]
     """Every submodule path called by one abstract pass -> its output shape, call order."""
     if variables is None or example_input is None:
         raise ValueError("a Linen model needs variables= and example_input to list its sites")
-    ctx = core._Ctx(record_all=True)
+    ctx = core.Context(record_all=True)
     run = _runner(call or _default_call, None)
     jax.eval_shape(lambda v, x: run(module, v, x, ctx), variables, example_input)
     return dict(ctx.features)
@@ -54,4 +54,4 @@ def attach(module, variables, sites, example_input, call=None) -> core.GatedClas
     available = list(list_sites(module, variables, example_input, call))
     chosen = core.select(sites, available)
     run = _runner(call or _default_call, frozenset(chosen))
-    return core._probe(module, variables, chosen, run, example_input)
+    return core.probe(module, variables, chosen, run, example_input)

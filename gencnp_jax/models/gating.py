@@ -12,10 +12,10 @@ from collections.abc import Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-_ACTIVE: contextvars.ContextVar[_Ctx | None] = contextvars.ContextVar("attach_ctx", default=None)
+ACTIVE: contextvars.ContextVar[Context | None] = contextvars.ContextVar("attach_ctx", default=None)
 
 
-def _shape(tree):
+def shapes(tree):
     return jax.tree.map(lambda a: tuple(a.shape) if hasattr(a, "shape") else None, tree)
 
 
@@ -52,7 +52,7 @@ def gate(site: str, out: jax.Array, g: jax.Array, fill: jax.Array | None = None)
     return _mix(out, g.astype(out.dtype), fill)
 
 
-class _Ctx:
+class Context:
     """What one forward (or one abstract listing pass) knows and records."""
 
     def __init__(self, gates=None, fills=None, ids=None, record_all=False):
@@ -74,7 +74,7 @@ class _Ctx:
     def exit(self, site: str, out):
         if self.record_all:
             if self.calls[site] == 1:  # shapes only: no tracer leaves a transform's trace
-                self.features[site] = _shape(out)
+                self.features[site] = shapes(out)
             return out
         if not isinstance(out, jax.Array) or out.ndim < 2:
             what = f"shape {tuple(out.shape)}" if hasattr(out, "shape") else type(out).__name__
@@ -87,8 +87,8 @@ class _Ctx:
         return out if g is None else gate(site, out, g, self.fills.get(site))
 
 
-def _run_site(site_of_self: str, call: Callable[[], object]):
-    if (ctx := _ACTIVE.get()) is None:
+def run_site(site_of_self: str, call: Callable[[], object]):
+    if (ctx := ACTIVE.get()) is None:
         return call()
     ctx.enter(site_of_self)
     return ctx.exit(site_of_self, call())
@@ -132,7 +132,7 @@ class GatedClassifier:
                 raise ValueError(
                     f"{name} name unknown sites {unknown}; the sites are {list(self.site_channels)}"
                 )
-        ctx = _Ctx(gates, fills)
+        ctx = Context(gates, fills)
         logits = self._run(self.graphdef, state, x, ctx)
         missing = [s for s in self.site_channels if ctx.features.get(s) is None]
         if missing:
@@ -140,7 +140,7 @@ class GatedClassifier:
         return logits, {s: f for s, f in ctx.features.items() if s in self.site_channels}
 
 
-def _probe(graphdef, state, chosen, run, example_input) -> GatedClassifier:
+def probe(graphdef, state, chosen, run, example_input) -> GatedClassifier:
     """Site channels in call order from one abstract forward (which also validates)."""
     probe = GatedClassifier(graphdef, state, dict.fromkeys(chosen, 0), run)
     channels = {}  # filled at trace time, in call order

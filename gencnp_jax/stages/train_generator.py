@@ -129,9 +129,6 @@ def init_state(
     return gen_graphdef, tx, GeneratorState(gen, bank)
 
 
-_init = init_state  # the name older callers (tests/test_bad_input.py) use
-
-
 def bound_step(config, gen_graphdef, classifier: context.Classifier, tx, fills, mesh):
     """The train step with the classifier, fills and loss settings bound (replicated)."""
     cls_state, fills, hp, weights = sharding.replicate(
