@@ -1,12 +1,14 @@
-"""Datasets as in-memory numpy arrays, read through tensorflow-datasets from local files only.
+"""Datasets as in-memory numpy arrays: local TFDS files only, or a user's own (custom_data).
 
 Also the host-side batching (deterministic per step), normalization and input validation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -14,7 +16,7 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-from gencnp_jax.io import fashion_mnist_local
+from gencnp_jax.io import custom_data, fashion_mnist_local
 
 # Per-channel (mean, std) of pixel/255 over the train split; cifar10 std is the true one.
 DATASET_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -33,10 +35,9 @@ _APT_HINT = (
     "--config.data.manual_dir=/path/with/idx/files"
 )
 _READ_CHUNK = 8192  # records per __getitems__ call: bounds the list of decoded dicts.
+_STATS_ROWS = 1 << 20  # pixels per int64 block in channel_stats: bounds its memory
 
-
-class DatasetError(Exception):
-    """A dataset cannot be loaded from local files; the message says how to fix it."""
+DatasetError = custom_data.DatasetError  # Its home is there: this module imports custom_data.
 
 
 @dataclasses.dataclass
@@ -93,9 +94,11 @@ def load_split(
 
     Args:
       dataset: "fashion_mnist" (our local builder, prepared into `data_dir` on first use from
-        the IDX files in `manual_dir`) or a stock TFDS name already prepared in `data_dir`.
-      split: a TFDS split string such as "train", "test" or "train[:1000]".
-      data_dir: the TFDS data dir.
+        the IDX files in `manual_dir`), a stock TFDS name already prepared in `data_dir`, or
+        a user's own `npz:PATH` or `folder:PATH` (see `custom_data`; no TFDS involved).
+      split: a TFDS split string such as "train", "test" or "train[:1000]" (custom datasets:
+        "train" or "test", sliced by counts only).
+      data_dir: the TFDS data dir (unused by custom datasets).
       manual_dir: folder with the Fashion-MNIST IDX files (default: the Debian package's).
 
     Returns:
@@ -104,6 +107,13 @@ def load_split(
     Raises:
       DatasetError: missing files, dataset not prepared, unknown split, or empty split.
     """
+    if custom_data.is_custom(dataset):  # Keyed by its absolute path; no TFDS dir involved.
+        key = (custom_data.canonical(dataset), split, "", None)
+        if key not in _CACHE:
+            images, labels = custom_data.read_split(dataset, split)
+            images.flags.writeable = labels.flags.writeable = False  # Shared through the cache.
+            _CACHE[key] = ArraySplit(images, labels, dataset_info(dataset)[1], name=split)
+        return _CACHE[key]
     data_dir = os.path.abspath(os.path.expanduser(data_dir))
     cache_key = (dataset, split, data_dir, manual_dir)
     if cache_key in _CACHE:
@@ -141,8 +151,8 @@ def load_split(
 def dataset_info(dataset: str, data_dir: str | None = None) -> tuple[tuple[int, int, int], int]:
     """Image shape and class count of a dataset, without reading any records.
 
-    fashion_mnist, mnist and cifar10 are known; other names come from the TFDS builder info
-    (in `data_dir`).
+    fashion_mnist, mnist and cifar10 are known; `npz:`/`folder:` datasets are read from their
+    labels and image headers; other names come from the TFDS builder info (in `data_dir`).
 
     Returns:
       `((height, width, channels), num_classes)`.
@@ -152,6 +162,8 @@ def dataset_info(dataset: str, data_dir: str | None = None) -> tuple[tuple[int, 
     """
     if dataset in _KNOWN_INFO:
         return _KNOWN_INFO[dataset]
+    if custom_data.is_custom(dataset):
+        return custom_data.dataset_info(dataset)
     builder = _registered_builder(dataset, data_dir)
     image_key, label_key = _image_label_keys(builder)
     shape = tuple(builder.info.features[image_key].shape)
@@ -163,13 +175,48 @@ def dataset_info(dataset: str, data_dir: str | None = None) -> tuple[tuple[int, 
 def normalize(images: np.ndarray, dataset: str) -> np.ndarray:
     """Maps uint8 images to float32 `(x / 255 - mean) / std` with the dataset's channel stats.
 
-    Names missing from `DATASET_STATS` use mean = std = 0.5. Works on numpy and jax arrays.
+    A `npz:`/`folder:` dataset's `channel_stats` of its train split join `DATASET_STATS` on
+    first use; other names missing there use mean = std = 0.5. Works on numpy and jax arrays.
 
     Returns:
       float32 images of the shape of `images` (uint8 NxHxWxC).
     """
+    if custom_data.is_custom(dataset):  # Keyed by its absolute path, as in the split cache.
+        dataset = custom_data.canonical(dataset)
+        if dataset not in DATASET_STATS:
+            DATASET_STATS[dataset] = channel_stats(load_split(dataset, "train", "").images)
     mean, std = (np.asarray(v, np.float32) for v in DATASET_STATS.get(dataset, _FALLBACK_STATS))
     return (images.astype(np.float32) / np.float32(255.0) - mean) / std
+
+
+def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std (ddof=0) of `images / 255` (uint8 NxHxWxC), exact: sums of x
+    and x^2 as Python ints over bounded int64 blocks, so only the last division rounds in
+    `var = (n sum(x^2) - sum(x)^2) / (255 n)^2`. A constant channel gets std 1, never 0."""
+    flat_PxC = images.reshape(-1, images.shape[-1])
+    n, sums, squares = len(flat_PxC), 0, 0
+    for start in range(0, n, _STATS_ROWS):
+        block = flat_PxC[start : start + _STATS_ROWS].astype(np.int64)
+        sums = sums + block.sum(axis=0).astype(object)  # object: Python ints, no overflow
+        squares = squares + (block * block).sum(axis=0).astype(object)
+    var = (n * squares - sums * sums) / (255 * n) ** 2
+    return tuple(float(s / (255 * n)) for s in sums), tuple(math.sqrt(v) or 1.0 for v in var)
+
+
+def class_names(dataset: str, num_classes: int, data_dir: str | None = None) -> list[str]:
+    """Readable class names: Fashion-MNIST's, a custom dataset's (`DatasetError` if its files
+    are bad), or a stock TFDS dataset's label names from its builder info in `data_dir` (never
+    the network; failures fall back); "0".."K-1" where there are none, or not `num_classes`."""
+    if dataset == "fashion_mnist":
+        names = list(fashion_mnist_local.CLASS_NAMES)
+    elif custom_data.is_custom(dataset):
+        names = custom_data.class_names(dataset)
+    else:
+        names = []
+        with contextlib.suppress(Exception):  # Names are cosmetic: any failure gives numbers.
+            builder = tfds.builder(dataset, data_dir=data_dir)
+            names = list(builder.info.features[_image_label_keys(builder)[1]].names)
+    return names if len(names) == num_classes else [str(k) for k in range(num_classes)]
 
 
 @functools.lru_cache(maxsize=2)

@@ -5,12 +5,15 @@ Reads the four IDX files (gzip'd or not) from a manual dir and writes array_reco
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import logging
 import os
 from collections.abc import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.utils import tqdm_utils
 
 DEFAULT_MANUAL_DIR = "/usr/share/datasets/fashion-mnist"
 CLASS_NAMES = (
@@ -163,12 +166,36 @@ class FashionMnistLocal(tfds.core.GeneratorBasedBuilder):
         for i in range(images.shape[0]):
             yield i, {"image": images[i], "label": int(labels[i])}
 
+    # TFDS prints "Downloading and preparing dataset Unknown size ..." and "Dataset ...
+    # downloaded and prepared ..." through these two hooks; `prepare` prints one line instead.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+    """Hides TFDS's progress bars and absl warnings (such as "Variant folder ... has no
+    dataset_info.json" before the first prepare) for the duration, then restores both."""
+    absl_logger = logging.getLogger("absl")
+    bars, level = getattr(tqdm_utils, "_active", True), absl_logger.level  # No public getter.
+    tfds.display_progress_bar(False)
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        tfds.display_progress_bar(bars)
+        absl_logger.setLevel(level)
+
 
 def prepare(data_dir: str, manual_dir: str | None = None) -> FashionMnistLocal:
     """Returns the builder, preparing it as array_record on first use (a no-op afterwards).
 
     TFDS writes into an `incomplete.*` folder and renames it at the end, so an interrupted
     run leaves no half-prepared version dir and the next call simply prepares again.
+    Preparing prints one line of ours in place of TFDS's banner and progress bars.
 
     Args:
       data_dir: the TFDS data dir.
@@ -179,15 +206,20 @@ def prepare(data_dir: str, manual_dir: str | None = None) -> FashionMnistLocal:
       IdxError: a file is corrupt.
     """
     builder = FashionMnistLocal(data_dir=data_dir)
-    if builder.is_prepared():
-        return builder
+    with _quiet_tfds():
+        if builder.is_prepared():
+            return builder
     manual_dir = os.path.abspath(manual_dir or DEFAULT_MANUAL_DIR)
     if not os.path.isdir(manual_dir):
         raise FileNotFoundError(f"Fashion-MNIST manual dir {manual_dir} does not exist")
     for split in SPLIT_PREFIXES:  # Fail before TFDS starts writing anything.
         idx_paths(manual_dir, split)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
-        file_format="array_record",
+    print(
+        f"gencnp_jax: preparing Fashion-MNIST from {manual_dir} into {data_dir} (once)", flush=True
     )
+    with _quiet_tfds():
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
+            file_format="array_record",
+        )
     return builder

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gencnp_jax.eval import saliency
-from gencnp_jax.io import batched, fashion_mnist_local, sharding
+from gencnp_jax.io import batched, data, sharding
 from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.io import writers as logging_utils
 from gencnp_jax.method import explain
@@ -35,10 +35,8 @@ _GENERATOR_METRICS = ("mIC", "mDC", "agreement", "density_mean", "density_std", 
 
 
 def class_names(dataset: str, num_classes: int) -> list[str]:
-    """Readable class names: Fashion-MNIST's own, ``"0".."K-1"`` for other datasets."""
-    if dataset == "fashion_mnist" and num_classes == len(fashion_mnist_local.CLASS_NAMES):
-        return list(fashion_mnist_local.CLASS_NAMES)
-    return [str(k) for k in range(num_classes)]
+    """Readable class names (see ``data.class_names``): ``"0".."K-1"`` where there are none."""
+    return data.class_names(dataset, num_classes)
 
 
 def gradcam_site(config, site_channels: Mapping[str, int]) -> str:
