@@ -51,6 +51,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.classifier.checkpoint_every = 200
     c.classifier.log_every = 50
     c.classifier.eval_batch_size = 500
+    # Your own model instead of `name` (README, docs/ATTACH.md): "package.module:function"
+    # returning a Flax NNX module (or a Linen (module, variables) pair), called with
+    # `factory_kwargs`; its weights from `checkpoint` (.npz / .msgpack / orbax directory, as
+    # gencnp_jax.save_weights writes them); gated at the modules whose paths match `sites`
+    # (glob patterns; gencnp_jax.list_sites lists them). Such a model is imported, not trained.
+    c.classifier.factory = ""
+    c.classifier.factory_kwargs = ml_collections.ConfigDict()
+    c.classifier.checkpoint = ""
+    c.classifier.sites = ()
 
     c.generator = ml_collections.ConfigDict()
     c.generator.ablation = "mean"  # closed gates -> "zero" | "mean" (training-set channel mean)
@@ -123,4 +132,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.bench.repeats = 5
     c.bench.batch_size = 128
     c.bench.device_counts = (1, 2)
+
+    c.explain = ml_collections.ConfigDict()  # --mode=explain: pathways and figures of images
+    c.explain.images = ""  # "npz:FILE" | "folder:DIR" | a path; "" = the first num_images tests
+    c.explain.num_images = 16
+    c.explain.out_dir = ""  # "" = WORKDIR/explain
     return c

@@ -5,9 +5,11 @@ complete (its DONE file present) and call none of them. The training stages star
 session's trained run (conftest); tests/test_notebook.py runs all five from scratch.
 """
 
+import json
 import os
 import shutil
 
+import ml_collections
 import pytest
 
 from gencnp_jax.io import workdir as workdir_lib
@@ -53,10 +55,11 @@ def test_run_all_resumes_after_the_last_complete_stage(tmp_path, capsys, monkeyp
     """Stages already complete are skipped; the others run in order (fake stages)."""
     workdir = str(tmp_path)
     calls = []
+    sentinel = ml_collections.ConfigDict({"sentinel": 1})
 
     def fake_stage(mode):
         def run(config, wd):
-            assert wd == workdir and config == "config"
+            assert wd == workdir and config is sentinel
             calls.append(mode)
             for rel in workdir_lib.OUTPUTS[mode]:  # outputs that parse: a complete stage
                 path = os.path.join(wd, rel)
@@ -72,9 +75,11 @@ def test_run_all_resumes_after_the_last_complete_stage(tmp_path, capsys, monkeyp
 
     monkeypatch.setattr(modes, "stage_fn", fake_stage)
     for mode in modes.PIPELINE[:2]:
-        fake_stage(mode)("config", workdir)
+        fake_stage(mode)(sentinel, workdir)
     calls.clear()
-    timings = pipeline.run_all("config", workdir)
+    timings = pipeline.run_all(sentinel, workdir)
+    with open(os.path.join(workdir, "config.json")) as f:  # what Explainer.from_workdir reads
+        assert json.load(f) == {"sentinel": 1}
     assert calls == list(modes.PIPELINE[2:])
     assert [timings[m] for m in modes.PIPELINE[:2]] == ["skipped", "skipped"]
     out = capsys.readouterr().out

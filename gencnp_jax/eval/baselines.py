@@ -14,7 +14,6 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from gencnp_jax.models import classifiers
 from gencnp_jax.models import gates as gates_lib
@@ -216,7 +215,7 @@ def cdrp(
     ``argmax p`` (iterate 0, the full model, always qualifies). Scores are the kept lambdas,
     gates ``lambda > threshold``.
     """
-    site_channels = dict(nnx.merge(graphdef, state).site_channels)
+    site_channels = classifiers.site_channels(graphdef, state)
 
     def one(state, image_HxWxC):
         images_1 = image_HxWxC[None]

@@ -64,12 +64,16 @@ def insertion_auc(logits_fn, scores, classes_B, num_points=11, valid_B=None) -> 
     return metrics.masked_mean(curve_auc(curve), valid_B)
 
 
-def randomize_weights(state: nnx.State, seed: int) -> nnx.State:
-    """A classifier state with every `nnx.Param` re-drawn, BatchStats kept.
+def randomize_weights(state, seed: int):
+    """A classifier state with every parameter re-drawn, BatchNorm statistics kept.
 
-    Each Param leaf ``w`` becomes ``mean(w) + std(w) * N(0, 1)`` (its own first two moments, its
-    structure gone); leaves are drawn with independent keys. Non-Param state is unchanged.
+    Each parameter leaf ``w`` becomes ``mean(w) + std(w) * N(0, 1)`` (its own first two
+    moments, its structure gone); leaves are drawn with independent keys. The parameters are
+    an NNX state's `nnx.Param`s, or a Linen variables dict's ``params``; the rest is unchanged.
     """
+    if not isinstance(state, nnx.State):  # Linen variables
+        leaves, treedef = jax.tree.flatten(state["params"])
+        return {**state, "params": jax.tree.unflatten(treedef, _redraw(leaves, seed))}
     params, rest = nnx.split_state(state, nnx.Param, ...)
     leaves, treedef = jax.tree.flatten(params)
     return nnx.merge_state(jax.tree.unflatten(treedef, _redraw(leaves, seed)), rest)

@@ -5,6 +5,7 @@ Pure jnp functions; jit them with `graphdef` and `site` bound (e.g. `functools.p
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import jax
@@ -65,6 +66,21 @@ def site_activation_and_grad(
     return act, jax.grad(logit_sum)(act)
 
 
+def _as_grid(x: jax.Array, site: str) -> jax.Array:
+    """``(B, h, w, C)`` as it is; tokens ``(B, N, C)`` with ``N = n * n`` as the row-major
+    ``n x n`` patch grid (ViT, Mixer); anything else cannot be mapped onto the image."""
+    if x.ndim == 4:
+        return x
+    n = math.isqrt(x.shape[1]) if x.ndim == 3 else 0
+    if n and n * n == x.shape[1]:
+        return x.reshape(x.shape[0], n, n, x.shape[2])
+    raise ValueError(
+        f"Grad-CAM at site {site!r}: its activations have shape {tuple(x.shape)}, not "
+        f"(B, H, W, C) nor a square grid of tokens (B, n*n, C); choose another site "
+        f"(config.eval.gradcam_site)"
+    )
+
+
 def grad_cam(
     graphdef: nnx.GraphDef,
     state: nnx.State,
@@ -92,10 +108,14 @@ def grad_cam(
 
     Returns:
       ``f32[B, H, W]`` in ``[0, 1]``.
+
+    Raises:
+      ValueError: a site whose activations are not a spatial or square token grid.
     """
     act, grad = site_activation_and_grad(
         graphdef, state, images_BxHxWxC, classes_B, site, gates, fills
     )
+    act, grad = _as_grid(act, site), _as_grid(grad, site)
     alpha_BxC = jnp.mean(grad, axis=(1, 2))
     cam_Bxhxw = jax.nn.relu(jnp.einsum("bhwc,bc->bhw", act, alpha_BxC))
     b, h, w = images_BxHxWxC.shape[:3]

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,7 +69,8 @@ def channel_means(cls_graphdef, cls_state, images_uint8, normalize, batch_size=5
     """Training-set mean activation per channel of every site (mean-ablation fills)."""
     fwd = jax.jit(
         lambda s, x: jax.tree.map(
-            lambda a: jnp.sum(a, axis=(0, 1, 2)), classifiers.forward(cls_graphdef, s, x)[1]
+            lambda a: jnp.sum(a, axis=tuple(range(a.ndim - 1))),  # all but channels
+            classifiers.forward(cls_graphdef, s, x)[1],
         )
     )
     sums, count = None, 0
@@ -81,5 +84,5 @@ def channel_means(cls_graphdef, cls_state, images_uint8, normalize, batch_size=5
         cls_state,
         jnp.zeros((1, *images_uint8.shape[1:]), jnp.float32),
     )
-    per_pixel = {s: f.shape[1] * f.shape[2] for s, f in feats.items()}
-    return {s: np.asarray(v) / (count * per_pixel[s]) for s, v in sums.items()}
+    positions = {s: math.prod(f.shape[1:-1]) for s, f in feats.items()}  # H*W, N or 1
+    return {s: np.asarray(v) / (count * positions[s]) for s, v in sums.items()}

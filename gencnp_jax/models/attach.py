@@ -151,7 +151,8 @@ def attach(model, sites, example_input=None, *, variables=None, call=None) -> Ga
     chosen = select(sites, list(cands))
     graphdef, state = nnx.split(_wrap(model, chosen))
     run = _nnx_runner(call)
+    call_model = (lambda m, x: m(x)) if call is None else call
     if example_input is None:
         channels = {p: _channels_from_attrs(p, cands[p][2]) for p in chosen}
-        return GatedClassifier(graphdef, state, channels, run)
-    return probe(graphdef, state, chosen, run, example_input)
+        return GatedClassifier(graphdef, state, channels, run, call_model)
+    return probe(graphdef, state, chosen, run, example_input, call_model)

@@ -13,8 +13,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gencnp_jax.models import gates as gates_lib
+from gencnp_jax.models.gating import GatedClassifier
 
 CLASSIFIERS = ("vgg", "resnet")
+Definition = nnx.GraphDef | GatedClassifier  # what `forward` runs: built-in or attached
 
 
 class ConvBN(nnx.Module):
@@ -152,10 +154,23 @@ def make_classifier(
     )
 
 
-def forward(graphdef: nnx.GraphDef, state: nnx.State, images, gates=None, fills=None):
-    """Pure inference pass: ``(logits_BxK, features)``; BatchNorm uses running statistics."""
+def forward(graphdef: Definition, state, images, gates=None, fills=None):
+    """Pure inference pass: ``(logits_BxK, features)``; BatchNorm uses running statistics.
+
+    `graphdef` is a built-in classifier's NNX GraphDef, or a `GatedClassifier` (`attach`: a
+    user's model gated at its sites), whose own forward then runs on `state`.
+    """
+    if isinstance(graphdef, GatedClassifier):
+        return graphdef.forward(state, images, gates, fills)
     model = nnx.merge(graphdef, state)
     return model(images, gates, fills, train=False)
+
+
+def site_channels(graphdef: Definition, state) -> dict[str, int]:
+    """Gate site -> channel count, shallow to deep."""
+    if isinstance(graphdef, GatedClassifier):
+        return dict(graphdef.site_channels)
+    return dict(nnx.merge(graphdef, state).site_channels)
 
 
 def split(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
@@ -163,6 +178,10 @@ def split(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
     return nnx.split(model)
 
 
-def num_params(state: nnx.State) -> int:
-    params = nnx.split_state(state, nnx.Param, ...)[0]
+def num_params(state) -> int:
+    """Parameter count of an NNX state (its `nnx.Param`s) or Linen variables (``params``)."""
+    if isinstance(state, nnx.State):
+        params = nnx.split_state(state, nnx.Param, ...)[0]
+    else:
+        params = state.get("params", state)
     return int(sum(x.size for x in jax.tree.leaves(params)))

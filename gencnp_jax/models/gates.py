@@ -24,7 +24,8 @@ def apply_gate(
     gates: Mapping[str, jax.Array] | None,
     fills: Mapping[str, jax.Array] | None = None,
 ) -> jax.Array:
-    """Gates one site's activation channel-wise; a no-op when `gates` is None.
+    """Gates one site's activation channel-wise (its last axis, any rank: ``(B, H, W, C)``,
+    tokens ``(B, N, C)``, ``(B, C)``); a no-op when `gates` is None.
 
     ``out = g * a + (1 - g) * fill``: a closed gate (0) replaces the channel by its
     ablation value (zero by default, or e.g. its training-set mean), an open gate
@@ -35,8 +36,8 @@ def apply_gate(
     if site not in gates:
         raise KeyError(f"gates has no entry for gate site {site!r}; sites given: {sorted(gates)}")
     g = gates[site].astype(acts_BxHxWxC.dtype)
-    if g.ndim == 2:  # channel granularity: broadcast over space
-        g = g[:, None, None, :]
+    if g.ndim == 2:  # channel granularity: broadcast over positions / tokens, if any
+        g = g.reshape(g.shape[:1] + (1,) * (acts_BxHxWxC.ndim - 2) + g.shape[1:])
     gated = acts_BxHxWxC * g
     if fills is not None and site in fills:
         gated = gated + (1.0 - g) * fills[site].astype(acts_BxHxWxC.dtype)

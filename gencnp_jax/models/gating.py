@@ -113,7 +113,9 @@ def select(patterns, available) -> list[str]:
     available = list(available)
     for p in patterns:
         if not any(match(p, a) for a in available):
-            raise ValueError(f"site pattern {p!r} matches no submodule; available: {available}")
+            raise ValueError(
+                f"site pattern {p!r} matches no submodule; available: {sorted(available)}"
+            )
     return [a for a in available if any(match(p, a) for p in patterns)]
 
 
@@ -121,9 +123,23 @@ class GatedClassifier:
     """``forward(state, x, gates=None, fills=None) -> (logits, features)`` (features in call
     order; jit sorts dict keys); ``site_channels`` in call order (shallow to deep)."""
 
-    def __init__(self, graphdef, state, site_channels: dict[str, int], run: Callable):
+    def __init__(
+        self,
+        graphdef,
+        state,
+        site_channels: dict[str, int],
+        run: Callable,
+        call_model: Callable | None = None,
+    ):
         self.graphdef, self.state, self.site_channels = graphdef, state, dict(site_channels)
         self._run = run  # (graphdef, state, x, ctx) -> logits, with ctx active
+        # NNX: (merged model, x) -> logits outside any context (BatchNorm re-estimation);
+        # None for Linen.
+        self.call_model = call_model
+
+    def with_state(self, state) -> GatedClassifier:
+        """The same gated model over another state (e.g. restored weights)."""
+        return GatedClassifier(self.graphdef, state, self.site_channels, self._run, self.call_model)
 
     def forward(self, state, x, gates: Mapping | None = None, fills: Mapping | None = None):
         for name, given in (("gates", gates), ("fills", fills)):
@@ -140,7 +156,7 @@ class GatedClassifier:
         return logits, {s: f for s, f in ctx.features.items() if s in self.site_channels}
 
 
-def probe(graphdef, state, chosen, run, example_input) -> GatedClassifier:
+def probe(graphdef, state, chosen, run, example_input, call_model=None) -> GatedClassifier:
     """Site channels in call order from one abstract forward (which also validates)."""
     probe = GatedClassifier(graphdef, state, dict.fromkeys(chosen, 0), run)
     channels = {}  # filled at trace time, in call order
@@ -149,4 +165,4 @@ def probe(graphdef, state, chosen, run, example_input) -> GatedClassifier:
         state,
         example_input,
     )
-    return GatedClassifier(graphdef, state, channels, run)
+    return GatedClassifier(graphdef, state, channels, run, call_model)

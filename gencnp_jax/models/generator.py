@@ -52,14 +52,16 @@ class Cell(nnx.Module):
         return self.core(carry, u_BxD)
 
 
-def pool(feats_BxHxWxC: jax.Array, pooling: Sequence[str]) -> jax.Array:
-    """Global pools of a feature map, concatenated: ``f32[B, len(pooling) * C]``."""
+def pool(feats_Bx___xC: jax.Array, pooling: Sequence[str]) -> jax.Array:
+    """Global pools over every axis between batch and channels (positions ``H, W``, tokens
+    ``N``, none for ``(B, C)``), concatenated: ``f32[B, len(pooling) * C]``."""
+    axes = tuple(range(1, feats_Bx___xC.ndim - 1))
     pooled = []
     for name in pooling:
         if name == "avg":
-            pooled.append(jnp.mean(feats_BxHxWxC, axis=(1, 2)))
+            pooled.append(jnp.mean(feats_Bx___xC, axis=axes))
         elif name == "max":
-            pooled.append(jnp.max(feats_BxHxWxC, axis=(1, 2)))
+            pooled.append(jnp.max(feats_Bx___xC, axis=axes))
         else:
             raise ValueError(f"unknown pooling {name!r}: choose from {POOLINGS}")
     return jnp.concatenate(pooled, axis=-1)

@@ -21,14 +21,22 @@ from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.io import writers as logging_utils
 from gencnp_jax.method import explain
 from gencnp_jax.models import classifiers, generator
-from gencnp_jax.stages import bench_train, build_bank, context, explainer, validation
+from gencnp_jax.stages import (
+    bench_train,
+    build_bank,
+    context,
+    explainer,
+    user_classifier,
+    validation,
+)
 
 measure = bench_train.measure  # the timing rule of every number here
 _per_image = bench_train.per_image
 
-INFERENCE = ("forward", "gencnp", "transfer", "cdrp", "neuron_mct")
+INFERENCE = ("forward", "forward_unwrapped", "gencnp", "transfer", "cdrp", "neuron_mct")
 LABELS = {
     "forward": "classifier forward",
+    "forward_unwrapped": "  same, user's model unwrapped",
     "gencnp": "GEN-CNP explanation",
     "transfer": "class-pathway transfer",
     "cdrp": "CDRP",
@@ -78,6 +86,9 @@ def _inference(models: bench_train.Models, config, mesh, repeats: int, bank) -> 
             lambda cs, x, f: baselines.neuron_mct(cls_gd, cs, x, density=0.5, fills=f)
         ),
     }
+    unwrapped = user_classifier.unwrapped_forward(config, cls_gd)
+    if unwrapped is not None:  # a user's model: its own forward, without `attach`
+        fns["forward_unwrapped"] = jax.jit(unwrapped)
     calls = {
         "forward": lambda: fns["forward"](cls_state, images),
         "gencnp": lambda: fns["gencnp"](gen_state, cls_state, images, temp, sigma, fills),
@@ -103,6 +114,8 @@ def _inference(models: bench_train.Models, config, mesh, repeats: int, bank) -> 
         "gencnp/clean_pass": lambda: stage.update(features=calls["gencnp/clean_pass"]()[1]),
         "gencnp/generator": lambda: stage.update(gates=calls["gencnp/generator"]()),
     }
+    if unwrapped is not None:
+        calls["forward_unwrapped"] = lambda: fns["forward_unwrapped"](cls_state, images)
     if bank is not None:
         fns["transfer"] = jax.jit(_transfer_fn(cls_gd, config.bank.class_source))
         bank_dev = sharding.replicate(mesh, bank)

@@ -17,6 +17,7 @@ from flax import nnx
 
 from gencnp_jax.io import sharding
 from gencnp_jax.method import explain
+from gencnp_jax.models.gating import GatedClassifier
 from gencnp_jax.stages import context, train_classifier, train_generator, train_loop
 
 
@@ -100,34 +101,37 @@ def _host_copy(tree):
 
 def train_states(models: Models, config) -> TrainStates:
     """The trainers' own train states (fresh optimizer state) around the trained weights."""
-    cls_model = nnx.merge(models.classifier.graphdef, models.classifier.state)
-    cls_gd, cls_tx, cls_state = train_classifier.init_state(config, cls_model, 10_000)
+    cls_train = None  # a user's attached model is imported, never trained: nothing to time
+    if not isinstance(models.classifier.graphdef, GatedClassifier):
+        cls_model = nnx.merge(models.classifier.graphdef, models.classifier.state)
+        cls_gd, cls_tx, cls_state = train_classifier.init_state(config, cls_model, 10_000)
+        cls_train = (cls_gd, cls_tx, _host_copy(cls_state))
     gen_model = nnx.merge(models.gen_graphdef, models.gen_state)
     steps = max(config.generator.steps, 2)
     gen_gd, gen_tx, gen_state = train_generator.init_state(
         config, models.classifier, gen_model, steps
     )
-    return TrainStates(
-        (cls_gd, cls_tx, _host_copy(cls_state)), (gen_gd, gen_tx, _host_copy(gen_state))
-    )
+    return TrainStates(cls_train, (gen_gd, gen_tx, _host_copy(gen_state)))
 
 
 def train(models: Models, config, mesh, repeats: int, states: TrainStates) -> dict:
-    """Train steps/s of the classifier and of the generator step on `mesh`."""
-    (cls_gd, cls_tx, cls_host), (gen_gd, gen_tx, gen_host) = states.classifier, states.generator
+    """Train steps/s of the classifier (built-in ones only) and of the generator on `mesh`."""
+    gen_gd, gen_tx, gen_host = states.generator
     images, labels = sharding.shard_batch(mesh, models.images, models.labels)
-    site_channels = models.classifier.site_channels
-    cls_bound = train_classifier.bound_step(config, cls_gd, cls_tx, site_channels)
-    cls_state = sharding.replicate(mesh, _host_copy(cls_host))
-    cls_loop = _Repeat(cls_bound, cls_state, {"images": images, "labels": labels})
+    out = {}
+    if states.classifier is not None:
+        cls_gd, cls_tx, cls_host = states.classifier
+        site_channels = models.classifier.site_channels
+        cls_bound = train_classifier.bound_step(config, cls_gd, cls_tx, site_channels)
+        cls_state = sharding.replicate(mesh, _host_copy(cls_host))
+        cls_loop = _Repeat(cls_bound, cls_state, {"images": images, "labels": labels})
+        out["classifier"] = per_step(measure(cls_loop, repeats, cls_bound.jitted))
     gen_bound = train_generator.bound_step(
         config, gen_gd, models.classifier, gen_tx, models.fills, mesh
     )
     gen_loop = _Repeat(gen_bound, sharding.replicate(mesh, _host_copy(gen_host)), images)
-    return {
-        "classifier": per_step(measure(cls_loop, repeats, cls_bound.jitted)),
-        "generator": per_step(measure(gen_loop, repeats, gen_bound.jitted)),
-    }
+    out["generator"] = per_step(measure(gen_loop, repeats, gen_bound.jitted))
+    return out
 
 
 def gencnp_on(models: Models, config, mesh, repeats: int) -> dict:
@@ -167,7 +171,9 @@ def scaling(models, config, main_mesh, main_train, main_gencnp, repeats, states,
             steps = train(models, config, mesh, repeats, states)
             gencnp = gencnp_on(models, config, mesh, repeats)
         out[str(n)] = {
-            "classifier_steps_per_second": steps["classifier"]["steps_per_second"],
+            "classifier_steps_per_second": steps.get("classifier", {}).get(
+                "steps_per_second", float("nan")
+            ),
             "generator_steps_per_second": steps["generator"]["steps_per_second"],
             "gencnp_images_per_second": gencnp["images_per_second"],
         }

@@ -17,6 +17,8 @@ from flax import nnx
 from gencnp_jax.io import batched, checkpointing, data, sharding
 from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.models import classifiers
+from gencnp_jax.models.gating import GatedClassifier
+from gencnp_jax.stages import user_classifier
 
 
 class StageOrderError(RuntimeError):
@@ -25,9 +27,11 @@ class StageOrderError(RuntimeError):
 
 @dataclasses.dataclass
 class Classifier:
-    """A trained (or fresh) classifier as it crosses jit: `(graphdef, state)`."""
+    """A trained (or fresh) classifier as it crosses jit: `(graphdef, state)`; `graphdef` is
+    a built-in model's NNX GraphDef or a user's model gated by `attach` (`classifiers.forward`
+    runs either)."""
 
-    graphdef: nnx.GraphDef
+    graphdef: classifiers.Definition
     state: nnx.State
     site_channels: dict[str, int]
     num_classes: int
@@ -103,9 +107,7 @@ def classifier_template(config, abstract: bool = False) -> tuple[nnx.Module, dic
     return model, {"params": params, "rest": rest}
 
 
-def load_classifier(config, workdir: str) -> Classifier:
-    """The trained classifier of `workdir` (error naming the missing stage if absent)."""
-    model, template = classifier_template(config, abstract=True)
+def _restore_classifier(workdir: str, template):
     ckpt = checkpointing.Checkpointer(os.path.join(classifier_dir(workdir), "final"))
     restored = ckpt.restore(template)
     ckpt.close()
@@ -114,7 +116,20 @@ def load_classifier(config, workdir: str) -> Classifier:
             f"no trained classifier in {classifier_dir(workdir)}: run "
             f"`python launch.py --config=... --workdir={workdir} --mode=train_classifier` first"
         )
-    _, state, _ = restored
+    return restored[1]
+
+
+def load_classifier(config, workdir: str) -> Classifier:
+    """The trained (or, for a factory model, imported) classifier of `workdir` (an error
+    naming the missing stage if absent)."""
+    if user_classifier.uses_factory(config):
+        hwc, num_classes = data.dataset_info(config.data.dataset)
+        gated = user_classifier.build_gated(config, hwc, num_classes, load_weights=False)
+        saved = _restore_classifier(workdir, {"state": user_classifier.saved_part(gated.state)})
+        gated = user_classifier.with_saved(gated, saved["state"])
+        return Classifier(gated, gated.state, dict(gated.site_channels), num_classes)
+    model, template = classifier_template(config, abstract=True)
+    state = _restore_classifier(workdir, template)
     model = nnx.merge(nnx.graphdef(model), state["params"], state["rest"])
     graphdef, full_state = nnx.split(model)
     _, num_classes = data.dataset_info(config.data.dataset)
@@ -136,31 +151,49 @@ def _batchnorm_paths(model: nnx.Module) -> list[tuple]:
     return [path for path, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)]
 
 
-def _probed_moments(graphdef: nnx.GraphDef, state: nnx.State, images_BxHxWxC, order=None):
+def _nnx_model(graphdef) -> tuple[nnx.GraphDef, object] | None:
+    """``(NNX graphdef, call(model, x))`` of a built-in or attached NNX classifier (None for
+    an attached Linen model, whose BatchNorms are not NNX modules)."""
+    if isinstance(graphdef, GatedClassifier):
+        if graphdef.call_model is None:
+            return None
+        return graphdef.graphdef, graphdef.call_model
+    return graphdef, lambda model, x: model(x, train=False)
+
+
+def _probed_moments(graphdef, state: nnx.State, images_BxHxWxC, order=None):
     """Per-example mean and variance (over every axis but batch and channel) of each
     BatchNorm's input in inference mode: ``[{"mean": f32[B, C], "var": f32[B, C]}]`` in call
     order; the BatchNorms' module paths are appended to `order` (a list) when given."""
-    model = nnx.merge(graphdef, state)
+    nnx_graphdef, call = _nnx_model(graphdef)
+    model = nnx.merge(nnx_graphdef, state)
     seen = []
     for path in _batchnorm_paths(model):
-        parent = _module_at(model, path[:-1])
-        bn = getattr(parent, path[-1])
-        setattr(parent, path[-1], _Probe(bn, lambda x, p=path: seen.append((p, x))))
-    model(images_BxHxWxC, train=False)
+        parent, key = _module_at(model, path[:-1]), path[-1]
+        probe = _Probe(_child(parent, key), lambda x, p=path: seen.append((p, x)))
+        if isinstance(key, int):
+            parent[key] = probe
+        else:
+            setattr(parent, key, probe)
+    call(model, images_BxHxWxC)
     if order is not None:
         order.extend(p for p, _ in seen)
     axes = lambda x: tuple(range(1, x.ndim - 1))
     return [{"mean": x.mean(axes(x)), "var": x.var(axes(x))} for _, x in seen]
 
 
+def _child(parent, key):
+    return parent[key] if isinstance(key, int) else getattr(parent, key)
+
+
 def _module_at(model: nnx.Module, path: tuple) -> nnx.Module:
     for key in path:
-        model = getattr(model, key)
+        model = _child(model, key)
     return model
 
 
 def reestimate_batchnorm(
-    graphdef: nnx.GraphDef,
+    graphdef: classifiers.Definition,
     state: nnx.State,
     make_batch,
     num_examples: int,
@@ -182,8 +215,11 @@ def reestimate_batchnorm(
       batch_size: rows per pass; a multiple of the mesh size.
 
     Returns:
-      The new state (the input is not changed); non-BatchNorm variables are kept.
+      The new state (the input is not changed); non-BatchNorm variables are kept. An
+      attached Linen model's state is returned as it is.
     """
+    if _nnx_model(graphdef) is None:  # attached Linen model: its statistics are kept
+        return state
     order = []
     example = jnp.asarray(make_batch(np.zeros(1, np.int64)))
     jax.eval_shape(lambda s, x: _probed_moments(graphdef, s, x, order), state, example)
@@ -194,7 +230,7 @@ def reestimate_batchnorm(
         moments = batched.map_batches(run, make_batch, num_examples, batch_size, mesh)
         mean_BxC = moments["mean"].astype(np.float64)  # exact sums over the whole split
         var_C = moments["var"].astype(np.float64).mean(0) + mean_BxC.var(0)
-        model = nnx.merge(graphdef, state, copy=True)  # never write into the caller's state
+        model = nnx.merge(_nnx_model(graphdef)[0], state, copy=True)  # caller's state kept
         bn = _module_at(model, path)
         bn.mean.set_value(jnp.asarray(mean_BxC.mean(0), bn.mean.get_value().dtype))
         bn.var.set_value(jnp.asarray(var_C, bn.var.get_value().dtype))

@@ -10,12 +10,13 @@ from collections.abc import Callable
 
 # mode -> "module:function" under gencnp_jax.stages
 MODES = {
-    "train_classifier": "train_classifier:train_classifier",
+    "train_classifier": "import_classifier:classifier_stage",  # trains, or imports a factory model
     "train_generator": "train_generator:train_generator",
     "build_bank": "build_bank:build_bank",
     "evaluate": "evaluate:evaluate",
     "report": "report:make_report",
     "bench": "bench:bench",
+    "explain": "explain_images:explain_images",  # given images: not in PIPELINE
 }
 PIPELINE = ("train_classifier", "train_generator", "build_bank", "evaluate", "report")
 ALL = "all"

@@ -17,11 +17,11 @@ import time
 import jax
 import numpy as np
 
-from gencnp_jax.io import checkpointing, data, preemption
+from gencnp_jax.io import checkpointing, data, preemption, weights
 from gencnp_jax.io import lock as lock_lib
 from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.io import writers as logging_utils
-from gencnp_jax.stages import build_bank, context, modes, validation
+from gencnp_jax.stages import build_bank, context, modes, user_classifier, validation
 
 _CLUSTER_ENV = (
     "SLURM_NTASKS",
@@ -105,7 +105,16 @@ TRAINING = ("train_classifier", "train_generator")
 
 
 def run_stage(mode: str, config, workdir: str, launched_mode: str | None = None):
-    """Runs one stage; a training stage under a SIGTERM / SIGINT guard (`io/preemption.py`)."""
+    """Runs one stage; a training stage under a SIGTERM / SIGINT guard (`io/preemption.py`).
+
+    Records the config it runs with in ``WORKDIR/config.json`` first (what
+    `Explainer.from_workdir(workdir)` reads back).
+    """
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        logging_utils.write_text(
+            os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2)
+        )
     if mode not in TRAINING:
         return modes.stage_fn(mode)(config, workdir)
     command = preemption.rerun_command(
@@ -153,6 +162,8 @@ USER_ERRORS = (
     data.DatasetError,
     FloatingPointError,
     build_bank.BankMismatchError,
+    user_classifier.UserModelError,
+    weights.WeightsError,
 )
 
 
@@ -166,10 +177,6 @@ def run(mode: str, config, workdir: str):
         if mode not in modes.NAMES:
             raise UserError(f"unknown mode {mode!r}: choose one of {modes.NAMES}")
         with workdir_lock(workdir, mode):
-            if jax.process_index() == 0:
-                logging_utils.write_text(
-                    os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2)
-                )
             if mode == modes.ALL:
                 return run_all(config, workdir)
             return run_stage(mode, config, workdir)

@@ -202,7 +202,7 @@ def train_classifier(config, workdir: str) -> dict:
     classifier = context.Classifier(
         full_graphdef, full_state, dict(model.site_channels), context.num_classes(config)
     )
-    metrics = _evaluate(config, classifier, {"train": train, "test": test}, mesh)
+    metrics = evaluate_classifier(config, classifier, {"train": train, "test": test}, mesh)
     metrics.update(
         train_steps=total,
         train_seconds=result.seconds,
@@ -217,7 +217,7 @@ def train_classifier(config, workdir: str) -> dict:
     return metrics
 
 
-def _evaluate(config, classifier: context.Classifier, splits: dict, mesh) -> dict:
+def evaluate_classifier(config, classifier: context.Classifier, splits: dict, mesh) -> dict:
     """Test accuracy, size and random-drop agreements (zero and mean ablation) of `classifier`.
 
     Args:

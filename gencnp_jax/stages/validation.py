@@ -10,9 +10,10 @@ import os
 import jax
 from flax import nnx
 
-from gencnp_jax.io import data
+from gencnp_jax.io import data, weights
 from gencnp_jax.method import objective
 from gencnp_jax.models import classifiers, generator
+from gencnp_jax.stages import user_classifier
 
 
 class ConfigError(ValueError):
@@ -39,11 +40,13 @@ _SHARDED_BATCHES = (
 def check_config(config) -> None:
     """Raises ConfigError for unknown names, impossible sizes and unknown gate sites."""
     c = config.classifier
-    if c.name not in classifiers.CLASSIFIERS:
+    if user_classifier.uses_factory(config):
+        pass  # the user's model: checked below, once the dataset's shape is known
+    elif c.name not in classifiers.CLASSIFIERS:
         raise ConfigError(
             f"config.classifier.name={c.name!r} is unknown: choose one of {classifiers.CLASSIFIERS}"
         )
-    if not c.widths or any(int(w) <= 0 for w in c.widths):
+    elif not c.widths or any(int(w) <= 0 for w in c.widths):
         raise ConfigError(f"config.classifier.widths={tuple(c.widths)} must be positive ints")
     for section, fields in _POSITIVE.items():
         for field in fields:
@@ -123,18 +126,39 @@ def _dataset_info(config) -> tuple[tuple[int, int, int], int]:
         ) from None
 
 
+def _user_sites(config, hwc, num_classes) -> list[str]:
+    """The sites of the user's model, built, loaded and gated as the stages will."""
+    c = config.classifier
+    if not c.get("checkpoint", ""):
+        raise ConfigError(
+            f"config.classifier.factory={c.factory!r} needs config.classifier.checkpoint (an "
+            f"orbax directory, .npz or .msgpack of its weights): the pipeline trains only the "
+            f"built-in classifiers; save yours with gencnp_jax.save_weights(model, 'w.npz')"
+        )
+    try:
+        return list(user_classifier.build_gated(config, hwc, num_classes).site_channels)
+    except (user_classifier.UserModelError, weights.WeightsError) as err:
+        raise ConfigError(str(err)) from None
+
+
 def _check_sites(config, hwc, num_classes) -> None:
-    """Gate sites named in the config must be sites of the configured classifier."""
+    """The user's model (factory) must build, load and attach; gate sites named in the
+    config must be sites of the configured classifier."""
     site = config.eval.get("gradcam_site", "")
+    if user_classifier.uses_factory(config):
+        sites = _user_sites(config, hwc, num_classes)
+    elif not site:
+        return
+    else:
+        c = config.classifier
+        model = nnx.eval_shape(  # shapes only: free
+            lambda: classifiers.make_classifier(
+                c.name, tuple(c.widths), num_classes, hwc[-1], c.depth, seed=0
+            )
+        )
+        sites = list(model.site_channels)
     if not site:
         return
-    c = config.classifier
-    model = nnx.eval_shape(  # shapes only: free
-        lambda: classifiers.make_classifier(
-            c.name, tuple(c.widths), num_classes, hwc[-1], c.depth, seed=0
-        )
-    )
-    sites = list(model.site_channels)
     if site not in sites:
         raise ConfigError(
             f"config.eval.gradcam_site={site!r} is not a gate site of this classifier: "
