@@ -1,41 +1,11 @@
 """gencnp_jax entry point: flags, optional multi-host start, one library call per mode.
 
 python launch.py --config=configs/default.py --workdir=runs/default --mode=all
+
+The flags and `main` live in `gencnp_jax/stages/cli.py` (also the `gencnp` console script).
 """
 
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-from gencnp_jax.stages import modes
-
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.")
-_MODE = flags.DEFINE_enum(
-    "mode",
-    "all",
-    list(modes.NAMES),
-    "Which stage to run; `all` runs every stage, skipping those already complete.",
-)
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0, for multi-host runs."
-)
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (hosts).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
-flags.mark_flags_as_required(["workdir"])
-
-
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)  # absl INFO lines (e.g. 'no TPU backend') are noise
-    import jax
-
-    if _CONFIG.value.cpu_devices > 0:  # host devices: a 2-device CPU mesh uses both cores
-        jax.config.update("jax_num_cpu_devices", _CONFIG.value.cpu_devices)
-    from gencnp_jax.stages import pipeline
-
-    pipeline.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    pipeline.run(_MODE.value, _CONFIG.value, _WORKDIR.value)
-
+from gencnp_jax.stages.cli import main
 
 if __name__ == "__main__":
-    app.run(main)
+    main()
