@@ -2,15 +2,19 @@
 
 The public API, imported on first use (importing the package stays cheap)::
 
-    from gencnp_jax import attach, list_sites, explain, Explainer, Pathway
-    gated = attach(model, ["block*/conv*"], example_input=x)   # any Flax NNX or Linen model
-    logits, features = gated.forward(gated.state, x, gates)     # pure, jit-able
+    import gencnp_jax
+    gated = gencnp_jax.attach(model, ["block*/conv*"], example_input=x)  # any Flax NNX / Linen
+    logits, features = gated.forward(gated.state, x, gates)              # pure, jit-able
+    gencnp_jax.run_pipeline(config, workdir)         # classifier, generator, bank, eval, report
+    explainer = gencnp_jax.Explainer.from_workdir(workdir)
+    pathway = explainer(images)                      # Pathway: gates, scores, logits
 """
 
 from __future__ import annotations
 
 import importlib
 
+# Public name -> "module" (the same name there) or "module:attr" (another name there).
 _EXPORTS = {
     "attach": "gencnp_jax.models.attach",
     "list_sites": "gencnp_jax.models.attach",
@@ -20,8 +24,17 @@ _EXPORTS = {
     "explain": "gencnp_jax.method.explain",
     "jit_explain": "gencnp_jax.method.explain",
     "Explainer": "gencnp_jax.stages.explainer",
+    "run_pipeline": "gencnp_jax.stages.pipeline:run_all",
+    "load_split": "gencnp_jax.stages.context:load_data",
     "grad_cam": "gencnp_jax.eval.saliency",
     "pathway_gradient": "gencnp_jax.eval.saliency",
+    "class_names": "gencnp_jax.io.data",
+    "normalize": "gencnp_jax.io.data",
+    "save_weights": "gencnp_jax.io.weights",
+    "load_weights": "gencnp_jax.io.weights",
+    "plot_site_masks": "gencnp_jax.viz.plots",
+    "plot_density_hist": "gencnp_jax.viz.plots",
+    "plot_gallery": "gencnp_jax.viz.plots",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -29,7 +42,10 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'gencnp_jax' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+    module, _, attr = _EXPORTS[name].partition(":")
+    value = getattr(importlib.import_module(module), attr or name)
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
 
 
 def __dir__() -> list[str]:
