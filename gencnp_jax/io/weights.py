@@ -12,6 +12,7 @@ the same form and names what does not fit.
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Mapping
 
 import jax
@@ -71,6 +72,8 @@ def load_weights(path: str) -> dict[str, np.ndarray]:
         if os.path.isdir(path):
             return flatten(_read_orbax(path))
         if path.endswith(".npz"):
+            if not zipfile.is_zipfile(path):
+                raise WeightsError(f"classifier checkpoint {path} is not an .npz (zip) file")
             with np.load(path, allow_pickle=False) as f:
                 return {k: f[k] for k in f.files}
         if path.endswith(".msgpack"):
