@@ -10,7 +10,7 @@ import os
 import jax
 from flax import nnx
 
-from gencnp_jax.io import data, weights
+from gencnp_jax.io import custom_data, data, weights
 from gencnp_jax.method import objective
 from gencnp_jax.models import classifiers, generator
 from gencnp_jax.stages import user_classifier
@@ -120,6 +120,8 @@ def _dataset_info(config) -> tuple[tuple[int, int, int], int]:
     try:
         return data.dataset_info(name, os.path.expanduser(config.data.data_dir))
     except data.DatasetError as err:
+        if custom_data.is_custom(name):  # the message already says how to fix the files
+            raise ConfigError(f"config.data.dataset={name!r}: {err}") from None
         raise ConfigError(
             f"config.data.dataset={name!r} cannot be used ({err}): choose fashion_mnist, "
             f"mnist, cifar10 or another TFDS dataset prepared in config.data.data_dir"
