@@ -110,7 +110,7 @@ def run_stage(mode: str, config, workdir: str, launched_mode: str | None = None)
     Records the config it runs with in ``WORKDIR/config.json`` first (what
     `Explainer.from_workdir(workdir)` reads back).
     """
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and hasattr(config, "to_json_best_effort"):  # a ConfigDict
         os.makedirs(workdir, exist_ok=True)
         logging_utils.write_text(
             os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2)
