@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gencnp_jax.method import explain
 from gencnp_jax.models import classifiers
 from gencnp_jax.models import gates as gates_lib
 
@@ -151,3 +152,21 @@ def pathway_gradient(
         return jnp.sum(_class_logit(logits, classes_B))
 
     return jax.grad(logit_sum)(images_BxHxWxC)
+
+
+def pathway_saliency(
+    gen_graphdef, gen_state, cls_graphdef, cls_state, images_BxHxWxC, temperature, sigma, fills,
+    site: str,
+) -> tuple[jax.Array, jax.Array, jax.Array]:  # fmt: skip
+    """Explains `images` (GEN-CNP) and maps the explained class: ``(Grad-CAM of the full
+    model f32[B, H, W], Grad-CAM of the pathway model f32[B, H, W], pathway gradient
+    f32[B, H, W, C])`` (`grad_cam` at `site`, `pathway_gradient`)."""
+    p = explain.explain(
+        gen_graphdef, gen_state, cls_graphdef, cls_state, images_BxHxWxC, temperature, sigma,
+        fills,
+    )  # fmt: skip
+    c = p.explained_class
+    cam_full = grad_cam(cls_graphdef, cls_state, images_BxHxWxC, c, site)
+    cam_pathway = grad_cam(cls_graphdef, cls_state, images_BxHxWxC, c, site, p.gates, fills)
+    grad = pathway_gradient(cls_graphdef, cls_state, images_BxHxWxC, c, p.gates, fills)
+    return cam_full, cam_pathway, grad

@@ -234,17 +234,12 @@ class Explainer:
             raise ValueError(f"site {site!r} is not a gate site of this classifier: {list(sites)}")
         images = self.prepare(images)
         if site not in self._saliency_fns:
-            cls_gd = self.classifier.graphdef
+            gen_gd, cls_gd = self.gen_graphdef, self.classifier.graphdef
 
             def fn(gen_state, cls_state, fills, batch, temperature, sigma):
-                p = self._explain(gen_state, cls_state, batch, temperature, sigma, fills)
-                c = p.explained_class
-                cam_full = saliency_lib.grad_cam(cls_gd, cls_state, batch, c, site)
-                cam_pathway = saliency_lib.grad_cam(
-                    cls_gd, cls_state, batch, c, site, p.gates, fills
+                return saliency_lib.pathway_saliency(
+                    gen_gd, gen_state, cls_gd, cls_state, batch, temperature, sigma, fills, site
                 )
-                grad = saliency_lib.pathway_gradient(cls_gd, cls_state, batch, c, p.gates, fills)
-                return cam_full, cam_pathway, grad
 
             self._saliency_fns[site] = jax.jit(fn)
         jitted, t, sigma = self._saliency_fns[site], self._temperature, self._sigma

@@ -86,21 +86,10 @@ def make_gallery_fn(explainer: explainer_lib.Explainer, site: str):
     cls, g = explainer.classifier, explainer.config.generator
 
     def fn(gen_state, cls_state, fills, images):
-        p = explain.explain(
-            explainer.gen_graphdef,
-            gen_state,
-            cls.graphdef,
-            cls_state,
-            images,
-            g.daq.temperature,
-            g.daq.sigma,
-            fills,
-        )
-        c = p.explained_class
-        cam_full = saliency.grad_cam(cls.graphdef, cls_state, images, c, site)
-        cam_pathway = saliency.grad_cam(cls.graphdef, cls_state, images, c, site, p.gates, fills)
-        grad = saliency.pathway_gradient(cls.graphdef, cls_state, images, c, p.gates, fills)
-        return cam_full, cam_pathway, grad
+        return saliency.pathway_saliency(
+            explainer.gen_graphdef, gen_state, cls.graphdef, cls_state, images,
+            g.daq.temperature, g.daq.sigma, fills, site,
+        )  # fmt: skip
 
     jitted = jax.jit(fn)
     return lambda images: jitted(explainer.gen_state, cls.state, explainer.fills, images)
