@@ -1,4 +1,4 @@
-"""Prototype for issue 11 (not part of the pipeline): distil per-instance optimised masks into
+"""Prototype (not part of the pipeline yet): distil per-instance optimised masks into
 the GEN-CNP generator.
 
 Phase A (PIO): for M training images, channel gates sigmoid(theta) start open and minimise

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
+from user_models import MixerBlock
 
 from gencnp_jax.models.attach import attach, list_sites
 
@@ -90,27 +91,6 @@ def test_cnn_identity_features_and_gating(cnn):
     moved = {**ones, s: ones[s].at[:, j].add(-eps)}
     slope = (loss(params, x, ones) - loss(params, x, moved)) / eps
     chex.assert_trees_all_close(jnp.sum(g_gates[s][:, j]), slope, rtol=0.05)
-
-
-class MLP(nnx.Module):
-    def __init__(self, d, hidden, rngs):
-        self.fc1 = nnx.Linear(d, hidden, rngs=rngs)
-        self.act = nnx.gelu
-        self.fc2 = nnx.Linear(hidden, d, rngs=rngs)
-
-    def __call__(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class MixerBlock(nnx.Module):
-    def __init__(self, n, d, rngs):
-        self.norm = nnx.LayerNorm(d, rngs=rngs)
-        self.tokens = nnx.Linear(n, n, rngs=rngs)
-        self.mlp = MLP(d, 2 * d, rngs)
-
-    def __call__(self, x):
-        x = x + jnp.swapaxes(self.tokens(jnp.swapaxes(self.norm(x), 1, 2)), 1, 2)
-        return x + self.mlp(x)
 
 
 class Mixer(nnx.Module):

@@ -1,7 +1,7 @@
 """The generator's objective for one batch (docs/METHOD.md §4): every loss term, as one pure
 function of the generator, the frozen classifier and the step's hyper-parameters.
 
-The options of issue "pathways that explain" are pytree leaves of `StepHParams` (0/1 switches
+The objective's options (docs/METHOD.md §4) are pytree leaves of `StepHParams` (0/1 switches
 and numbers), so switching them never recompiles the step.
 """
 

@@ -36,13 +36,7 @@ def plot_explanation(row: plots.GalleryRow, gates_one_instance: Mapping[str, np.
     top.colorbar(cam_im, ax=axes[1:3], label="Grad-CAM", shrink=0.8)
     top.colorbar(grad_im, ax=axes[3], label="|dy_c/dx| (normalised)", shrink=0.8)
 
-    width = max(np.asarray(g).size for g in gates_one_instance.values())
-    grid = np.full((len(sites), width), np.nan)
-    labels = []
-    for i, site in enumerate(sites):
-        kept = np.asarray(gates_one_instance[site]).reshape(-1) >= 0.5
-        grid[i, : kept.size] = kept
-        labels.append(f"{site}  ({kept.sum()}/{kept.size})")
+    grid, labels = plots.site_mask_grid(gates_one_instance)
     ax = bottom.add_subplot()
     ax.imshow(np.ma.masked_invalid(grid), cmap=plots.MASK_CMAP, **plots.HEATMAP)
     ax.set_yticks(range(len(sites)), labels, fontsize=8)

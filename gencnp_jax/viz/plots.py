@@ -27,6 +27,19 @@ def _figure(width: float, height: float) -> Figure:
     return fig
 
 
+def site_mask_grid(gates_one_instance) -> tuple[np.ndarray, list[str]]:
+    """One row per site (NaN past its channel count), 1 where the channel is kept, and the
+    row labels ``"site  (kept/total)"``."""
+    width = max(np.asarray(g).size for g in gates_one_instance.values())
+    grid = np.full((len(gates_one_instance), width), np.nan)
+    labels = []
+    for i, (site, g) in enumerate(gates_one_instance.items()):
+        kept = np.asarray(g).reshape(-1) >= 0.5
+        grid[i, : kept.size] = kept
+        labels.append(f"{site}  ({kept.sum()}/{kept.size})")
+    return grid, labels
+
+
 def plot_site_masks(gates_one_instance: Mapping[str, np.ndarray], title: str = "pathway"):
     """Which channels one pathway keeps: one row per site (shallow on top), one cell per channel.
 
@@ -38,13 +51,7 @@ def plot_site_masks(gates_one_instance: Mapping[str, np.ndarray], title: str = "
       ``(fig, ax)``.
     """
     sites = list(gates_one_instance)
-    width = max(np.asarray(g).size for g in gates_one_instance.values())
-    grid = np.full((len(sites), width), np.nan)
-    labels = []
-    for i, site in enumerate(sites):
-        kept = np.asarray(gates_one_instance[site]).reshape(-1) >= 0.5
-        grid[i, : kept.size] = kept
-        labels.append(f"{site}  ({kept.sum()}/{kept.size})")
+    grid, labels = site_mask_grid(gates_one_instance)
     fig = _figure(10, 1.4 + 0.35 * len(sites))
     ax = fig.add_subplot()
     ax.imshow(np.ma.masked_invalid(grid), cmap=MASK_CMAP, **HEATMAP)
