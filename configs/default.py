@@ -64,7 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.generator = ml_collections.ConfigDict()
     c.generator.ablation = "mean"  # closed gates -> "zero" | "mean" (training-set channel mean)
     c.generator.batch_size = 128
-    c.generator.steps = 1500
+    c.generator.steps = 1000
     c.generator.checkpoint_every = 250
     c.generator.log_every = 25
     c.generator.eval_batch_size = 500
@@ -101,6 +101,20 @@ def get_config() -> ml_collections.ConfigDict:
     c.generator.loss.w_contrast = 0.0  # supervised contrastive term on the scores
     c.generator.loss.contrast_temperature = 0.1
     c.generator.loss.contrast_start = 300  # steps of warm-up before it counts
+    # Distillation of per-instance optimised masks (ours, method/pio.py): PIO masks of
+    # `pio.num_images` training images (cached in the workdir) and a BCE of the generator's
+    # scores to them on `pio.per_step` of them per step, weighted by `loss.w_distill`.
+    c.generator.loss.w_distill = 10.0  # 0 = off (no PIO masks computed)
+    c.generator.pio = ml_collections.ConfigDict()
+    c.generator.pio.num_images = 1024
+    c.generator.pio.per_step = 64  # target images per generator step (a multiple of devices)
+    c.generator.pio.batch_size = 256  # images optimised together (a multiple of devices)
+    c.generator.pio.steps = 150  # Adam steps per image
+    c.generator.pio.learning_rate = 0.1
+    c.generator.pio.density_weight = 2.0  # sparsity against KL(p(x) || p(x; mask))
+    c.generator.pio.leak_weight = 1.0  # rank leakage hinge on a different-class image
+    c.generator.pio.leak_margin = 1.0
+    c.generator.pio.init_logit = 3.0  # gates start open: sigmoid(3) = 0.95
     c.generator.opt = ml_collections.ConfigDict()  # Adam, warmup + cosine, global-norm clipping
     c.generator.opt.learning_rate = 3e-3
     c.generator.opt.warmup_steps = 50
@@ -117,6 +131,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.ablations = ("mean", "zero")  # closed channel -> training mean | 0; first = headline
     c.eval.control_examples = 2000  # training images for the constant / class_constant masks
     c.eval.sanity_steps = 300  # generator steps on the weight-randomised classifier
+    c.eval.sanity_pio_images = 256  # its PIO masks (at most; the trained run's pio settings)
     c.eval.batch_size = 250
     c.eval.cdrp_steps = 30  # cdrp-detect: 30 SGD steps, lr 0.1, momentum 0.9, lambda 0.05
     c.eval.cdrp_gamma = 0.05

@@ -26,6 +26,11 @@ def get_config():
     c.generator.checkpoint_every = 8
     c.generator.log_every = 4
     c.generator.eval_batch_size = 64
+    c.generator.pio.num_images = 64
+    c.generator.pio.per_step = 16
+    c.generator.pio.batch_size = 32
+    c.generator.pio.steps = 10
+    c.generator.pio.learning_rate = 0.5  # 10 steps of 0.5 can close a gate that starts at 3
     c.bank.samples_per_class = 4
     c.eval.num_examples = 64
     c.eval.control_examples = 64

@@ -53,7 +53,12 @@ def test_switches_select_the_documented_forms(setup):
     partner_logits = classify(batch["images"][batch["partner"]], gates)[0]
     expected = losses.leakage_rank_hinge(partner_logits, batch["pred"], batch["has_partner"], 1.0)
     assert float(rank["leak"]) == pytest.approx(float(expected), rel=1e-5)
-    assert set(base) == set(losses.TERMS)
+    assert set(base) == set(losses.TERMS) - {"distill"}  # no targets in the batch
+    targets = jnp.round(gates_lib.flatten(scores))[:2]
+    with_targets = {**batch, "target_images": batch["images"][:2], "target_masks": targets}
+    distilled, *_ = objective.loss_terms(generator, classify, with_targets, bank, _hp())
+    expected = losses.mask_bce(gates_lib.flatten(scores)[:2], targets)
+    assert float(distilled["distill"]) == pytest.approx(float(expected), rel=1e-5)
     np.testing.assert_array_equal(gates_lib.flatten(gates), jnp.round(gates_lib.flatten(gates)))
 
 

@@ -11,7 +11,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-TERMS = ("kd", "hinge", "sparsity", "pdn", "pull", "leak", "contrast", "budget")
+TERMS = ("kd", "hinge", "sparsity", "pdn", "pull", "leak", "contrast", "budget", "distill")
 
 
 def _kl_rows(teacher_logits_BxK: jax.Array, student_logits_BxK: jax.Array) -> jax.Array:
@@ -214,6 +214,17 @@ def supervised_contrastive(
     return jnp.sum(per_B * has_B) / jnp.maximum(jnp.sum(has_B), 1.0)
 
 
+def mask_bce(scores_BxN: jax.Array, target_masks_BxN: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """Mask distillation (ours): mean binary cross-entropy of gate scores to 0/1 target masks.
+
+    ``-mean_{i,n} [t log s + (1 - t) log(1 - s)]``, scores clipped to ``[eps, 1 - eps]``. The
+    targets (`method/pio.py`) are stop-gradient.
+    """
+    s = jnp.clip(scores_BxN, eps, 1.0 - eps)
+    t = jax.lax.stop_gradient(target_masks_BxN).astype(s.dtype)
+    return -jnp.mean(t * jnp.log(s) + (1.0 - t) * jnp.log1p(-s))
+
+
 def sparsity_ramp(
     step: int | jax.Array, ramp_steps: int | jax.Array, final_weight: float | jax.Array
 ) -> jax.Array:
@@ -243,6 +254,7 @@ class LossWeights:
     leak: jax.Array = 1.0
     contrast: jax.Array = 0.0
     budget: jax.Array = 0.0
+    distill: jax.Array = 0.0
 
     @classmethod
     def create(cls, **weights: float) -> LossWeights:

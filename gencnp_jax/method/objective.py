@@ -71,7 +71,8 @@ def loss_terms(model, classify: Callable, batch: dict, bank, hp: StepHParams):
       classify: ``(images, gates=None) -> (logits, features)``, the frozen classifier, closed
         gates taking the run's ablation fills.
       batch: ``images`` and what the full classifier says of them: ``full_logits``, ``pred``,
-        the different-class ``partner`` and ``has_partner``.
+        the different-class ``partner`` and ``has_partner``; with ``target_images`` and
+        ``target_masks`` (PIO masks, `method/pio.py`) also the ``distill`` term.
       bank: the class-score bank of the pull term (``scores f32[K, N]``, ``counts f32[K]``).
       hp: the step's hyper-parameters.
 
@@ -104,4 +105,7 @@ def loss_terms(model, classify: Callable, batch: dict, bank, hp: StepHParams):
         "contrast": losses.supervised_contrastive(scores_flat, pred, hp.contrast_temperature),
         "budget": losses.kd_budget(full_logits, pathway_logits, hp.tau, hp.kd_budget),
     }
+    if "target_images" in batch:
+        target_scores, _ = model(classify(batch["target_images"])[1])
+        terms["distill"] = losses.mask_bce(gates_lib.flatten(target_scores), batch["target_masks"])
     return terms, gates, pathway_logits, scores_flat

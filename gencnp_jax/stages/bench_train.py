@@ -18,7 +18,7 @@ from flax import nnx
 from gencnp_jax.io import sharding
 from gencnp_jax.method import explain
 from gencnp_jax.models.gating import GatedClassifier
-from gencnp_jax.stages import context, train_classifier, train_generator, train_loop
+from gencnp_jax.stages import context, pio_targets, train_classifier, train_generator, train_loop
 
 
 def measure(call: Callable[[], object], repeats: int, jitted=None, warmup: int = 2) -> dict:
@@ -129,7 +129,16 @@ def train(models: Models, config, mesh, repeats: int, states: TrainStates) -> di
     gen_bound = train_generator.bound_step(
         config, gen_gd, models.classifier, gen_tx, models.fills, mesh
     )
-    gen_loop = _Repeat(gen_bound, sharding.replicate(mesh, _host_copy(gen_host)), images)
+    gen_batch = images
+    if pio_targets.enabled(config):  # the step's distill term too, on random target masks
+        n, count = sum(models.classifier.site_channels.values()), config.generator.pio.per_step
+        rows = np.arange(count) % len(models.images)
+        masks = np.random.default_rng(0).integers(0, 2, (count, n)).astype(np.float32)
+        gen_batch = {"images": images}
+        gen_batch["target_images"], gen_batch["target_masks"] = sharding.shard_batch(
+            mesh, models.images[rows], masks
+        )
+    gen_loop = _Repeat(gen_bound, sharding.replicate(mesh, _host_copy(gen_host)), gen_batch)
     out["generator"] = per_step(measure(gen_loop, repeats, gen_bound.jitted))
     return out
 

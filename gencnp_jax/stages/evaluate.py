@@ -273,6 +273,7 @@ def evaluate(config, workdir: str) -> dict:
                 "control_examples": min(len(train.labels), e.control_examples),
                 "auc_examples": ctx["auc_n"],
                 "sanity_steps": e.sanity_steps,
+                "sanity_pio_images": e.sanity_pio_images,
                 "seed": config.seed,
                 "batch_size": e.batch_size,
                 "generator_ablation": config.generator.ablation,

@@ -5,6 +5,7 @@ Every loop over examples goes through `io.batched.map_batches` (pad, shard, run,
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -148,6 +149,16 @@ def control_tables(run: Run, score_fns, params, train_images, num_classes) -> di
     }
 
 
+def _sanity_config(config):
+    """The run's config with at most `eval.sanity_pio_images` PIO masks (cost: steps per image)."""
+    p = config.generator.pio
+    if p.num_images <= config.eval.sanity_pio_images:
+        return config
+    config = copy.deepcopy(config)
+    config.generator.pio.num_images = max(config.eval.sanity_pio_images, p.per_step)
+    return config
+
+
 def sanity(run: Run, s, gen_graphdef, gen_state, fills, test_images, scored, densities) -> dict:
     """Model randomisation tests (Adebayo et al. 2018) in pathway space.
 
@@ -161,7 +172,7 @@ def sanity(run: Run, s, gen_graphdef, gen_state, fills, test_images, scored, den
     train = context.load_data(config, "train")
     rand = train_classifier.randomized_classifier(config, cls, train, run.mesh, run.seed + 13)
     rand_gd, rand_state = train_generator.fit_generator(
-        config, rand, train, run.mesh, config.eval.sanity_steps, run.seed + 17
+        _sanity_config(config), rand, train, run.mesh, config.eval.sanity_steps, run.seed + 17
     )
     rand_fills = fills
     if config.eval.ablations[0] == "mean":

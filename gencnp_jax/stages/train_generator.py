@@ -21,7 +21,7 @@ from gencnp_jax.method import explain, losses, objective
 from gencnp_jax.models import classifiers
 from gencnp_jax.models import gates as gates_lib
 from gencnp_jax.models import generator as generator_lib
-from gencnp_jax.stages import context, explainer, train_classifier, train_loop
+from gencnp_jax.stages import context, explainer, pio_targets, train_classifier, train_loop
 
 
 def hparams_from_config(g) -> tuple[objective.StepHParams, losses.LossWeights]:
@@ -64,16 +64,19 @@ class GeneratorState:
 
 
 def make_train_step(gen_graphdef: nnx.GraphDef, cls_graphdef: nnx.GraphDef, tx):
-    """`step(state, images, step, cls_state, fills, weights, hp) -> (state, metrics)`.
+    """`step(state, batch, step, cls_state, fills, weights, hp) -> (state, metrics)`.
 
-    `state` is a `GeneratorState` (donated); the classifier state is not donated and no
-    gradient reaches it.
+    `batch` is the images, or a dict of ``images`` and the PIO targets of the ``distill``
+    term (``target_images``, ``target_masks``). `state` is a `GeneratorState` (donated); the
+    classifier state is not donated and no gradient reaches it.
     """
 
-    def step(state: GeneratorState, images, step_idx, cls_state, fills, weights, hp):
+    def step(state: GeneratorState, batch, step_idx, cls_state, fills, weights, hp):
+        targets = dict(batch) if isinstance(batch, dict) else {"images": batch}
+        images = targets.pop("images")
         full_logits = classifiers.forward(cls_graphdef, cls_state, images)[0]
         pred = jnp.argmax(full_logits, -1)
-        batch = {"images": images, "full_logits": full_logits, "pred": pred}
+        batch = {"images": images, "full_logits": full_logits, "pred": pred, **targets}
         batch["partner"], batch["has_partner"] = losses.partner_indices(pred)
         w = objective.step_weights(weights, step_idx, hp)
         model = nnx.merge(gen_graphdef, state.gen.params, state.gen.rest)
@@ -142,11 +145,18 @@ def bound_step(config, gen_graphdef, classifier: context.Classifier, tx, fills, 
 
 def _fit(config, classifier, train_split, mesh, steps, seed, fills, out_dir=None, writer=None):
     """Trains a fresh generator for `steps` steps on batches of `(seed, step)`; with
-    `out_dir`, resumes from and checkpoints to its `checkpoints` folder."""
+    `out_dir`, resumes from and checkpoints to its `checkpoints` folder (and caches the PIO
+    targets in its `pio_targets` folder). Returns `(gen_graphdef, loop result, targets)`."""
     g = config.generator
     gen_graphdef, tx, state = init_state(config, classifier, None, steps, train_split, mesh)
     images_at = lambda idx: context.normalize(config, train_split.images[idx])
     batch_at = train_loop.batches_at(mesh, images_at, len(train_split.labels), g.batch_size, seed)
+    targets = None
+    if pio_targets.enabled(config):
+        cache = None if out_dir is None else os.path.join(out_dir, "pio_targets")
+        targets = pio_targets.compute(config, classifier, train_split, fills, mesh, cache)
+        target_at = pio_targets.step_batches(config, targets, train_split, mesh, seed + 1)
+        batch_at = lambda step, images_at=batch_at: {"images": images_at(step), **target_at(step)}
     result = train_loop.run(
         bound_step(config, gen_graphdef, classifier, tx, fills, mesh),
         state,
@@ -159,7 +169,7 @@ def _fit(config, classifier, train_split, mesh, steps, seed, fills, out_dir=None
         ckpt_dir=None if out_dir is None else os.path.join(out_dir, "checkpoints"),
         writer=writer,
     )
-    return gen_graphdef, result
+    return gen_graphdef, result, targets
 
 
 def fit_generator(config, classifier: context.Classifier, train_split, mesh, steps: int, seed: int):
@@ -169,7 +179,7 @@ def fit_generator(config, classifier: context.Classifier, train_split, mesh, ste
     too), on `steps` batches drawn with `seed`; no checkpoint, log or file is written.
     """
     fills = _means(config, classifier, train_split) if config.generator.ablation == "mean" else None
-    gen_graphdef, result = _fit(config, classifier, train_split, mesh, steps, seed, fills)
+    gen_graphdef, result, _ = _fit(config, classifier, train_split, mesh, steps, seed, fills)
     return gen_graphdef, result.state.gen.model_state()
 
 
@@ -212,7 +222,7 @@ def train_generator(config, workdir: str) -> dict:
     means = _means(config, classifier, train)
     fills = means if g.ablation == "mean" else None
     writer = logging_utils.MetricWriter(out_dir)
-    gen_graphdef, result = _fit(
+    gen_graphdef, result, targets = _fit(
         config, classifier, train, mesh, g.steps, config.seed + 1, fills, out_dir, writer
     )
     gen_state = result.state.gen.model_state()
@@ -228,6 +238,8 @@ def train_generator(config, workdir: str) -> dict:
     )
     writer.write(g.steps, {f"test/{k}": v for k, v in out.items()})
     writer.close()
+    if targets is not None:
+        out["pio_targets"] = targets.summary
     logging_utils.write_json(os.path.join(out_dir, "metrics.json"), out)
     return out
 

@@ -35,6 +35,8 @@ _SHARDED_BATCHES = (
     ("generator", "eval_batch_size"),
     ("eval", "batch_size"),
 )
+_PIO_INTS = ("num_images", "per_step", "batch_size", "steps")  # config.generator.pio
+_PIO_BATCHES = ("per_step", "batch_size")
 
 
 def check_config(config) -> None:
@@ -87,6 +89,7 @@ def check_config(config) -> None:
             raise ConfigError(
                 f"config.generator.loss.{field}={g.loss[field]!r}: choose one of {allowed}"
             )
+    _check_pio(g)
     if config.bank.class_source not in ("prediction", "label"):
         raise ConfigError(
             f"config.bank.class_source={config.bank.class_source!r}: choose 'prediction' or 'label'"
@@ -98,6 +101,30 @@ def check_config(config) -> None:
     _check_sites(config, hwc, num_classes)
 
 
+def _check_pio(g) -> None:
+    """The PIO targets' sizes (only when the distill term is on)."""
+    if g.loss.w_distill < 0:
+        raise ConfigError(f"config.generator.loss.w_distill={g.loss.w_distill!r} must be >= 0")
+    if g.loss.w_distill == 0:
+        return
+    for field in _PIO_INTS:
+        value = g.pio[field]
+        if not isinstance(value, int) or value < (0 if field == "num_images" else 1):
+            raise ConfigError(f"config.generator.pio.{field}={value!r} must be a positive int")
+    p = g.pio
+    if p.steps * p.learning_rate <= p.init_logit:  # Adam moves a logit <= lr per step
+        raise ConfigError(
+            f"config.generator.pio: steps * learning_rate = {p.steps} * {p.learning_rate} does "
+            f"not exceed init_logit={p.init_logit}: no gate could close; raise steps or "
+            f"learning_rate"
+        )
+    if 0 < g.pio.num_images < g.pio.per_step:
+        raise ConfigError(
+            f"config.generator.pio.per_step={g.pio.per_step} is above config.generator.pio."
+            f"num_images={g.pio.num_images}: lower it or compute more masks"
+        )
+
+
 def _check_devices(config) -> None:
     visible = jax.device_count()
     n = config.num_devices or visible
@@ -106,11 +133,13 @@ def _check_devices(config) -> None:
             f"config.num_devices={config.num_devices} but {visible} devices are visible: "
             f"choose 1..{visible}, or 0 for all of them"
         )
-    for section, field in _SHARDED_BATCHES:
-        value = config[section][field]
+    values = {f"{section}.{field}": config[section][field] for section, field in _SHARDED_BATCHES}
+    if config.generator.loss.w_distill > 0 and config.generator.pio.num_images > 0:
+        values.update({f"generator.pio.{f}": config.generator.pio[f] for f in _PIO_BATCHES})
+    for name, value in values.items():
         if value % n:
             raise ConfigError(
-                f"config.{section}.{field}={value} does not split over {n} devices: choose a "
+                f"config.{name}={value} does not split over {n} devices: choose a "
                 f"multiple of {n} (or set config.num_devices)"
             )
 
