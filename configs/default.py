@@ -115,6 +115,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.generator.pio.leak_weight = 1.0  # rank leakage hinge on a different-class image
     c.generator.pio.leak_margin = 1.0
     c.generator.pio.init_logit = 3.0  # gates start open: sigmoid(3) = 0.95
+    # > 0: KL replaced by kl_budget_weight * max(0, KL - kl_budget), per image (0 = off)
+    c.generator.pio.kl_budget = 0.0
+    c.generator.pio.kl_budget_weight = 20.0
     c.generator.opt = ml_collections.ConfigDict()  # Adam, warmup + cosine, global-norm clipping
     c.generator.opt.learning_rate = 3e-3
     c.generator.opt.warmup_steps = 50

@@ -23,6 +23,8 @@ def _hp(**changes):
         leak_weight=1.0,
         leak_margin=1.0,
         init_logit=3.0,
+        kl_budget=0.0,
+        kl_budget_weight=20.0,
     )
     return pio.PioHParams.create(**{**values, **changes})
 
@@ -65,6 +67,14 @@ def test_sparsity_weight_trades_density_for_faithfulness(setup):
     assert s_heavy["density_mean"] < s_light["density_mean"] < 1.0
     assert s_light["agreement"] >= s_heavy["agreement"]
     assert s_light["density_std"] > 0.0  # each image gets its own mask
+
+
+def test_a_larger_kl_budget_gives_sparser_masks(setup):
+    _, _, run, images = setup
+    tight = pio_targets.summary(run(images, _hp(kl_budget=0.01)))
+    loose = pio_targets.summary(run(images, _hp(kl_budget=1.0)))
+    assert loose["density_mean"] < tight["density_mean"], (tight, loose)
+    assert tight["agreement"] >= loose["agreement"]
 
 
 def test_mask_bce_is_the_binary_cross_entropy_and_is_least_at_the_target():

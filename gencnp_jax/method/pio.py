@@ -4,6 +4,8 @@ For each image, channel gates ``g = sigmoid(theta)`` start open and minimise
 
     KL(p(x) || p(x; g)) + density_weight * mean(g) + leak_weight * rank_leak(x'; g)
 
+(or, with a budget, ``kl_budget_weight * max(0, KL - kl_budget)`` in place of the KL)
+
 by `steps` Adam steps, ``x'`` the next image of the batch with another predicted class
 (`losses.partner_indices`) and ``rank_leak`` the rank hinge of the generator's objective
 (`losses.leakage_rank_hinge`): the mask must keep x's prediction, be sparse, and not lift x's
@@ -37,6 +39,9 @@ class PioHParams:
       density_weight: weight of the mean gate (sparsity).
       leak_weight, leak_margin: weight and margin of the rank leakage hinge.
       init_logit: the gate logits' start (3.0: sigmoid 0.95, every gate open).
+      kl_budget, kl_budget_weight: with ``kl_budget > 0`` the KL term becomes
+        ``kl_budget_weight * mean_i max(0, KL_i - kl_budget)``: each image is made as sparse
+        as its own budget allows, instead of one KL/density trade-off shared by every image.
     """
 
     steps: jax.Array
@@ -45,6 +50,8 @@ class PioHParams:
     leak_weight: jax.Array
     leak_margin: jax.Array
     init_logit: jax.Array
+    kl_budget: jax.Array
+    kl_budget_weight: jax.Array
 
     @classmethod
     def create(cls, **values: float) -> PioHParams:
@@ -76,7 +83,11 @@ def optimise_masks(classify: Callable, images: jax.Array, hp: PioHParams) -> dic
     def objective(theta):
         gates = jax.tree.map(jax.nn.sigmoid, theta)
         pathway, partner_logits = jnp.split(classify(both_images, doubled(gates))[0], 2)
-        kl = losses.distillation_kl(full_logits, pathway, 1.0)
+        kl = jnp.where(
+            hp.kl_budget > 0,
+            hp.kl_budget_weight * losses.kd_budget(full_logits, pathway, 1.0, hp.kl_budget),
+            losses.distillation_kl(full_logits, pathway, 1.0),
+        )
         leak = losses.leakage_rank_hinge(partner_logits, pred, has_partner, hp.leak_margin)
         density = jnp.mean(gates_lib.flatten(gates))
         return kl + hp.density_weight * density + hp.leak_weight * leak

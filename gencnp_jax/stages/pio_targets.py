@@ -54,7 +54,8 @@ def enabled(config) -> bool:
 def hparams(config) -> pio.PioHParams:
     p = config.generator.pio
     fields = ("steps", "learning_rate", "density_weight", "leak_weight", "leak_margin")
-    return pio.PioHParams.create(init_logit=p.init_logit, **{k: p[k] for k in fields})
+    fields += ("init_logit", "kl_budget", "kl_budget_weight")
+    return pio.PioHParams.create(**{k: p[k] for k in fields})
 
 
 def _settings(config, split) -> dict:
