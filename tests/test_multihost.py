@@ -123,7 +123,14 @@ def test_two_processes_train_generator_as_one_mesh(tiny_config, trained_workdir,
     assert [i["process_index"] for i in infos] == [0, 1]
     assert all(i["process_count"] == 2 and i["device_count"] == 2 for i in infos)
     assert all(i["compilations"] == 1 for i in infos)
-    timeless = [{k: v for k, v in i["result"].items() if "second" not in k} for i in infos]
+
+    def timeless_of(tree):  # wall times differ between processes, at any depth
+        if not isinstance(tree, dict):
+            return tree
+        return {k: timeless_of(v) for k, v in tree.items() if "second" not in k}
+
+    timeless = [timeless_of(i["result"]) for i in infos]
+    assert timeless[0]["pio_targets"]["num_images"] == 64  # the distill term's masks, too
     assert timeless[0] == timeless[1]  # test metrics of the batches gathered from both hosts
 
     params = [np.load(os.path.join(out, f"params_{pid}.npz")) for pid in range(2)]
