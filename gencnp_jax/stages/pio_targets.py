@@ -52,10 +52,9 @@ def enabled(config) -> bool:
 
 
 def hparams(config) -> pio.PioHParams:
+    """The optimiser's numbers: the `config.generator.pio` fields of that name."""
     p = config.generator.pio
-    fields = ("steps", "learning_rate", "density_weight", "leak_weight", "leak_margin")
-    fields += ("init_logit", "kl_budget", "kl_budget_weight")
-    return pio.PioHParams.create(**{k: p[k] for k in fields})
+    return pio.PioHParams.create(**{f.name: p[f.name] for f in dataclasses.fields(pio.PioHParams)})
 
 
 def _settings(config, split) -> dict:
