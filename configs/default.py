@@ -119,6 +119,12 @@ def get_config() -> ml_collections.ConfigDict:
     # > 0: KL replaced by kl_budget_weight * max(0, KL - kl_budget), per image (0 = off)
     c.generator.pio.kl_budget = 0.0
     c.generator.pio.kl_budget_weight = 20.0
+    # > 0: each mask trimmed to the sparsest prefix of its logit ranking that keeps the
+    # prediction with KL <= trim_kl_budget (densities on a grid of step trim_step); 0 = off
+    c.generator.pio.trim_kl_budget = 0.0
+    c.generator.pio.trim_step = 0.02
+    # 0: learn the 0/1 masks; T > 0: learn sigmoid(optimised logit / T), the teacher's ranking
+    c.generator.pio.target_temperature = 0.0
     c.generator.opt = ml_collections.ConfigDict()  # Adam, warmup + cosine, global-norm clipping
     c.generator.opt.learning_rate = 3e-3
     c.generator.opt.warmup_steps = 50

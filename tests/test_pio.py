@@ -45,6 +45,7 @@ def test_masks_are_binary_and_give_the_pathway_logits(setup):
     masks = out["masks_flat"]
     chex.assert_shape(masks, (32, sum(cls.site_channels.values())))
     assert set(np.unique(np.asarray(masks))) <= {0.0, 1.0}
+    chex.assert_trees_all_equal(masks, (out["logits_flat"] > 0).astype(masks.dtype))
     sites = sorted(cls.site_channels)
     splits = np.cumsum([cls.site_channels[s] for s in sites])[:-1]
     gates = dict(zip(sites, jnp.split(masks, splits, axis=1), strict=True))
@@ -123,10 +124,55 @@ def test_targets_are_cached_by_chunk_and_recomputed_when_settings_change(
     np.savez(chunk, **{**dict(np.load(chunk)), "masks_flat": 1.0 - masks})
     again = pio_targets.compute(config, cls, train, None, mesh, cache)
     np.testing.assert_array_equal(again.masks_flat, 1.0 - first.masks_flat)
+    config.generator.pio.target_temperature = 2.0  # read when learning: the masks stay
+    pio_targets.compute(config, cls, train, None, mesh, cache)
+    assert "settings changed" not in capsys.readouterr().out
     config.generator.pio.steps = 4
     fresh = pio_targets.compute(config, cls, train, None, mesh, cache)
     assert "settings changed" in capsys.readouterr().out
     assert not np.array_equal(fresh.masks_flat, again.masks_flat)
+
+
+def test_soft_targets_keep_the_masks_and_the_teachers_ranking():
+    logits = np.array([[-4.0, -0.5, 0.5, 2.0, 6.0], [3.0, -3.0, 0.1, -0.1, 1.0]], np.float32)
+    masks = (logits > 0).astype(np.float32)
+    targets = pio_targets.Targets(np.arange(2), masks, logits, np.zeros(2, np.float32), {})
+    np.testing.assert_array_equal(targets.distill_targets(0.0), masks)
+    for temperature in (0.5, 4.0):
+        soft = targets.distill_targets(temperature)
+        assert soft.dtype == np.float32 and np.all((soft > 0) & (soft < 1))
+        np.testing.assert_array_equal(soft > 0.5, masks > 0)  # same mask at threshold 0.5
+        np.testing.assert_array_equal(np.argsort(soft, -1), np.argsort(logits, -1))
+    hot, cool = targets.distill_targets(4.0), targets.distill_targets(0.5)
+    assert np.all(np.abs(hot - 0.5) < np.abs(cool - 0.5))  # a higher T is softer
+    cuts = np.array([1.0, -0.05], np.float32)  # trimmed: 0.5 sits at each row's cut
+    trimmed = pio_targets.Targets(np.arange(2), (logits > cuts[:, None]) * 1.0, logits, cuts, {})
+    np.testing.assert_array_equal(trimmed.distill_targets(1.0) > 0.5, trimmed.masks_flat > 0)
+
+
+def test_trimming_keeps_the_sparsest_faithful_prefix_of_the_ranking(setup):
+    cls, classify, run, images = setup
+    logits = run(images, _hp())["logits_flat"]
+    densities = jnp.arange(1, 51) / 50.0
+    trim = jax.jit(
+        lambda budget: pio.sparsest_cuts(
+            classify, images, logits, cls.site_channels, densities, budget
+        )
+    )
+    tight, loose = trim(jnp.float32(0.02)), trim(jnp.float32(10.0))
+    full = classify(images)[0]
+    for out in (tight, loose):
+        masks = np.asarray(out["masks_flat"])
+        kept_min = np.where(masks > 0, np.asarray(logits), np.inf).min(-1)
+        dropped_max = np.where(masks > 0, -np.inf, np.asarray(logits)).max(-1)
+        assert np.all(kept_min > dropped_max)  # a prefix of the logit ranking
+        chex.assert_trees_all_equal(out["pathway_logits"].argmax(-1), full.argmax(-1))
+    kl_B = losses.kl_rows(full, tight["pathway_logits"])
+    dense = np.asarray(tight["masks_flat"]).mean(-1) == 1.0  # the grid's last: may miss
+    assert np.all((np.asarray(kl_B) <= 0.02 + 1e-6) | dense)
+    d_tight, d_loose = (np.asarray(o["masks_flat"]).mean(-1) for o in (tight, loose))
+    assert np.all(d_loose <= d_tight) and d_loose.mean() < d_tight.mean()
+    assert d_loose.std() > 0.0  # each image its own density
 
 
 def test_generator_run_reports_its_pio_targets(generator_workdir):
@@ -144,6 +190,9 @@ def test_generator_run_reports_its_pio_targets(generator_workdir):
         ("per_step", 15, "generator.pio.per_step=15 does not split"),
         ("steps", 0, "config.generator.pio.steps=0 must be a positive int"),
         ("steps", 6, r"steps \* learning_rate = 6 \* 0.5 does not exceed init_logit=3.0"),
+        ("target_temperature", -1.0, "pio.target_temperature=-1.0 must be >= 0"),
+        ("trim_kl_budget", -0.1, "pio.trim_kl_budget=-0.1 must be >= 0"),
+        ("trim_step", 0.0, r"pio.trim_step=0.0 must be in \(0, 1\]"),
     ],
 )
 def test_bad_pio_settings_are_named(tiny_config, field, value, message, monkeypatch):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 TERMS = ("kd", "hinge", "sparsity", "pdn", "pull", "leak", "contrast", "budget", "distill")
 
 
-def _kl_rows(teacher_logits_BxK: jax.Array, student_logits_BxK: jax.Array) -> jax.Array:
+def kl_rows(teacher_logits_BxK: jax.Array, student_logits_BxK: jax.Array) -> jax.Array:
     """``KL(softmax(t) || softmax(s))`` per row: ``f32[B]``; the teacher is stop-gradient."""
     log_p = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits_BxK), axis=-1)
     log_q = jax.nn.log_softmax(student_logits_BxK, axis=-1)
@@ -28,7 +28,7 @@ def distillation_kl(
 
     ``p = softmax(H(x) / tau)`` (stop-gradient), ``p~ = softmax(H(x; m) / tau)``.
     """
-    return tau**2 * jnp.mean(_kl_rows(full_logits_BxK / tau, pathway_logits_BxK / tau))
+    return tau**2 * jnp.mean(kl_rows(full_logits_BxK / tau, pathway_logits_BxK / tau))
 
 
 def _top_margin(logits_BxK: jax.Array, classes_B: jax.Array) -> jax.Array:
@@ -69,7 +69,7 @@ def kd_budget(
     density falls where its own distillation loss reaches the budget, instead of where one
     sparsity weight shared by every input puts it.
     """
-    kl_B = tau**2 * _kl_rows(full_logits_BxK / tau, pathway_logits_BxK / tau)
+    kl_B = tau**2 * kl_rows(full_logits_BxK / tau, pathway_logits_BxK / tau)
     return jnp.mean(jax.nn.relu(kl_B - budget))
 
 
@@ -89,7 +89,7 @@ def pdn_kl(
     full_logits_BxK: jax.Array, q_logits_BxK: jax.Array, tau: float | jax.Array = 1.0
 ) -> jax.Array:
     """PDN distillation (4c1): ``tau^2 * mean_i KL(softmax(H(x_i)/tau) || softmax(q_i/tau))``."""
-    return tau**2 * jnp.mean(_kl_rows(full_logits_BxK / tau, q_logits_BxK / tau))
+    return tau**2 * jnp.mean(kl_rows(full_logits_BxK / tau, q_logits_BxK / tau))
 
 
 def class_pull(

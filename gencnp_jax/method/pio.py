@@ -69,7 +69,8 @@ def optimise_masks(classify: Callable, images: jax.Array, hp: PioHParams) -> dic
       hp: the optimiser's numbers.
 
     Returns:
-      ``masks_flat`` f32[B, N] (0/1, sites in `gates_lib.flatten` order), ``full_logits``,
+      ``masks_flat`` f32[B, N] (0/1, sites in `gates_lib.flatten` order), ``logits_flat``
+      f32[B, N] (the optimised gate logits, whose sign is the mask), ``full_logits``,
       ``pathway_logits`` (x under its mask), ``partner_logits`` (x' under x's mask),
       ``classes``, ``partner_classes``, ``has_partner``.
     """
@@ -105,10 +106,61 @@ def optimise_masks(classify: Callable, images: jax.Array, hp: PioHParams) -> dic
     pathway, partner_logits = jnp.split(classify(both_images, doubled(masks))[0], 2)
     return {
         "masks_flat": gates_lib.flatten(masks),
+        "logits_flat": gates_lib.flatten(theta),
         "full_logits": full_logits,
         "pathway_logits": pathway,
         "partner_logits": partner_logits,
         "classes": pred,
         "partner_classes": pred[partner],
         "has_partner": has_partner,
+    }
+
+
+def sparsest_cuts(
+    classify: Callable,
+    images: jax.Array,
+    logits_flat: jax.Array,
+    site_channels: dict[str, int],
+    densities_G: jax.Array,
+    kl_budget: jax.Array,
+) -> dict:
+    """Trims each image's mask to the sparsest faithful prefix of its gate-logit ranking.
+
+    For each density ``d`` of the ascending grid `densities_G`, the mask keeps the
+    ``round(d N)`` highest logits of the image. The image's density is the smallest grid ``d``
+    from which on every grid density keeps its predicted class with ``KL(p || p~) <=
+    kl_budget`` (the grid's last if none); its cut is the logit half way between the last kept
+    and the first dropped neuron, so the mask is ``logits_flat > cut``.
+
+    Returns:
+      ``cuts`` f32[B], ``masks_flat``, ``pathway_logits`` and ``partner_logits`` of the trimmed
+      masks (the partners of `optimise_masks`).
+    """
+    full_logits = classify(images)[0]
+    pred = jnp.argmax(full_logits, -1)
+    n = logits_flat.shape[-1]
+    desc_BxN = -jnp.sort(-logits_flat, -1)
+    below_BxN = jnp.concatenate([desc_BxN[:, 1:], desc_BxN[:, -1:] - 1.0], -1)
+    cuts_BxN = 0.5 * (desc_BxN + below_BxN)  # cut after the k-th highest, k = 1..N
+
+    def faithful_at(d):
+        k = jnp.clip(jnp.round(d * n).astype(jnp.int32), 1, n)
+        cut_B = cuts_BxN[:, k - 1]
+        kept_BxN = (logits_flat > cut_B[:, None]).astype(jnp.float32)
+        pathway = classify(images, gates_lib.unflatten(kept_BxN, site_channels))[0]
+        kl_B = losses.kl_rows(full_logits, pathway)
+        return (jnp.argmax(pathway, -1) == pred) & (kl_B <= kl_budget), cut_B
+
+    ok_GxB, cut_GxB = jax.lax.map(faithful_at, densities_G)
+    ok_from_GxB = jnp.flip(jnp.cumprod(jnp.flip(ok_GxB, 0), 0), 0).astype(bool)
+    first_B = jnp.where(ok_from_GxB.any(0), jnp.argmax(ok_from_GxB, 0), len(densities_G) - 1)
+    cuts_B = cut_GxB[first_B, jnp.arange(len(first_B))]
+    masks_flat = (logits_flat > cuts_B[:, None]).astype(jnp.float32)
+    partner, _ = losses.partner_indices(pred)
+    masks = gates_lib.unflatten(masks_flat, site_channels)
+    return {
+        "cuts": cuts_B,
+        "masks_flat": masks_flat,
+        "pathway_logits": classify(images, masks)[0],
+        "partner_logits": classify(images[partner], masks)[0],
     }

@@ -28,6 +28,7 @@ from gencnp_jax.models import classifiers
 from gencnp_jax.stages import context, train_loop
 
 CHUNK = 256  # images per cached file
+_TRIM = ("trim_kl_budget", "trim_step")  # trimming is redone on every run (forward passes only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,12 +38,25 @@ class Targets:
     Attributes:
       indices: int64[M] rows of the training split.
       masks_flat: f32[M, N] 0/1 masks (sites in `gates.flatten` order).
+      logits_flat: f32[M, N] the optimised gate logits.
+      cuts: f32[M] each mask's logit cut, ``masks_flat = logits_flat > cuts`` (0 untrimmed).
       summary: density, agreement, mDC, leakage of the masks (`summary`), seconds, settings.
     """
 
     indices: np.ndarray
     masks_flat: np.ndarray
+    logits_flat: np.ndarray
+    cuts: np.ndarray
     summary: dict
+
+    def distill_targets(self, temperature: float) -> np.ndarray:
+        """What the generator learns: the 0/1 masks (``temperature == 0``), or soft targets
+        ``sigmoid((logits - cut) / temperature)``, which keep the teacher's ranking of the kept
+        (and closed) neurons; both put 0.5 at the same place, so the generator's masks agree."""
+        if temperature <= 0:
+            return self.masks_flat
+        shifted_MxN = (self.logits_flat - self.cuts[:, None]) / temperature
+        return np.asarray(jax.nn.sigmoid(shifted_MxN), np.float32)
 
 
 def enabled(config) -> bool:
@@ -61,7 +75,8 @@ def _settings(config, split) -> dict:
     """What the masks depend on, besides the classifier: a changed value recomputes them."""
     p = config.generator.pio
     return {
-        **{k: p[k] for k in p.keys() if k != "per_step"},
+        **{k: p[k] for k in p.keys() if k not in ("per_step", "target_temperature", *_TRIM)},
+        "format": 2,  # chunks hold logits_flat
         "ablation": config.generator.ablation,
         "seed": config.seed,
         "train_examples": int(len(split.labels)),
@@ -110,8 +125,47 @@ def compute(config, classifier, split, fills, mesh, cache_dir: str | None = None
         bar.update(len(rows))
     bar.close()
     outs = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-    report = {**summary(outs), "seconds": time.time() - t0, "settings": settings}
-    return Targets(indices, outs["masks_flat"].astype(np.float32), report)
+    report = {"seconds": time.time() - t0, "settings": settings}
+    cuts = np.zeros(m, np.float32)
+    if p.trim_kl_budget > 0:
+        report["untrimmed"] = summary(outs)
+        trimmed = _trim(config, classifier, split, fills, mesh, indices, outs["logits_flat"])
+        cuts = trimmed.pop("cuts")
+        outs.update(trimmed)
+        report["trim"] = {k: p[k] for k in _TRIM}
+    report.update(summary(outs))
+    as_f32 = lambda k: outs[k].astype(np.float32)
+    return Targets(indices, as_f32("masks_flat"), as_f32("logits_flat"), cuts, report)
+
+
+def _trim(config, classifier, split, fills, mesh, indices, logits_flat) -> dict:
+    """`pio.sparsest_cuts` of the masks on a density grid of step `pio.trim_step`."""
+    p = config.generator.pio
+    densities_G = np.arange(1, int(round(1.0 / p.trim_step)) + 1) * p.trim_step
+    fn = jax.jit(
+        lambda cls_state, fills, densities, budget, b: pio.sparsest_cuts(
+            lambda images, g=None: classifiers.forward(
+                classifier.graphdef, cls_state, images, g, fills
+            ),
+            b["images"],
+            b["logits"],
+            classifier.site_channels,
+            densities,
+            budget,
+        )
+    )
+    grid = (densities_G.astype(np.float32), np.float32(p.trim_kl_budget))
+    args = sharding.replicate(mesh, (classifier.state, fills, *grid))
+    return batched.map_batches(
+        lambda b: fn(*args, b),
+        lambda idx: {
+            "images": context.normalize(config, split.images[indices[idx]]),
+            "logits": logits_flat[idx],
+        },
+        len(indices),
+        min(int(p.batch_size), CHUNK),
+        mesh,
+    )
 
 
 def summary(outputs: dict) -> dict:
@@ -147,10 +201,12 @@ def _prepare_cache(cache_dir: str | None, settings: dict) -> None:
 
 
 def step_batches(config, targets: Targets, split, mesh, seed: int):
-    """``step -> {target_images, target_masks}``: `pio.per_step` targets per train step."""
+    """``step -> {target_images, target_masks}``: `pio.per_step` targets per train step
+    (`Targets.distill_targets` at `pio.target_temperature`)."""
+    table_MxN = targets.distill_targets(float(config.generator.pio.target_temperature))
     arrays_at = lambda j: {
         "target_images": context.normalize(config, split.images[targets.indices[j]]),
-        "target_masks": targets.masks_flat[j],
+        "target_masks": table_MxN[j],
     }
     per_step = int(config.generator.pio.per_step)
     return train_loop.batches_at(mesh, arrays_at, len(targets.indices), per_step, seed)

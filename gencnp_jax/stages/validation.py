@@ -118,6 +118,17 @@ def _check_pio(g) -> None:
             f"not exceed init_logit={p.init_logit}: no gate could close; raise steps or "
             f"learning_rate"
         )
+    if not p.target_temperature >= 0:
+        raise ConfigError(
+            f"config.generator.pio.target_temperature={p.target_temperature!r} must be >= 0 "
+            f"(0: 0/1 targets; T > 0: sigmoid(logit / T))"
+        )
+    if not p.trim_kl_budget >= 0:
+        raise ConfigError(
+            f"config.generator.pio.trim_kl_budget={p.trim_kl_budget!r} must be >= 0 (0: off)"
+        )
+    if not 0 < p.trim_step <= 1:
+        raise ConfigError(f"config.generator.pio.trim_step={p.trim_step!r} must be in (0, 1]")
     if 0 < g.pio.num_images < g.pio.per_step:
         raise ConfigError(
             f"config.generator.pio.per_step={g.pio.per_step} is above config.generator.pio."
