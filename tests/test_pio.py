@@ -29,6 +29,12 @@ def _hp(**changes):
     return pio.PioHParams.create(**{**values, **changes})
 
 
+def _gates(cls, masks_flat):
+    sites = sorted(cls.site_channels)
+    splits = np.cumsum([cls.site_channels[s] for s in sites])[:-1]
+    return dict(zip(sites, jnp.split(masks_flat, splits, axis=1), strict=True))
+
+
 @pytest.fixture(scope="module")
 def setup(tiny_config, trained_workdir):
     cls = context.load_classifier(tiny_config, trained_workdir)
@@ -46,10 +52,9 @@ def test_masks_are_binary_and_give_the_pathway_logits(setup):
     chex.assert_shape(masks, (32, sum(cls.site_channels.values())))
     assert set(np.unique(np.asarray(masks))) <= {0.0, 1.0}
     chex.assert_trees_all_equal(masks, (out["logits_flat"] > 0).astype(masks.dtype))
-    sites = sorted(cls.site_channels)
-    splits = np.cumsum([cls.site_channels[s] for s in sites])[:-1]
-    gates = dict(zip(sites, jnp.split(masks, splits, axis=1), strict=True))
-    chex.assert_trees_all_close(classify(images, gates)[0], out["pathway_logits"], atol=1e-4)
+    chex.assert_trees_all_close(
+        classify(images, _gates(cls, masks))[0], out["pathway_logits"], atol=1e-4
+    )
     chex.assert_trees_all_close(classify(images)[0], out["full_logits"], atol=1e-4)
 
 
@@ -167,6 +172,15 @@ def test_trimming_keeps_the_sparsest_faithful_prefix_of_the_ranking(setup):
         dropped_max = np.where(masks > 0, -np.inf, np.asarray(logits)).max(-1)
         assert np.all(kept_min > dropped_max)  # a prefix of the logit ranking
         chex.assert_trees_all_equal(out["pathway_logits"].argmax(-1), full.argmax(-1))
+        pred = full.argmax(-1)
+        partner, has_partner = losses.partner_indices(pred)
+        leaks = has_partner & (out["partner_logits"].argmax(-1) == pred)
+        assert not np.any(leaks)  # the leakage guard holds on the trimmed masks too
+        chex.assert_trees_all_close(
+            out["partner_logits"],
+            classify(images[partner], _gates(cls, out["masks_flat"]))[0],
+            atol=1e-4,
+        )
     kl_B = losses.kl_rows(full, tight["pathway_logits"])
     dense = np.asarray(tight["masks_flat"]).mean(-1) == 1.0  # the grid's last: may miss
     assert np.all((np.asarray(kl_B) <= 0.02 + 1e-6) | dense)

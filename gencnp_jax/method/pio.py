@@ -129,8 +129,9 @@ def sparsest_cuts(
     For each density ``d`` of the ascending grid `densities_G`, the mask keeps the
     ``round(d N)`` highest logits of the image. The image's density is the smallest grid ``d``
     from which on every grid density keeps its predicted class with ``KL(p || p~) <=
-    kl_budget`` (the grid's last if none); its cut is the logit half way between the last kept
-    and the first dropped neuron, so the mask is ``logits_flat > cut``.
+    kl_budget`` and does not make it the top class of the partner image ``x'`` (the leakage
+    guard of `optimise_masks`); the grid's last if none. Its cut is the logit half way between
+    the last kept and the first dropped neuron, so the mask is ``logits_flat > cut``.
 
     Returns:
       ``cuts`` f32[B], ``masks_flat``, ``pathway_logits`` and ``partner_logits`` of the trimmed
@@ -138,29 +139,36 @@ def sparsest_cuts(
     """
     full_logits = classify(images)[0]
     pred = jnp.argmax(full_logits, -1)
+    partner, has_partner = losses.partner_indices(pred)
+    both_images = jnp.concatenate([images, images[partner]])
     n = logits_flat.shape[-1]
     desc_BxN = -jnp.sort(-logits_flat, -1)
     below_BxN = jnp.concatenate([desc_BxN[:, 1:], desc_BxN[:, -1:] - 1.0], -1)
     cuts_BxN = 0.5 * (desc_BxN + below_BxN)  # cut after the k-th highest, k = 1..N
 
+    def pathways(kept_BxN):  # (x, x') under x's mask
+        doubled = jnp.concatenate([kept_BxN, kept_BxN])
+        return jnp.split(classify(both_images, gates_lib.unflatten(doubled, site_channels))[0], 2)
+
     def faithful_at(d):
         k = jnp.clip(jnp.round(d * n).astype(jnp.int32), 1, n)
         cut_B = cuts_BxN[:, k - 1]
-        kept_BxN = (logits_flat > cut_B[:, None]).astype(jnp.float32)
-        pathway = classify(images, gates_lib.unflatten(kept_BxN, site_channels))[0]
-        kl_B = losses.kl_rows(full_logits, pathway)
-        return (jnp.argmax(pathway, -1) == pred) & (kl_B <= kl_budget), cut_B
+        pathway, partner_logits = pathways((logits_flat > cut_B[:, None]).astype(jnp.float32))
+        kept_B = (jnp.argmax(pathway, -1) == pred) & (
+            losses.kl_rows(full_logits, pathway) <= kl_budget
+        )
+        leaks_B = has_partner & (jnp.argmax(partner_logits, -1) == pred)
+        return kept_B & ~leaks_B, cut_B
 
     ok_GxB, cut_GxB = jax.lax.map(faithful_at, densities_G)
     ok_from_GxB = jnp.flip(jnp.cumprod(jnp.flip(ok_GxB, 0), 0), 0).astype(bool)
     first_B = jnp.where(ok_from_GxB.any(0), jnp.argmax(ok_from_GxB, 0), len(densities_G) - 1)
     cuts_B = cut_GxB[first_B, jnp.arange(len(first_B))]
     masks_flat = (logits_flat > cuts_B[:, None]).astype(jnp.float32)
-    partner, _ = losses.partner_indices(pred)
-    masks = gates_lib.unflatten(masks_flat, site_channels)
+    pathway, partner_logits = pathways(masks_flat)
     return {
         "cuts": cuts_B,
         "masks_flat": masks_flat,
-        "pathway_logits": classify(images, masks)[0],
-        "partner_logits": classify(images[partner], masks)[0],
+        "pathway_logits": pathway,
+        "partner_logits": partner_logits,
     }
