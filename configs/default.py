@@ -123,6 +123,7 @@ def get_config() -> ml_collections.ConfigDict:
     # prediction with KL <= trim_kl_budget (densities on a grid of step trim_step); 0 = off
     c.generator.pio.trim_kl_budget = 0.0
     c.generator.pio.trim_step = 0.02
+    c.generator.pio.trim_leak_guard = True  # the prefix must not leak onto the partner image
     # 0: learn the 0/1 masks; T > 0: learn sigmoid(optimised logit / T), the teacher's ranking
     c.generator.pio.target_temperature = 0.0
     c.generator.opt = ml_collections.ConfigDict()  # Adam, warmup + cosine, global-norm clipping

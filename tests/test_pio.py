@@ -160,8 +160,8 @@ def test_trimming_keeps_the_sparsest_faithful_prefix_of_the_ranking(setup):
     logits = run(images, _hp())["logits_flat"]
     densities = jnp.arange(1, 51) / 50.0
     trim = jax.jit(
-        lambda budget: pio.sparsest_cuts(
-            classify, images, logits, cls.site_channels, densities, budget
+        lambda budget, guard=True: pio.sparsest_cuts(
+            classify, images, logits, cls.site_channels, densities, budget, guard
         )
     )
     tight, loose = trim(jnp.float32(0.02)), trim(jnp.float32(10.0))
@@ -187,6 +187,8 @@ def test_trimming_keeps_the_sparsest_faithful_prefix_of_the_ranking(setup):
     d_tight, d_loose = (np.asarray(o["masks_flat"]).mean(-1) for o in (tight, loose))
     assert np.all(d_loose <= d_tight) and d_loose.mean() < d_tight.mean()
     assert d_loose.std() > 0.0  # each image its own density
+    unguarded = np.asarray(trim(jnp.float32(10.0), False)["masks_flat"]).mean(-1)
+    assert np.all(unguarded <= d_loose)  # the guard only adds a condition
 
 
 def test_generator_run_reports_its_pio_targets(generator_workdir):

@@ -123,15 +123,17 @@ def sparsest_cuts(
     site_channels: dict[str, int],
     densities_G: jax.Array,
     kl_budget: jax.Array,
+    leak_guard: jax.Array,
 ) -> dict:
     """Trims each image's mask to the sparsest faithful prefix of its gate-logit ranking.
 
     For each density ``d`` of the ascending grid `densities_G`, the mask keeps the
     ``round(d N)`` highest logits of the image. The image's density is the smallest grid ``d``
     from which on every grid density keeps its predicted class with ``KL(p || p~) <=
-    kl_budget`` and does not make it the top class of the partner image ``x'`` (the leakage
-    guard of `optimise_masks`); the grid's last if none. Its cut is the logit half way between
-    the last kept and the first dropped neuron, so the mask is ``logits_flat > cut``.
+    kl_budget`` and, with `leak_guard`, does not make it the top class of the partner image
+    ``x'`` (the leakage guard of `optimise_masks`); the grid's last if none. Its cut is the
+    logit half way between the last kept and the first dropped neuron, so the mask is
+    ``logits_flat > cut``.
 
     Returns:
       ``cuts`` f32[B], ``masks_flat``, ``pathway_logits`` and ``partner_logits`` of the trimmed
@@ -158,7 +160,7 @@ def sparsest_cuts(
             losses.kl_rows(full_logits, pathway) <= kl_budget
         )
         leaks_B = has_partner & (jnp.argmax(partner_logits, -1) == pred)
-        return kept_B & ~leaks_B, cut_B
+        return kept_B & ~(leaks_B & leak_guard), cut_B
 
     ok_GxB, cut_GxB = jax.lax.map(faithful_at, densities_G)
     ok_from_GxB = jnp.flip(jnp.cumprod(jnp.flip(ok_GxB, 0), 0), 0).astype(bool)

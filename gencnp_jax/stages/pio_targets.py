@@ -28,7 +28,11 @@ from gencnp_jax.models import classifiers
 from gencnp_jax.stages import context, train_loop
 
 CHUNK = 256  # images per cached file
-_TRIM = ("trim_kl_budget", "trim_step")  # trimming is redone on every run (forward passes only)
+_TRIM = (
+    "trim_kl_budget",
+    "trim_step",
+    "trim_leak_guard",
+)  # trimming is redone on every run (forward passes only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +147,7 @@ def _trim(config, classifier, split, fills, mesh, indices, logits_flat) -> dict:
     p = config.generator.pio
     densities_G = np.arange(1, int(round(1.0 / p.trim_step)) + 1) * p.trim_step
     fn = jax.jit(
-        lambda cls_state, fills, densities, budget, b: pio.sparsest_cuts(
+        lambda cls_state, fills, densities, budget, guard, b: pio.sparsest_cuts(
             lambda images, g=None: classifiers.forward(
                 classifier.graphdef, cls_state, images, g, fills
             ),
@@ -152,9 +156,14 @@ def _trim(config, classifier, split, fills, mesh, indices, logits_flat) -> dict:
             classifier.site_channels,
             densities,
             budget,
+            guard,
         )
     )
-    grid = (densities_G.astype(np.float32), np.float32(p.trim_kl_budget))
+    grid = (
+        densities_G.astype(np.float32),
+        np.float32(p.trim_kl_budget),
+        np.bool_(p.trim_leak_guard),
+    )
     args = sharding.replicate(mesh, (classifier.state, fills, *grid))
     return batched.map_batches(
         lambda b: fn(*args, b),
