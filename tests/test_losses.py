@@ -138,7 +138,7 @@ def test_top1_hinge_capped_at_the_full_models_margin():
 def test_kd_budget_is_zero_and_flat_below_the_budget():
     full = jnp.array([[2.0, 0.0], [2.0, 0.0]])
     path = jnp.array([[1.9, 0.0], [-2.0, 0.0]])  # row 0 nearly faithful, row 1 flipped
-    kl_B = losses._kl_rows(full, path)
+    kl_B = losses.kl_rows(full, path)
     value = losses.kd_budget(full, path, 1.0, float(kl_B[0]) + 1e-3)
     assert float(value) == pytest.approx(float(kl_B[1] - kl_B[0] - 1e-3) / 2, rel=1e-5)
     grad = jax.grad(lambda p: losses.kd_budget(full, p, 1.0, float(kl_B[0]) + 1e-3))(path)
