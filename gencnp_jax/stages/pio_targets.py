@@ -28,11 +28,8 @@ from gencnp_jax.models import classifiers
 from gencnp_jax.stages import context, train_loop
 
 CHUNK = 256  # images per cached file
-_TRIM = (
-    "trim_kl_budget",
-    "trim_step",
-    "trim_leak_guard",
-)  # trimming is redone on every run (forward passes only)
+# trimming is redone on every run (forward passes only): its settings keep the cache
+_TRIM = ("trim_kl_budget", "trim_step", "trim_leak_guard")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,11 +93,7 @@ def compute(config, classifier, split, fills, mesh, cache_dir: str | None = None
     _prepare_cache(cache_dir, settings)
     fn = jax.jit(
         lambda cls_state, fills, hp, x: pio.optimise_masks(
-            lambda images, g=None: classifiers.forward(
-                classifier.graphdef, cls_state, images, g, fills
-            ),
-            x,
-            hp,
+            _classify(classifier, cls_state, fills), x, hp
         )
     )
     cls_state, fills_r, hp = sharding.replicate(mesh, (classifier.state, fills, hparams(config)))
@@ -142,15 +135,20 @@ def compute(config, classifier, split, fills, mesh, cache_dir: str | None = None
     return Targets(indices, as_f32("masks_flat"), as_f32("logits_flat"), cuts, report)
 
 
+def _classify(classifier, cls_state, fills):
+    """``(images, gates=None) -> (logits, features)`` of the frozen classifier, fills bound."""
+    return lambda images, g=None: classifiers.forward(
+        classifier.graphdef, cls_state, images, g, fills
+    )
+
+
 def _trim(config, classifier, split, fills, mesh, indices, logits_flat) -> dict:
     """`pio.sparsest_cuts` of the masks on a density grid of step `pio.trim_step`."""
     p = config.generator.pio
     densities_G = np.arange(1, int(round(1.0 / p.trim_step)) + 1) * p.trim_step
     fn = jax.jit(
         lambda cls_state, fills, densities, budget, guard, b: pio.sparsest_cuts(
-            lambda images, g=None: classifiers.forward(
-                classifier.graphdef, cls_state, images, g, fills
-            ),
+            _classify(classifier, cls_state, fills),
             b["images"],
             b["logits"],
             classifier.site_channels,
