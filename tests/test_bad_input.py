@@ -202,6 +202,11 @@ def test_empty_dataset_directory_through_launch(tiny_config, tmp_path):
         ("num_devices", 64, "config.num_devices=64 but"),
         ("data.train_limit", 16, "config.data.train_limit=16 is below "
          "config.classifier.batch_size=32"),
+        ("generator.loss.w_ranked", -1.0, "config.generator.loss.w_ranked=-1.0 must be >= 0"),
+        ("generator.loss.ranked_density", (0.3, 0.1), "config.generator.loss.ranked_density="
+         "(0.3, 0.1) must be (low, high) with 0 < low <= high < 1"),
+        ("generator.loss.ranked_temperature", 0.0,
+         "config.generator.loss.ranked_temperature=0.0 must be > 0"),
     ],
 )  # fmt: skip
 def test_bad_config_is_one_clear_error(tiny_config, tmp_path, capsys, field, value, message):

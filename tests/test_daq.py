@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gencnp_jax.eval import baselines
 from gencnp_jax.models import daq
 
 GRID = np.concatenate([np.linspace(0.0, 0.499, 500), np.linspace(0.501, 1.0, 500)])
@@ -58,3 +59,20 @@ def test_tree_versions_keep_sites():
     chex.assert_trees_all_equal(gates, {"b/conv1": jnp.ones((2, 3)), "a/conv1": jnp.zeros((2, 5))})
     soft = daq.daq_soft_tree(scores)
     chex.assert_trees_all_close(soft, gates, atol=1e-6)
+
+
+def test_top_fraction_is_the_evaluations_top_k_with_a_gradient_at_the_cut():
+    scores_BxN = jax.random.uniform(jax.random.key(3), (4, 200))
+    density_B = jnp.array([0.05, 0.1, 0.25, 0.4])
+    top_BxN = daq.top_fraction(scores_BxN, density_B, 0.3)
+    expected = baselines.top_k_at_density(scores_BxN, density_B)  # no ties in random scores
+    chex.assert_trees_all_equal(top_BxN, expected)
+    np.testing.assert_array_equal(np.asarray(top_BxN).sum(-1), [10, 20, 50, 80])
+    # raising a kept score (or any score, for the channel just below the cut) opens more
+    grad_BxN = jax.grad(lambda s: jnp.sum(daq.top_fraction(s, density_B, 0.3)))(scores_BxN)
+    assert np.all(np.asarray(grad_BxN) > 0.0)
+    order = np.argsort(-np.asarray(scores_BxN[2]))  # row 2 keeps 50
+    g2 = np.asarray(grad_BxN[2])[order]
+    assert min(g2[49], g2[50]) > 3 * max(g2[0], g2[-1])  # the cut's neighbours learn most
+    narrow = jax.grad(lambda s: jnp.sum(daq.top_fraction(s, density_B, 0.05)))(scores_BxN)
+    assert np.asarray(narrow[2])[order][0] < g2[0]  # a narrower width reaches fewer channels

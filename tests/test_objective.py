@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from gencnp_jax.eval import baselines
 from gencnp_jax.method import losses, objective
 from gencnp_jax.models import classifiers
 from gencnp_jax.models import gates as gates_lib
@@ -18,7 +19,8 @@ def _hp(**overrides):
     values = dict(
         temperature=2.0, sigma=2.0, tau=2.0, hinge_margin=1.0, leak_margin=1.0, ramp_steps=0.0,
         bank_decay=0.9, hinge_cap=0.0, leak_rank=0.0, sparsity_soft=0.0, kd_budget=0.05,
-        contrast_temperature=0.1, contrast_start=10.0,
+        contrast_temperature=0.1, contrast_start=10.0, ranked_temperature=0.3, ranked_low=0.05,
+        ranked_high=0.4,
     )  # fmt: skip
     values.update(overrides)
     return objective.StepHParams(**{k: jnp.float32(v) for k, v in values.items()})
@@ -53,7 +55,7 @@ def test_switches_select_the_documented_forms(setup):
     partner_logits = classify(batch["images"][batch["partner"]], gates)[0]
     expected = losses.leakage_rank_hinge(partner_logits, batch["pred"], batch["has_partner"], 1.0)
     assert float(rank["leak"]) == pytest.approx(float(expected), rel=1e-5)
-    assert set(base) == set(losses.TERMS) - {"distill"}  # no targets in the batch
+    assert set(base) == set(losses.TERMS) - {"distill", "ranked"}  # no targets, no densities
     targets = jnp.round(gates_lib.flatten(scores))[:2]
     with_targets = {**batch, "target_images": batch["images"][:2], "target_masks": targets}
     distilled, *_ = objective.loss_terms(generator, classify, with_targets, bank, _hp())
@@ -69,3 +71,28 @@ def test_step_weights_ramp_sparsity_and_start_the_contrast_late():
     late = objective.step_weights(weights, jnp.float32(20.0), hp)
     assert float(early.sparsity) == pytest.approx(0.4) and float(early.contrast) == 0.0
     assert float(late.sparsity) == pytest.approx(2.0) and float(late.contrast) == 1.0
+
+
+def test_ranked_term_gates_x_with_its_own_top_scores_at_each_rows_density(setup):
+    generator, classify, batch, bank = setup
+    density_B = objective.ranked_densities(6, jnp.int32(0), _hp())
+    terms, *_ = objective.loss_terms(
+        generator, classify, {**batch, "ranked_density": density_B}, bank, _hp()
+    )
+    scores, _ = generator(classify(batch["images"])[1])
+    top = baselines.gates_at_density(scores, density_B)
+    expected = losses.distillation_kl(batch["full_logits"], classify(batch["images"], top)[0], 2.0)
+    assert float(terms["ranked"]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(terms["ranked"]) > 0.0  # gating at 5-40% density changes the prediction
+
+
+def test_ranked_densities_cover_their_range_and_move_with_the_step():
+    hp = _hp(ranked_low=0.1, ranked_high=0.3)
+    first = np.asarray(objective.ranked_densities(64, jnp.int32(0), hp))
+    second = np.asarray(objective.ranked_densities(64, jnp.int32(1), hp))
+    assert first.min() >= 0.1 and first.max() < 0.3
+    assert first.min() < 0.11 and first.max() > 0.29  # evenly spread within each batch
+    counts = np.histogram(first, bins=4, range=(0.1, 0.3))[0]
+    assert counts.min() >= 14  # each quarter of the range gets about a quarter of the rows
+    assert not np.allclose(first, second)
+    np.testing.assert_array_equal(first, objective.ranked_densities(64, jnp.int32(0), hp))

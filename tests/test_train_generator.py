@@ -16,7 +16,7 @@ from flax import nnx
 from gencnp_jax.io import checkpointing
 from gencnp_jax.method import explain, losses
 from gencnp_jax.models import classifiers
-from gencnp_jax.stages import context, explainer, train_generator, train_loop
+from gencnp_jax.stages import context, explainer, generator_eval, train_generator, train_loop
 from gencnp_jax.stages import train_classifier as train_classifier_lib
 
 NUM_LEARN_STEPS = 8
@@ -171,7 +171,7 @@ def test_final_checkpoint_round_trip(tiny_config, generator_workdir, tmp_path):
     # The checkpoint is the generator that was evaluated: its metrics come out again.
     test = context.load_data(tiny_config, "test")
     mesh = context.make_mesh(tiny_config)
-    again = train_generator.evaluate_split(tiny_config, classifier, gd, state, fills, test, mesh)
+    again = generator_eval.evaluate_split(tiny_config, classifier, gd, state, fills, test, mesh)
     with open(os.path.join(explainer.generator_dir(generator_workdir), "metrics.json")) as f:
         saved = json.load(f)
     for key, value in again.items():
@@ -242,3 +242,22 @@ def test_fit_generator_trains_in_memory(tiny_config, trained_workdir, tmp_path, 
     p = explain.explain(gd, state, classifier.graphdef, classifier.state, images)
     for gates in jax.tree.leaves(p.gates):
         assert np.all((np.asarray(gates) == 0.0) | (np.asarray(gates) == 1.0))
+
+
+def test_ranked_term_is_learned_by_the_step(scenario, tiny_config):
+    """With only the ``ranked`` term weighted, steps on one batch make the top 20% of the
+    scores keep the prediction better (the term reaches the generator through the cut)."""
+    classifier = scenario["classifier"]
+    gen_graphdef, tx, state = train_generator.init_state(tiny_config, classifier)
+    step_fn = train_generator.make_train_step(gen_graphdef, classifier.graphdef, tx, ranked=True)
+    hp, _ = train_generator.hparams_from_config(tiny_config.generator)
+    hp = hp.replace(ranked_low=jnp.float32(0.2), ranked_high=jnp.float32(0.2))
+    zero = {t: 0.0 for t in losses.TERMS}
+    weights = losses.LossWeights.create(**{**zero, "ranked": 1.0})
+    train = context.load_data(tiny_config, "train")
+    images = jnp.asarray(context.normalize(tiny_config, train.images[:32]))
+    ranked = []
+    for i in range(12):
+        state, out = step_fn(state, images, jnp.int32(i), classifier.state, None, weights, hp)
+        ranked.append(float(out["loss/ranked"]))
+    assert np.all(np.isfinite(ranked)) and ranked[-1] < 0.8 * ranked[0], ranked

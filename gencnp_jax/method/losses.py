@@ -11,7 +11,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-TERMS = ("kd", "hinge", "sparsity", "pdn", "pull", "leak", "contrast", "budget", "distill")
+TERMS = tuple("kd hinge sparsity pdn pull leak contrast budget distill ranked".split())
 
 
 def kl_rows(teacher_logits_BxK: jax.Array, student_logits_BxK: jax.Array) -> jax.Array:
@@ -255,6 +255,7 @@ class LossWeights:
     contrast: jax.Array = 0.0
     budget: jax.Array = 0.0
     distill: jax.Array = 0.0
+    ranked: jax.Array = 0.0
 
     @classmethod
     def create(cls, **weights: float) -> LossWeights:

@@ -38,6 +38,9 @@ class StepHParams:
       kd_budget: per-instance distillation budget of the ``budget`` term.
       contrast_temperature: temperature of the supervised contrastive term.
       contrast_start: step from which the contrastive term counts (warm-up before it).
+      ranked_temperature: width of `daq.top_fraction`'s gradient, in units of each row's
+        score spread (the ``ranked`` term).
+      ranked_low, ranked_high: the range of the ``ranked`` term's densities.
     """
 
     temperature: jax.Array
@@ -53,6 +56,9 @@ class StepHParams:
     kd_budget: jax.Array
     contrast_temperature: jax.Array
     contrast_start: jax.Array
+    ranked_temperature: jax.Array
+    ranked_low: jax.Array
+    ranked_high: jax.Array
 
 
 def step_weights(weights: losses.LossWeights, step: jax.Array, hp: StepHParams):
@@ -61,6 +67,15 @@ def step_weights(weights: losses.LossWeights, step: jax.Array, hp: StepHParams):
         sparsity=losses.sparsity_ramp(step, hp.ramp_steps, weights.sparsity),
         contrast=jnp.where(step >= hp.contrast_start, weights.contrast, 0.0),
     )
+
+
+def ranked_densities(batch: int, step: jax.Array, hp: StepHParams) -> jax.Array:
+    """The ``ranked`` term's density per row, ``f32[batch]``: a golden-ratio sequence over
+    ``[ranked_low, ranked_high)`` that covers the range evenly in every batch and moves on
+    each step (a function of the step alone, so a resumed run draws the same densities)."""
+    rows = jnp.arange(batch, dtype=jnp.float32) + step.astype(jnp.float32) * batch
+    u = jnp.mod(rows * 0.6180339887, 1.0)
+    return hp.ranked_low + (hp.ranked_high - hp.ranked_low) * u
 
 
 def loss_terms(model, classify: Callable, batch: dict, bank, hp: StepHParams):
@@ -72,7 +87,9 @@ def loss_terms(model, classify: Callable, batch: dict, bank, hp: StepHParams):
         gates taking the run's ablation fills.
       batch: ``images`` and what the full classifier says of them: ``full_logits``, ``pred``,
         the different-class ``partner`` and ``has_partner``; with ``target_images`` and
-        ``target_masks`` (PIO masks, `method/pio.py`) also the ``distill`` term.
+        ``target_masks`` (PIO masks, `method/pio.py`) also the ``distill`` term; with
+        ``ranked_density`` (``f32[B]``) also the ``ranked`` term: x gated with the top
+        fraction of its own scores at that density must keep the full model's prediction.
       bank: the class-score bank of the pull term (``scores f32[K, N]``, ``counts f32[K]``).
       hp: the step's hyper-parameters.
 
@@ -84,11 +101,18 @@ def loss_terms(model, classify: Callable, batch: dict, bank, hp: StepHParams):
     features = classify(images)[1]
     scores, q_logits_BxK = model(features)
     gates = daq.binarize_tree(scores, hp.temperature, hp.sigma)
-    both_images = jnp.concatenate([images, images[partner]])  # x, then x' gated with P(x)
-    both_gates = jax.tree.map(lambda g: jnp.concatenate([g, g]), gates)
-    both_logits, _ = classify(both_images, both_gates)
-    pathway_logits, partner_logits = jnp.split(both_logits, 2)
     scores_flat = gates_lib.flatten(scores)
+    passes = [(images, gates), (images[partner], gates)]  # x, then x' gated with P(x)
+    if "ranked_density" in batch:  # x gated with its top scores at a fixed density
+        top = daq.top_fraction(scores_flat, batch["ranked_density"], hp.ranked_temperature)
+        passes.append(
+            (images, gates_lib.unflatten(top, {s: v.shape[-1] for s, v in scores.items()}))
+        )
+    all_logits, _ = classify(
+        jnp.concatenate([x for x, _ in passes]),
+        jax.tree.map(lambda *g: jnp.concatenate(g), *[g for _, g in passes]),
+    )
+    pathway_logits, partner_logits, *ranked_logits = jnp.split(all_logits, len(passes))
     soft = daq.daq_soft_tree(scores, hp.temperature, hp.sigma)
     sparsity = jnp.where(hp.sparsity_soft > 0, losses.sparsity(soft), losses.sparsity(scores))
     leak_log = losses.leakage_hinge(
@@ -105,6 +129,8 @@ def loss_terms(model, classify: Callable, batch: dict, bank, hp: StepHParams):
         "contrast": losses.supervised_contrastive(scores_flat, pred, hp.contrast_temperature),
         "budget": losses.kd_budget(full_logits, pathway_logits, hp.tau, hp.kd_budget),
     }
+    if ranked_logits:
+        terms["ranked"] = losses.distillation_kl(full_logits, ranked_logits[0], hp.tau)
     if "target_images" in batch:
         target_scores, _ = model(classify(batch["target_images"])[1])
         terms["distill"] = losses.mask_bce(gates_lib.flatten(target_scores), batch["target_masks"])

@@ -1,6 +1,7 @@
 """Distance-aware quantization (DAQ, Kim, Lee, Ham, ICCV 2021) of scores to binary gates.
 
 Forward values are exact 0/1 (no train/test gap); gradients flow to the scores through DASR.
+`top_fraction` binarizes at a given density instead of at 0.5, with a straight-through gradient.
 """
 
 from __future__ import annotations
@@ -107,3 +108,26 @@ def binarize_tree(
 ) -> dict[str, jax.Array]:
     """`binarize` on every site of a ``site -> f32[B, C]`` dict: the gates (site order kept)."""
     return {site: binarize(s, temperature, sigma) for site, s in scores.items()}
+
+
+def top_fraction(
+    scores_BxN: jax.Array, density_B: jax.Array, rel_temperature: float | jax.Array
+) -> jax.Array:
+    """The top ``round(density_b * N)`` scores of row b as gates (ours; the ``ranked`` loss term).
+
+    Forward: exactly the hard top-k mask the fixed-density evaluation builds from the same
+    scores (`eval.baselines.top_k_at_density`, ties aside). Backward: the straight-through
+    gradient of ``sigmoid((s - t_b) / (rel_temperature * std_b))``, ``t_b`` the midpoint
+    between the k-th and (k+1)-th score of row b and ``std_b`` the row's spread (both
+    stop-gradient), so the scores near each row's cut learn which side they belong on.
+    """
+    n = scores_BxN.shape[-1]
+    k_B = jnp.clip(jnp.round(density_B * n).astype(jnp.int32), 1, n - 1)
+    desc_BxN = jax.lax.stop_gradient(-jnp.sort(-scores_BxN, axis=-1))
+    above_B = jnp.take_along_axis(desc_BxN, (k_B - 1)[:, None], -1)[:, 0]
+    below_B = jnp.take_along_axis(desc_BxN, k_B[:, None], -1)[:, 0]
+    cut_B = 0.5 * (above_B + below_B)
+    width_B = rel_temperature * jnp.std(desc_BxN, axis=-1) + 1e-6
+    soft_BxN = jax.nn.sigmoid((scores_BxN - cut_B[:, None]) / width_B[:, None])
+    hard_BxN = (scores_BxN > cut_B[:, None]).astype(scores_BxN.dtype)
+    return hard_BxN + (soft_BxN - jax.lax.stop_gradient(soft_BxN))  # exactly 0/1 forward

@@ -21,7 +21,14 @@ from gencnp_jax.method import explain, losses, objective
 from gencnp_jax.models import classifiers
 from gencnp_jax.models import gates as gates_lib
 from gencnp_jax.models import generator as generator_lib
-from gencnp_jax.stages import context, explainer, pio_targets, train_classifier, train_loop
+from gencnp_jax.stages import (
+    context,
+    explainer,
+    generator_eval,
+    pio_targets,
+    train_classifier,
+    train_loop,
+)
 
 
 def hparams_from_config(g) -> tuple[objective.StepHParams, losses.LossWeights]:
@@ -38,6 +45,8 @@ def hparams_from_config(g) -> tuple[objective.StepHParams, losses.LossWeights]:
         kd_budget=f(loss.kd_budget),
         contrast_temperature=f(loss.contrast_temperature),
         contrast_start=f(loss.contrast_start),
+        ranked_temperature=f(loss.ranked_temperature),
+        **{"ranked_low": f(loss.ranked_density[0]), "ranked_high": f(loss.ranked_density[1])},
     )
     return hp, losses.LossWeights.create(**{n: loss[f"w_{n}"] for n in losses.TERMS})
 
@@ -63,12 +72,13 @@ class GeneratorState:
     bank: ScoreBank
 
 
-def make_train_step(gen_graphdef: nnx.GraphDef, cls_graphdef: nnx.GraphDef, tx):
+def make_train_step(gen_graphdef: nnx.GraphDef, cls_graphdef: nnx.GraphDef, tx, ranked=False):
     """`step(state, batch, step, cls_state, fills, weights, hp) -> (state, metrics)`.
 
     `batch` is the images, or a dict of ``images`` and the PIO targets of the ``distill``
     term (``target_images``, ``target_masks``). `state` is a `GeneratorState` (donated); the
-    classifier state is not donated and no gradient reaches it.
+    classifier state is not donated and no gradient reaches it. `ranked` adds the ``ranked``
+    term's gated pass (`objective.ranked_densities`).
     """
 
     def step(state: GeneratorState, batch, step_idx, cls_state, fills, weights, hp):
@@ -78,6 +88,8 @@ def make_train_step(gen_graphdef: nnx.GraphDef, cls_graphdef: nnx.GraphDef, tx):
         pred = jnp.argmax(full_logits, -1)
         batch = {"images": images, "full_logits": full_logits, "pred": pred, **targets}
         batch["partner"], batch["has_partner"] = losses.partner_indices(pred)
+        if ranked:
+            batch["ranked_density"] = objective.ranked_densities(len(images), step_idx, hp)
         w = objective.step_weights(weights, step_idx, hp)
         model = nnx.merge(gen_graphdef, state.gen.params, state.gen.rest)
         classify = lambda x, g=None: classifiers.forward(cls_graphdef, cls_state, x, g, fills)
@@ -138,7 +150,7 @@ def bound_step(config, gen_graphdef, classifier: context.Classifier, tx, fills, 
         mesh, (classifier.state, fills, *hparams_from_config(config.generator))
     )
     return train_loop.BoundStep(
-        make_train_step(gen_graphdef, classifier.graphdef, tx),
+        make_train_step(gen_graphdef, classifier.graphdef, tx, config.generator.loss.w_ranked > 0),
         lambda step: (jnp.int32(step), cls_state, fills, weights, hp),
     )
 
@@ -229,7 +241,9 @@ def train_generator(config, workdir: str) -> dict:
     final = checkpointing.Checkpointer(os.path.join(out_dir, "final"), max_to_keep=1)
     final.save(g.steps, {"generator": gen_state, "means": means})
     final.close()
-    out = evaluate_split(config, classifier, gen_graphdef, gen_state, fills, test, mesh)
+    out = generator_eval.evaluate_split(
+        config, classifier, gen_graphdef, gen_state, fills, test, mesh
+    )
     out.update(
         train_seconds=result.seconds,
         train_steps=g.steps,
@@ -242,57 +256,3 @@ def train_generator(config, workdir: str) -> dict:
         out["pio_targets"] = targets.summary
     logging_utils.write_json(os.path.join(out_dir, "metrics.json"), out)
     return out
-
-
-def pathway_outputs(gen_graphdef, cls_graphdef):
-    """A jitted fn of `(gen_state, cls_state, images, temperature, sigma, fills)`: the
-    per-instance outputs of GEN-CNP on a batch that the metrics need."""
-
-    def fn(gen_state, cls_state, images, temperature, sigma, fills):
-        p = explain.explain(
-            gen_graphdef, gen_state, cls_graphdef, cls_state, images, temperature, sigma, fills
-        )
-        partner, has_partner = metrics.different_class_partners(p.explained_class)
-        partner_logits, _ = classifiers.forward(
-            cls_graphdef, cls_state, images[partner], p.gates, fills
-        )
-        return {
-            "full_logits": p.full_logits,
-            "pathway_logits": p.pathway_logits,
-            "classes": p.explained_class,
-            "gates_flat": gates_lib.flatten(p.gates),
-            "partner_logits": partner_logits,
-            "partner_classes": p.explained_class[partner],
-            "has_partner": has_partner,
-        }
-
-    return jax.jit(fn)
-
-
-def evaluate_split(config, classifier, gen_graphdef, gen_state, fills, split, mesh) -> dict:
-    """agreement, density, mDC, mIC and leakage of GEN-CNP pathways on a split."""
-    g = config.generator
-    fn = pathway_outputs(gen_graphdef, classifier.graphdef)
-    gen_state, cls_state, fills = sharding.replicate(mesh, (gen_state, classifier.state, fills))
-    temperature, sigma = jnp.float32(g.daq.temperature), jnp.float32(g.daq.sigma)
-    cols = batched.map_batches(
-        lambda images: fn(gen_state, cls_state, images, temperature, sigma, fills),
-        lambda idx: context.normalize(config, split.images[idx]),
-        len(split.labels),
-        g.eval_batch_size,
-        mesh,
-    )
-    c = {k: jnp.asarray(v) for k, v in cols.items()}
-    density_B = jnp.mean(c["gates_flat"], axis=-1)
-    pairs = c["has_partner"]
-    return {
-        "num_examples": int(len(split.labels)),
-        "agreement": float(metrics.agreement(c["full_logits"], c["pathway_logits"])),
-        "density_mean": float(jnp.mean(density_B)),
-        "density_std": float(jnp.std(density_B)),
-        "mDC": float(metrics.mDC(c["full_logits"], c["pathway_logits"])),
-        "mIC": float(metrics.mIC(c["full_logits"], c["pathway_logits"])),
-        "leakage": float(
-            metrics.leakage(c["partner_logits"], c["classes"], c["partner_classes"], pairs)
-        ),
-    }

@@ -90,6 +90,7 @@ def check_config(config) -> None:
                 f"config.generator.loss.{field}={g.loss[field]!r}: choose one of {allowed}"
             )
     _check_pio(g)
+    _check_ranked(g.loss)
     if config.bank.class_source not in ("prediction", "label"):
         raise ConfigError(
             f"config.bank.class_source={config.bank.class_source!r}: choose 'prediction' or 'label'"
@@ -99,6 +100,22 @@ def check_config(config) -> None:
     _check_devices(config)
     hwc, num_classes = _dataset_info(config)
     _check_sites(config, hwc, num_classes)
+
+
+def _check_ranked(loss) -> None:
+    """The ``ranked`` term's weight, density range and gradient width."""
+    span = tuple(loss.ranked_density)
+    if not loss.w_ranked >= 0:
+        raise ConfigError(f"config.generator.loss.w_ranked={loss.w_ranked!r} must be >= 0")
+    if len(span) != 2 or not 0 < span[0] <= span[1] < 1:
+        raise ConfigError(
+            f"config.generator.loss.ranked_density={span!r} must be "
+            f"(low, high) with 0 < low <= high < 1"
+        )
+    if not loss.ranked_temperature > 0:
+        raise ConfigError(
+            f"config.generator.loss.ranked_temperature={loss.ranked_temperature!r} must be > 0"
+        )
 
 
 def _check_pio(g) -> None:
