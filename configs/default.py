@@ -104,7 +104,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.generator.loss.contrast_start = 300  # steps of warm-up before it counts
     # Fixed-density faithfulness of the score ranking (ours): x gated with the top fraction
     # of its own scores, at densities spread over `ranked_density`, keeps its prediction (KL).
-    c.generator.loss.w_ranked = 0.0  # 0 = off (no extra gated pass)
+    c.generator.loss.w_ranked = 0.0  # 0 = off (no extra gated passes)
+    c.generator.loss.w_ranked_leak = (
+        0.0  # rank leakage hinge of those masks on x' (margin leak_margin)
+    )
     c.generator.loss.ranked_density = (0.05, 0.4)
     c.generator.loss.ranked_temperature = 0.3  # gradient width, in units of a row's score std
     # Distillation of per-instance optimised masks (ours, method/pio.py): PIO masks of

@@ -203,6 +203,8 @@ def test_empty_dataset_directory_through_launch(tiny_config, tmp_path):
         ("data.train_limit", 16, "config.data.train_limit=16 is below "
          "config.classifier.batch_size=32"),
         ("generator.loss.w_ranked", -1.0, "config.generator.loss.w_ranked=-1.0 must be >= 0"),
+        ("generator.loss.w_ranked_leak", -2.0,
+         "config.generator.loss.w_ranked_leak=-2.0 must be >= 0"),
         ("generator.loss.ranked_density", (0.3, 0.1), "config.generator.loss.ranked_density="
          "(0.3, 0.1) must be (low, high) with 0 < low <= high < 1"),
         ("generator.loss.ranked_temperature", 0.0,

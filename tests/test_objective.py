@@ -55,7 +55,7 @@ def test_switches_select_the_documented_forms(setup):
     partner_logits = classify(batch["images"][batch["partner"]], gates)[0]
     expected = losses.leakage_rank_hinge(partner_logits, batch["pred"], batch["has_partner"], 1.0)
     assert float(rank["leak"]) == pytest.approx(float(expected), rel=1e-5)
-    assert set(base) == set(losses.TERMS) - {"distill", "ranked"}  # no targets, no densities
+    assert set(base) == set(losses.TERMS) - {"distill", "ranked", "ranked_leak"}
     targets = jnp.round(gates_lib.flatten(scores))[:2]
     with_targets = {**batch, "target_images": batch["images"][:2], "target_masks": targets}
     distilled, *_ = objective.loss_terms(generator, classify, with_targets, bank, _hp())
@@ -84,6 +84,9 @@ def test_ranked_term_gates_x_with_its_own_top_scores_at_each_rows_density(setup)
     expected = losses.distillation_kl(batch["full_logits"], classify(batch["images"], top)[0], 2.0)
     assert float(terms["ranked"]) == pytest.approx(float(expected), rel=1e-5)
     assert float(terms["ranked"]) > 0.0  # gating at 5-40% density changes the prediction
+    partner_logits = classify(batch["images"][batch["partner"]], top)[0]
+    leak = losses.leakage_rank_hinge(partner_logits, batch["pred"], batch["has_partner"], 1.0)
+    assert float(terms["ranked_leak"]) == pytest.approx(float(leak), rel=1e-5)
 
 
 def test_ranked_densities_cover_their_range_and_move_with_the_step():

@@ -11,7 +11,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-TERMS = tuple("kd hinge sparsity pdn pull leak contrast budget distill ranked".split())
+TERMS = tuple("kd hinge sparsity pdn pull leak contrast budget distill ranked ranked_leak".split())
 
 
 def kl_rows(teacher_logits_BxK: jax.Array, student_logits_BxK: jax.Array) -> jax.Array:
@@ -256,6 +256,7 @@ class LossWeights:
     budget: jax.Array = 0.0
     distill: jax.Array = 0.0
     ranked: jax.Array = 0.0
+    ranked_leak: jax.Array = 0.0
 
     @classmethod
     def create(cls, **weights: float) -> LossWeights:

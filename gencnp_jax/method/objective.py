@@ -88,8 +88,9 @@ def loss_terms(model, classify: Callable, batch: dict, bank, hp: StepHParams):
       batch: ``images`` and what the full classifier says of them: ``full_logits``, ``pred``,
         the different-class ``partner`` and ``has_partner``; with ``target_images`` and
         ``target_masks`` (PIO masks, `method/pio.py`) also the ``distill`` term; with
-        ``ranked_density`` (``f32[B]``) also the ``ranked`` term: x gated with the top
-        fraction of its own scores at that density must keep the full model's prediction.
+        ``ranked_density`` (``f32[B]``) also the ``ranked`` terms: x gated with the top
+        fraction of its own scores at that density must keep the full model's prediction
+        (``ranked``) and must not bring x's class near the top on x' (``ranked_leak``).
       bank: the class-score bank of the pull term (``scores f32[K, N]``, ``counts f32[K]``).
       hp: the step's hyper-parameters.
 
@@ -103,16 +104,15 @@ def loss_terms(model, classify: Callable, batch: dict, bank, hp: StepHParams):
     gates = daq.binarize_tree(scores, hp.temperature, hp.sigma)
     scores_flat = gates_lib.flatten(scores)
     passes = [(images, gates), (images[partner], gates)]  # x, then x' gated with P(x)
-    if "ranked_density" in batch:  # x gated with its top scores at a fixed density
+    if "ranked_density" in batch:  # x, then x', gated with x's top scores at a fixed density
         top = daq.top_fraction(scores_flat, batch["ranked_density"], hp.ranked_temperature)
-        passes.append(
-            (images, gates_lib.unflatten(top, {s: v.shape[-1] for s, v in scores.items()}))
-        )
+        top = gates_lib.unflatten(top, {s: v.shape[-1] for s, v in scores.items()})
+        passes += [(images, top), (images[partner], top)]
     all_logits, _ = classify(
         jnp.concatenate([x for x, _ in passes]),
         jax.tree.map(lambda *g: jnp.concatenate(g), *[g for _, g in passes]),
     )
-    pathway_logits, partner_logits, *ranked_logits = jnp.split(all_logits, len(passes))
+    pathway_logits, partner_logits, *ranked = jnp.split(all_logits, len(passes))
     soft = daq.daq_soft_tree(scores, hp.temperature, hp.sigma)
     sparsity = jnp.where(hp.sparsity_soft > 0, losses.sparsity(soft), losses.sparsity(scores))
     leak_log = losses.leakage_hinge(
@@ -129,8 +129,11 @@ def loss_terms(model, classify: Callable, batch: dict, bank, hp: StepHParams):
         "contrast": losses.supervised_contrastive(scores_flat, pred, hp.contrast_temperature),
         "budget": losses.kd_budget(full_logits, pathway_logits, hp.tau, hp.kd_budget),
     }
-    if ranked_logits:
-        terms["ranked"] = losses.distillation_kl(full_logits, ranked_logits[0], hp.tau)
+    if ranked:
+        terms["ranked"] = losses.distillation_kl(full_logits, ranked[0], hp.tau)
+        terms["ranked_leak"] = losses.leakage_rank_hinge(
+            ranked[1], pred, has_partner, hp.leak_margin
+        )
     if "target_images" in batch:
         target_scores, _ = model(classify(batch["target_images"])[1])
         terms["distill"] = losses.mask_bce(gates_lib.flatten(target_scores), batch["target_masks"])

@@ -144,13 +144,18 @@ def init_state(
     return gen_graphdef, tx, GeneratorState(gen, bank)
 
 
+def ranked_on(loss) -> bool:
+    """Whether the step makes the ``ranked`` terms' gated passes (either weight > 0)."""
+    return loss.w_ranked > 0 or loss.w_ranked_leak > 0
+
+
 def bound_step(config, gen_graphdef, classifier: context.Classifier, tx, fills, mesh):
     """The train step with the classifier, fills and loss settings bound (replicated)."""
     cls_state, fills, hp, weights = sharding.replicate(
         mesh, (classifier.state, fills, *hparams_from_config(config.generator))
     )
     return train_loop.BoundStep(
-        make_train_step(gen_graphdef, classifier.graphdef, tx, config.generator.loss.w_ranked > 0),
+        make_train_step(gen_graphdef, classifier.graphdef, tx, ranked_on(config.generator.loss)),
         lambda step: (jnp.int32(step), cls_state, fills, weights, hp),
     )
 

@@ -105,8 +105,9 @@ def check_config(config) -> None:
 def _check_ranked(loss) -> None:
     """The ``ranked`` term's weight, density range and gradient width."""
     span = tuple(loss.ranked_density)
-    if not loss.w_ranked >= 0:
-        raise ConfigError(f"config.generator.loss.w_ranked={loss.w_ranked!r} must be >= 0")
+    for field in ("w_ranked", "w_ranked_leak"):
+        if not loss[field] >= 0:
+            raise ConfigError(f"config.generator.loss.{field}={loss[field]!r} must be >= 0")
     if len(span) != 2 or not 0 < span[0] <= span[1] < 1:
         raise ConfigError(
             f"config.generator.loss.ranked_density={span!r} must be "
