@@ -77,8 +77,8 @@ def make_train_step(gen_graphdef: nnx.GraphDef, cls_graphdef: nnx.GraphDef, tx, 
 
     `batch` is the images, or a dict of ``images`` and the PIO targets of the ``distill``
     term (``target_images``, ``target_masks``). `state` is a `GeneratorState` (donated); the
-    classifier state is not donated and no gradient reaches it. `ranked` adds the ``ranked``
-    term's gated pass (`objective.ranked_densities`).
+    classifier state is not donated and no gradient reaches it. `ranked` adds the gated passes
+    of the ``ranked`` and ``ranked_leak`` terms (densities: `objective.ranked_densities`).
     """
 
     def step(state: GeneratorState, batch, step_idx, cls_state, fills, weights, hp):
