@@ -209,6 +209,9 @@ def test_empty_dataset_directory_through_launch(tiny_config, tmp_path):
          "(0.3, 0.1) must be (low, high) with 0 < low <= high < 1"),
         ("generator.loss.ranked_temperature", 0.0,
          "config.generator.loss.ranked_temperature=0.0 must be > 0"),
+        ("headroom.num_examples", 0, "config.headroom.num_examples=0 must be an int >= 1"),
+        ("headroom.densities", (0.2, 1.0), "config.headroom.densities=(0.2, 1.0) must lie in"),
+        ("headroom.learning_rate", 0.0, "config.headroom.learning_rate=0.0 must be > 0"),
     ],
 )  # fmt: skip
 def test_bad_config_is_one_clear_error(tiny_config, tmp_path, capsys, field, value, message):

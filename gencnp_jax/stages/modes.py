@@ -16,6 +16,7 @@ MODES = {
     "evaluate": "evaluate:evaluate",
     "report": "report:make_report",
     "bench": "bench:bench",
+    "headroom": "headroom:headroom",  # fixed-density optima (eval/oracle.py): not in PIPELINE
     "explain": "explain_images:explain_images",  # given images: not in PIPELINE
 }
 PIPELINE = ("train_classifier", "train_generator", "build_bank", "evaluate", "report")

@@ -91,6 +91,8 @@ def check_config(config) -> None:
             )
     _check_pio(g)
     _check_ranked(g.loss)
+    if "headroom" in config:
+        _check_headroom(config.headroom)
     if config.bank.class_source not in ("prediction", "label"):
         raise ConfigError(
             f"config.bank.class_source={config.bank.class_source!r}: choose 'prediction' or 'label'"
@@ -117,6 +119,19 @@ def _check_ranked(loss) -> None:
         raise ConfigError(
             f"config.generator.loss.ranked_temperature={loss.ranked_temperature!r} must be > 0"
         )
+
+
+def _check_headroom(h) -> None:
+    """`--mode=headroom`'s sizes: images, steps, densities, step size, gradient width."""
+    for field, least in (("num_examples", 1), ("steps", 0)):
+        if not isinstance(h[field], int) or h[field] < least:
+            raise ConfigError(f"config.headroom.{field}={h[field]!r} must be an int >= {least}")
+    densities = tuple(h.densities)
+    if not densities or not all(0 < d < 1 for d in densities):
+        raise ConfigError(f"config.headroom.densities={densities!r} must lie in (0, 1)")
+    for field in ("learning_rate", "rel_temperature"):
+        if not h[field] > 0:
+            raise ConfigError(f"config.headroom.{field}={h[field]!r} must be > 0")
 
 
 def _check_pio(g) -> None:
