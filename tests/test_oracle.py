@@ -103,3 +103,19 @@ def test_headroom_stage_writes_both_optima_and_their_gain(headroom_result):
         np.testing.assert_allclose(row["headroom_gain"], row["class_optimum"]["mDC"] / best)
         for name in headroom.ROWS:
             assert 0.0 <= row[name]["agreement"] <= 1.0 and row[name]["mDC"] >= 0.0
+
+
+def test_headroom_without_steps_scores_the_starts_and_claims_no_gain(
+    tiny_config, generator_workdir, tmp_path
+):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(generator_workdir, workdir)
+    config = copy.deepcopy(tiny_config)
+    config.headroom.num_examples, config.headroom.densities = 16, (0.3,)
+    config.headroom.steps = 0
+    row = headroom.headroom(config, workdir)["at_density"]["0.3"]
+    assert row["headroom_gain"] is None
+    assert row["instance_optimum_from_gencnp"] == row["gencnp"]  # the optima are their starts
+    assert row["instance_optimum"] == row["class_optimum"]
+    with open(os.path.join(workdir, "eval", "headroom.md")) as f:
+        assert "| headroom_gain | n/a |" in f.read()

@@ -13,7 +13,8 @@ On the first ``headroom.num_examples`` images of the common evaluation subset, a
 * ``instance_optimum``: one per image, started from the class optimum (so only what the image
   adds beyond its class moves it).
 
-``headroom_gain = mDC(class_optimum) / mDC(best instance optimum)``: the specificity gain a
+``headroom_gain = mDC(class_optimum) / mDC(best instance optimum)`` (null with ``steps = 0``,
+where the optima are their starts): the specificity gain a
 perfect instance-specific explainer could show; ``gencnp_gain = mDC(class_constant) /
 mDC(gencnp)`` is the one `evaluate` reports (over training-image class means there). Writes
 ``WORKDIR/eval/headroom.json`` and ``headroom.md``.
@@ -136,7 +137,8 @@ def headroom(config, workdir: str) -> dict:
             }
         best = min(row["instance_optimum"]["mDC"], row["instance_optimum_from_gencnp"]["mDC"])
         row["class_optimum_start"] = class_start
-        row["headroom_gain"] = controls.specificity_gain(row["class_optimum"]["mDC"], best)
+        gain = controls.specificity_gain(row["class_optimum"]["mDC"], best)
+        row["headroom_gain"] = gain if int(h.steps) > 0 else None  # 0 steps: no optima
         row["gencnp_gain"] = controls.specificity_gain(
             row["class_constant"]["mDC"], row["gencnp"]["mDC"]
         )
@@ -173,6 +175,7 @@ def table(results: dict) -> str:
         cells = [f"{c['mDC']:.1f} ({c['agreement']:.3f})" for c in cells]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for gain in ("headroom_gain", "gencnp_gain"):
-        cells = [f"{results['at_density'][d][gain]:.2f}" for d in ds]
+        values = [results["at_density"][d][gain] for d in ds]
+        cells = ["n/a" if v is None else f"{v:.2f}" for v in values]
         lines.append(f"| {gain} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
