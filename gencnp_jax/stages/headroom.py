@@ -93,11 +93,11 @@ def headroom(config, workdir: str) -> dict:
     key = jax.random.key(config.seed + 23)
     bar = writers.progress(len(h.densities) * 4, desc="headroom")
     per_density = {}
+    from_gen = sharding.shard_batch(mesh, np.asarray(oracle.standardise_rows(gen_BxN)))
     for density in (float(d) for d in h.densities):
         opt = functools.partial(
             optimise, cls_state, fills, images, full, density=jnp.float32(density), **run_args
         )
-        from_gen = sharding.shard_batch(mesh, np.asarray(oracle.standardise_rows(gen_BxN)))
         instance_gen_BxN = sharding.to_host(opt(from_gen, onehot=None)[0])
         bar.update(1)
         # the class optimum from two starts, the better kept: GEN-CNP's class means, and the
