@@ -84,3 +84,41 @@ def test_run_all_resumes_after_the_last_complete_stage(tmp_path, capsys, monkeyp
     assert [timings[m] for m in modes.PIPELINE[:2]] == ["skipped", "skipped"]
     out = capsys.readouterr().out
     assert out.count("already complete") == 2 and "Summary:" in out
+
+
+def test_only_training_stages_rewrite_the_run_record(tmp_path, capsys, monkeypatch):
+    """config.json records what made the models: an evaluation with other settings keeps it."""
+    workdir, ran = str(tmp_path), []
+    monkeypatch.setattr(modes, "stage_fn", lambda mode: lambda config, wd: ran.append(mode))
+    trained = ml_collections.ConfigDict({"eval": {"n": 1, "ds": (0.1, 0.2)}, "lr": 0.5})
+    other = ml_collections.ConfigDict({"eval": {"n": 2, "ds": (0.1, 0.3)}, "lr": 0.5})
+    record = os.path.join(workdir, "config.json")
+
+    def recorded():
+        with open(record) as f:
+            return json.load(f)
+
+    pipeline.run_stage("evaluate", trained, workdir)  # no record yet: any stage writes one
+    assert recorded() == json.loads(trained.to_json())
+    pipeline.run_stage("train_generator", trained, workdir)
+    capsys.readouterr()
+    pipeline.run_stage("evaluate", other, workdir)
+    assert recorded() == json.loads(trained.to_json())
+    err = capsys.readouterr().err
+    assert f"keeps the trained run's record {record}" in err and err.endswith("eval.ds, eval.n\n")
+    pipeline.run_stage("report", trained, workdir)  # same settings: nothing to say
+    assert capsys.readouterr().err == ""
+    pipeline.run_stage("train_generator", other, workdir)  # retraining: the new record
+    assert recorded() == json.loads(other.to_json())
+    with open(record, "w") as f:
+        f.write("{not json")
+    pipeline.run_stage("evaluate", trained, workdir)  # a broken record is replaced
+    assert recorded() == json.loads(trained.to_json())
+    assert ran == [
+        "evaluate",
+        "train_generator",
+        "evaluate",
+        "report",
+        "train_generator",
+        "evaluate",
+    ]

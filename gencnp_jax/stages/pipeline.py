@@ -8,6 +8,7 @@ from deep inside JAX. Training stages stop cleanly on SIGTERM / SIGINT (`io/pree
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -21,7 +22,7 @@ from gencnp_jax.io import checkpointing, data, preemption, weights
 from gencnp_jax.io import lock as lock_lib
 from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.io import writers as logging_utils
-from gencnp_jax.stages import build_bank, context, modes, user_classifier, validation
+from gencnp_jax.stages import build_bank, context, explainer, modes, user_classifier, validation
 
 _CLUSTER_ENV = (
     "SLURM_NTASKS",
@@ -107,14 +108,10 @@ TRAINING = ("train_classifier", "train_generator")
 def run_stage(mode: str, config, workdir: str, launched_mode: str | None = None):
     """Runs one stage; a training stage under a SIGTERM / SIGINT guard (`io/preemption.py`).
 
-    Records the config it runs with in ``WORKDIR/config.json`` first (what
-    `Explainer.from_workdir(workdir)` reads back).
+    Records the run's config first (`record_config`).
     """
     if jax.process_index() == 0 and hasattr(config, "to_json_best_effort"):  # a ConfigDict
-        os.makedirs(workdir, exist_ok=True)
-        logging_utils.write_text(
-            os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2)
-        )
+        record_config(mode, config, workdir)
     if mode not in TRAINING:
         return modes.stage_fn(mode)(config, workdir)
     command = preemption.rerun_command(
@@ -123,6 +120,48 @@ def run_stage(mode: str, config, workdir: str, launched_mode: str | None = None)
     )
     with preemption.StopGuard(config.get("preemption_grace_s", 30.0), command):
         return modes.stage_fn(mode)(config, workdir)
+
+
+def record_config(mode: str, config, workdir: str):
+    """Writes ``WORKDIR/config.json``, the record `Explainer.from_workdir(workdir)` reads back.
+
+    A training stage writes it (its config is what made the models); any other stage only
+    writes a missing (or unreadable) one, so an evaluation with other settings (``--mode=headroom
+    --config.headroom.steps=0``) does not rewrite the trained run's record; it names the
+    settings in which it differs instead.
+    """
+    path = os.path.join(workdir, explainer.CONFIG_FILE)
+    text = config.to_json_best_effort(indent=2)
+    recorded = _read_record(path)
+    if mode in TRAINING or recorded is None:
+        os.makedirs(workdir, exist_ok=True)
+        logging_utils.write_text(path, text)
+        return
+    running = weights.flatten(json.loads(text))
+    changed = sorted(
+        {
+            k.rstrip("/0123456789").replace("/", ".")  # a list's entries name the list
+            for k in recorded.keys() | running.keys()
+            if recorded.get(k) != running.get(k)
+        }
+    )
+    if changed:
+        print(
+            f"note: [{mode}] keeps the trained run's record {path}; this run differs from it "
+            f"in {', '.join(changed)}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _read_record(path: str) -> dict | None:
+    """The flattened config record at `path`; None if it is missing or not a JSON object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = json.load(f)
+    except (OSError, ValueError):  # missing, unreadable, not JSON
+        return None
+    return weights.flatten(tree) if isinstance(tree, dict) else None
 
 
 @contextlib.contextmanager
