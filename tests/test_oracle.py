@@ -93,14 +93,22 @@ def test_headroom_stage_writes_both_optima_and_their_gain(headroom_result):
     assert os.path.exists(os.path.join(workdir, "eval", "headroom.md"))
     assert result["num_examples"] == 32 and set(result["at_density"]) == {"0.2", "0.4"}
     for row in result["at_density"].values():
-        assert set(row) == {*headroom.ROWS, "headroom_gain", "gencnp_gain", "class_optimum_start"}
+        named = {"headroom_gain", "gencnp_gain", "class_optimum_start"}
+        assert set(row) == {*headroom.ROWS, *named, "best_class_mask", "best_instance_mask"}
         assert row["class_optimum_start"] in ("gencnp_class_means", "instance_optimum_class_means")
         # each optimum starts where the one before it ends and keeps its best: never worse
         assert row["class_optimum"]["kl"] <= row["class_constant"]["kl"] + 1e-4
         assert row["instance_optimum"]["kl"] <= row["class_optimum"]["kl"] + 1e-4
         assert row["instance_optimum_from_gencnp"]["kl"] <= row["gencnp"]["kl"] + 1e-4
-        best = min(row["instance_optimum"]["mDC"], row["instance_optimum_from_gencnp"]["mDC"])
-        np.testing.assert_allclose(row["headroom_gain"], row["class_optimum"]["mDC"] / best)
+        # the gain divides the lowest mDC of a class mask by the lowest of an instance mask
+        best_class = min(row[name]["mDC"] for name in ("class_constant", "class_optimum"))
+        best_instance = min(
+            row[name]["mDC"]
+            for name in ("gencnp", "instance_optimum", "instance_optimum_from_gencnp")
+        )
+        assert row[row["best_class_mask"]]["mDC"] == best_class
+        assert row[row["best_instance_mask"]]["mDC"] == best_instance
+        np.testing.assert_allclose(row["headroom_gain"], best_class / best_instance)
         for name in headroom.ROWS:
             assert 0.0 <= row[name]["agreement"] <= 1.0 and row[name]["mDC"] >= 0.0
 
