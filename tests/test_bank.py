@@ -15,6 +15,7 @@ from configs import tiny
 from gencnp_jax.eval import perturbation
 from gencnp_jax.method import class_bank as bank
 from gencnp_jax.models import classifiers
+from gencnp_jax.models import gates as gates_lib
 from gencnp_jax.stages import build_bank, context
 
 K = 10
@@ -26,16 +27,20 @@ def _classifier(widths=(4, 8), seed=0) -> context.Classifier:
     return context.Classifier(graphdef, state, dict(model.site_channels), K)
 
 
-def _bank(classifier, config, seed=0) -> bank.ClassBank:
-    """A bank from random binary gates of 3 samples per class (class 9 left empty)."""
+def _bank(classifier, config, seed=0, with_scores=True) -> bank.ClassBank:
+    """A bank from random binary gates (and scores) of 3 samples per class (class 9 empty)."""
     rng = np.random.default_rng(seed)
     classes_B = np.repeat(np.arange(K - 1), 3)
+    sites = classifier.site_channels
     gates = {
-        s: jnp.asarray(rng.random((len(classes_B), c)) < 0.5, jnp.float32)
-        for s, c in classifier.site_channels.items()
+        s: jnp.asarray(rng.random((len(classes_B), c)) < 0.5, jnp.float32) for s, c in sites.items()
+    }
+    scores = {
+        s: jnp.asarray(rng.normal(size=(len(classes_B), c)), jnp.float32) for s, c in sites.items()
     }
     b = config.bank
     freq, masks, counts = bank.aggregate(gates, jnp.asarray(classes_B), K, b.threshold)
+    score_mean = bank.class_means(scores, jnp.asarray(classes_B), K)[0] if with_scores else None
     return bank.ClassBank(
         freq,
         masks,
@@ -44,6 +49,7 @@ def _bank(classifier, config, seed=0) -> bank.ClassBank:
         b.threshold,
         b.class_source,
         build_bank.fingerprint(classifier.state, classifier.site_channels),
+        score_mean,
     )
 
 
@@ -90,7 +96,8 @@ def test_round_trip(config, tmp_path):
     assert meta["counts"] == [3] * (K - 1) + [0] and meta["empty_classes"] == [K - 1]
     loaded = build_bank.load_bank(config, str(tmp_path), classifier)
     chex.assert_trees_all_equal(
-        (loaded.freq, loaded.masks, loaded.counts), (built.freq, built.masks, built.counts)
+        (loaded.freq, loaded.masks, loaded.counts, loaded.score_mean),
+        (built.freq, built.masks, built.counts, built.score_mean),
     )
     assert (
         loaded.samples_per_class,
@@ -104,6 +111,26 @@ def test_round_trip(config, tmp_path):
     chex.assert_trees_all_equal(
         build_bank.load_bank(config, str(tmp_path), classifier).masks, rebuilt.masks
     )
+
+
+def test_a_bank_without_mean_scores_loads_and_ranks_by_frequency(config, tmp_path):
+    classifier = _classifier()
+    old = _bank(classifier, config, with_scores=False)  # as banks of format 1 were stored
+    meta = build_bank.save_bank(old, str(tmp_path), list(classifier.site_channels))
+    assert meta["format"] == 1
+    loaded = build_bank.load_bank(config, str(tmp_path), classifier)
+    assert loaded.score_mean is None
+    np.testing.assert_array_equal(loaded.ranking(), np.asarray(gates_lib.flatten(old.freq)))
+
+
+def test_ranking_orders_by_frequency_then_breaks_ties_by_mean_score():
+    freq = {"a": jnp.asarray([[1.0, 1.0, 0.5, 1.0, 0.0], [0.0, 0.5, 0.5, 0.0, 1.0]])}
+    score = {"a": jnp.asarray([[0.2, 3.0, 9.0, -1.0, 5.0], [0.0, 2.0, 1.0, 7.0, 0.0]])}
+    b = bank.ClassBank(freq, freq, jnp.asarray([2, 2], jnp.int32), score_mean=score)
+    order = np.argsort(-b.ranking(), axis=-1)
+    # F_c first (a high score never lifts a lower F_c), then the class's mean score
+    np.testing.assert_array_equal(order, [[1, 0, 3, 2, 4], [4, 1, 2, 3, 0]])
+    assert b.ranking().dtype == np.float32
 
 
 def test_mismatch_errors(config, tmp_path):

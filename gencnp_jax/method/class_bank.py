@@ -32,6 +32,8 @@ class ClassBank:
       class_source: how samples were assigned to classes: "prediction" or "label".
       fingerprint: hash of the classifier the bank was built for
         (`gencnp_jax.stages.build_bank.fingerprint`).
+      score_mean: ``site -> f32[K, C]``: the class's mean generator score per neuron over the
+        same samples (`ranking` breaks ties of ``F_c`` with it); None in older banks.
     """
 
     freq: dict[str, jax.Array]
@@ -41,6 +43,7 @@ class ClassBank:
     threshold: float = flax.struct.field(pytree_node=False, default=0.5)
     class_source: str = flax.struct.field(pytree_node=False, default="prediction")
     fingerprint: str = flax.struct.field(pytree_node=False, default="")
+    score_mean: dict[str, jax.Array] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -49,6 +52,23 @@ class ClassBank:
     @property
     def site_channels(self) -> dict[str, int]:
         return {s: int(f.shape[-1]) for s, f in self.freq.items()}
+
+    def ranking(self) -> np.ndarray:
+        """``f32[K, N]`` (sites flattened in order): how each class pathway ranks its neurons
+        at a fixed density: by ``F_c``, ties broken by the class's mean score.
+
+        ``F_c`` alone ties whole blocks (every neuron all j samples keep has ``F_c = 1``), and
+        a top-d taken inside a tie is a random pick. The tie-break adds less than half the
+        smallest step of ``F_c`` (``1 / count``), so it never reorders different ``F_c``.
+        A bank without `score_mean` ranks by ``F_c`` alone.
+        """
+        freq_KxN = np.asarray(gates_lib.flatten(self.freq), np.float64)
+        if self.score_mean is None:
+            return freq_KxN.astype(np.float32)
+        score_KxN = np.asarray(gates_lib.flatten(self.score_mean))
+        rank_KxN = np.argsort(np.argsort(score_KxN, axis=-1, kind="stable"), axis=-1)
+        step = 1.0 / max(int(np.max(np.asarray(self.counts))), 1)
+        return (freq_KxN + 0.5 * step * rank_KxN / score_KxN.shape[-1]).astype(np.float32)
 
     def class_density(self) -> np.ndarray:
         """Kept neurons / all neurons of each class pathway: ``f64[K]``."""
@@ -66,14 +86,26 @@ def aggregate(
 
     A class with no (valid) sample gets ``freq = 0`` and so an empty pathway.
     """
-    w_B = jnp.ones(classes_B.shape, jnp.float32) if valid_B is None else valid_B.astype(jnp.float32)
-    onehot_BxK = jax.nn.one_hot(classes_B, num_classes) * w_B[:, None]
-    counts_K = onehot_BxK.sum(0)
-    freq = {s: (onehot_BxK.T @ g) / jnp.maximum(counts_K, 1.0)[:, None] for s, g in gates.items()}
+    freq, counts_K = class_means(gates, classes_B, num_classes, valid_B)
     masks = {
         s: ((f >= threshold) & (counts_K[:, None] > 0)).astype(jnp.float32) for s, f in freq.items()
     }
     return freq, masks, counts_K.astype(jnp.int32)
+
+
+def class_means(
+    values: Mapping[str, jax.Array],
+    classes_B: jax.Array,
+    num_classes: int,
+    valid_B: jax.Array | None = None,
+) -> tuple[dict[str, jax.Array], jax.Array]:
+    """``(means, counts)``: ``site -> f32[K, C]`` mean of each class's (valid) rows of
+    ``site -> f32[B, C]`` (0 for a class without rows), and ``f32[K]`` rows per class."""
+    w_B = jnp.ones(classes_B.shape, jnp.float32) if valid_B is None else valid_B.astype(jnp.float32)
+    onehot_BxK = jax.nn.one_hot(classes_B, num_classes) * w_B[:, None]
+    counts_K = onehot_BxK.sum(0)
+    means = {s: (onehot_BxK.T @ v) / jnp.maximum(counts_K, 1.0)[:, None] for s, v in values.items()}
+    return means, counts_K
 
 
 def transfer(bank: ClassBank, classes_B: jax.Array) -> gates_lib.Gates:

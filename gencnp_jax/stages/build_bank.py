@@ -20,7 +20,13 @@ from gencnp_jax.io import batched, checkpointing, data, sharding
 from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.io import writers as logging_utils
 from gencnp_jax.method import explain
-from gencnp_jax.method.class_bank import CLASS_SOURCES, ClassBank, aggregate, first_per_class
+from gencnp_jax.method.class_bank import (
+    CLASS_SOURCES,
+    ClassBank,
+    aggregate,
+    class_means,
+    first_per_class,
+)
 from gencnp_jax.models import classifiers
 from gencnp_jax.models import gates as gates_lib
 from gencnp_jax.stages import context, explainer
@@ -29,6 +35,7 @@ log = logging.getLogger(__name__)
 
 
 BANK_JSON = "bank.json"
+BANK_FORMAT = 2  # 2: the checkpoint also holds score_mean (1: freq, masks, counts)
 
 
 class BankMismatchError(Exception):
@@ -97,12 +104,16 @@ def save_bank(
         "threshold": bank.threshold,
         "class_source": bank.class_source,
         "fingerprint": bank.fingerprint,
+        "format": BANK_FORMAT if bank.score_mean is not None else 1,
         "num_classes": bank.num_classes,
         "sites": list(site_order),
         "site_channels": {s: bank.site_channels[s] for s in site_order},
     }
     ckpt = checkpointing.Checkpointer(ckpt_dir, max_to_keep=1)
-    ckpt.save(0, {"freq": bank.freq, "masks": bank.masks, "counts": bank.counts}, meta)
+    tree = {"freq": bank.freq, "masks": bank.masks, "counts": bank.counts}
+    if bank.score_mean is not None:
+        tree["score_mean"] = bank.score_mean
+    ckpt.save(0, tree, meta)
     ckpt.close()
     summary = {
         **meta,
@@ -153,6 +164,8 @@ def load_bank(config, workdir: str, classifier: context.Classifier) -> ClassBank
         "masks": {s: np.zeros((k, c), np.float32) for s, c in sites.items()},
         "counts": np.zeros((k,), np.int32),
     }
+    if meta.get("format", 1) >= 2:  # format 1 banks have no score_mean: rank by F_c alone
+        template["score_mean"] = {s: np.zeros((k, c), np.float32) for s, c in sites.items()}
     ckpt = checkpointing.Checkpointer(os.path.join(bank_dir(workdir), "checkpoint"), max_to_keep=1)
     restored = ckpt.restore(template)
     ckpt.close()
@@ -189,6 +202,7 @@ def load_bank(config, workdir: str, classifier: context.Classifier) -> ClassBank
         threshold=stored["threshold"],
         class_source=stored["class_source"],
         fingerprint=current,
+        score_mean=dict(tree["score_mean"]) if "score_mean" in tree else None,
     )
 
 
@@ -217,17 +231,25 @@ def build_bank(config, workdir: str) -> dict:
     explain_fn = explain.jit_explain(gen_graphdef, classifier.graphdef)
     g = config.generator.daq
     temperature, sigma = jnp.float32(g.temperature), jnp.float32(g.sigma)
-    gates_M = batched.map_batches(
-        lambda x: explain_fn(gen_state, classifier.state, x, temperature, sigma, fills).gates,
+
+    def gates_and_scores(x):
+        pathway = explain_fn(gen_state, classifier.state, x, temperature, sigma, fills)
+        return pathway.gates, pathway.scores
+
+    gates_M, scores_M = batched.map_batches(
+        gates_and_scores,
         lambda rows: context.normalize(config, train.images[idx_M[rows]]),
         len(idx_M),
         config.eval.batch_size,
         mesh,
     )
     gates_M = {s: jnp.asarray(v) for s, v in gates_M.items()}
+    classes_M = jnp.asarray(classes_M)
     freq, masks, counts = aggregate(
-        gates_M, jnp.asarray(classes_M), classifier.num_classes, config.bank.threshold
+        gates_M, classes_M, classifier.num_classes, config.bank.threshold
     )
+    scores_M = {s: jnp.asarray(v, jnp.float32) for s, v in scores_M.items()}
+    score_mean, _ = class_means(scores_M, classes_M, classifier.num_classes)
     bank = ClassBank(
         freq,
         masks,
@@ -236,6 +258,7 @@ def build_bank(config, workdir: str) -> dict:
         float(config.bank.threshold),
         config.bank.class_source,
         fingerprint(classifier.state, classifier.site_channels),
+        score_mean,
     )
     short = [(c, int(n)) for c, n in enumerate(np.asarray(counts)) if n < bank.samples_per_class]
     if short:

@@ -41,7 +41,7 @@ def settings_from_config(config) -> eval_methods.Settings:
 
 def _tables(bank, control: dict, classes_K: int) -> dict:
     """``name -> f32[K, N]`` class-indexed score tables (a row per class: its mask's ranking)."""
-    out = {"gencnp_transfer": np.asarray(gates_lib.flatten(bank.freq))}
+    out = {"gencnp_transfer": bank.ranking()}
     for source, (mean_N, mean_KxN) in control.items():
         out[f"constant_{source}"] = np.tile(mean_N, (classes_K, 1))
         out[f"class_constant_{source}"] = mean_KxN
