@@ -131,6 +131,8 @@ def test_ranking_orders_by_frequency_then_breaks_ties_by_mean_score():
     # F_c first (a high score never lifts a lower F_c), then the class's mean score
     np.testing.assert_array_equal(order, [[1, 0, 3, 2, 4], [4, 1, 2, 3, 0]])
     assert b.ranking().dtype == np.float32
+    tied = bank.ClassBank(freq, freq, jnp.asarray([2, 2], jnp.int32), score_mean=freq)
+    np.testing.assert_array_equal(tied.ranking()[0, [0, 1, 3]], tied.ranking()[0, 0])  # a tie
 
 
 def test_mismatch_errors(config, tmp_path):

@@ -66,7 +66,8 @@ class ClassBank:
         if self.score_mean is None:
             return freq_KxN.astype(np.float32)
         score_KxN = np.asarray(gates_lib.flatten(self.score_mean))
-        rank_KxN = np.argsort(np.argsort(score_KxN, axis=-1, kind="stable"), axis=-1)
+        # equal scores share a rank (the evaluation breaks remaining ties at random, §6)
+        rank_KxN = np.stack([np.searchsorted(np.sort(row), row) for row in score_KxN])
         step = 1.0 / max(int(np.max(np.asarray(self.counts))), 1)
         return (freq_KxN + 0.5 * step * rank_KxN / score_KxN.shape[-1]).astype(np.float32)
 
