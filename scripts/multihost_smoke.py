@@ -25,6 +25,8 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from gencnp_jax.context import inputs, loading
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
@@ -77,12 +79,12 @@ def generator_steps_on_meshes(config, counts, steps: int, sgd_lr: float = 0.0) -
     from flax import nnx
 
     from gencnp_jax.io import data, sharding
-    from gencnp_jax.stages import context, train_generator
+    from gencnp_jax.train import generator as train_generator
 
     hwc, num_classes = data.dataset_info(config.data.dataset)
-    model = context.new_classifier(config, num_classes, hwc[-1])
+    model = loading.new_classifier(config, num_classes, hwc[-1])
     cls_graphdef, cls_state = nnx.split(model)
-    classifier = context.Classifier(cls_graphdef, cls_state, dict(model.site_channels), num_classes)
+    classifier = loading.Classifier(cls_graphdef, cls_state, dict(model.site_channels), num_classes)
     rng = np.random.default_rng(config.seed)
     batches = rng.normal(0, 1.5, (steps, config.generator.batch_size, *hwc)).astype(np.float32)
     results = {}
@@ -139,7 +141,8 @@ def _task_worker():
     config = _CONFIG.value
     if config.cpu_devices > 0:
         jax.config.update("jax_num_cpu_devices", config.cpu_devices)
-    from gencnp_jax.stages import pipeline, train_generator
+    from gencnp_jax.stages import pipeline
+    from gencnp_jax.train import generator as train_generator
 
     pipeline.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     captured = {}
@@ -183,14 +186,14 @@ def _task_load_data():
     import numpy as np
 
     from gencnp_jax.io import sharding
-    from gencnp_jax.stages import context, pipeline
+    from gencnp_jax.stages import pipeline
 
     config = _CONFIG.value
     pipeline.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     info = {}
     for split in ("train", "test"):
         arrays = sharding.process_0_first(
-            lambda s=split: context.load_data(config, s), f"load_data/{split}"
+            lambda s=split: inputs.load_data(config, s), f"load_data/{split}"
         )
         info[split] = [len(arrays.labels), int(np.sum(arrays.images, dtype=np.int64))]
     os.makedirs(_OUT.value, exist_ok=True)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from gencnp_jax.io import workdir as workdir_lib
 
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     # Before JAX starts its backend; subprocesses of the tests inherit it.
@@ -95,7 +96,7 @@ def tiny_config(idx_dir, tfds_dir):
 def trained_workdir(idx_dir, tfds_dir, tmp_path_factory) -> str:
     """A workdir holding a trained tiny classifier (trained once per session, from a config
     of its own: what a test does to `tiny_config` cannot change it)."""
-    from gencnp_jax.stages import train_classifier
+    from gencnp_jax.train import classifier as train_classifier
 
     workdir = str(tmp_path_factory.mktemp("classifier_run"))
     train_classifier.train_classifier(make_tiny_config(idx_dir, tfds_dir), workdir)
@@ -106,9 +107,11 @@ def trained_workdir(idx_dir, tfds_dir, tmp_path_factory) -> str:
 def generator_workdir(idx_dir, tfds_dir, trained_workdir, tmp_path_factory) -> str:
     """A copy of `trained_workdir` with a trained tiny generator added (once per session);
     `trained_workdir` itself keeps no generator."""
-    from gencnp_jax.stages import context, train_generator
+    from gencnp_jax.train import generator as train_generator
 
     workdir = str(tmp_path_factory.mktemp("generator_run"))
-    shutil.copytree(context.classifier_dir(trained_workdir), context.classifier_dir(workdir))
+    shutil.copytree(
+        workdir_lib.classifier_dir(trained_workdir), workdir_lib.classifier_dir(workdir)
+    )
     train_generator.train_generator(make_tiny_config(idx_dir, tfds_dir), workdir)
     return workdir

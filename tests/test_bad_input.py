@@ -18,19 +18,16 @@ import pytest
 from flax import nnx
 from launch_helpers import run_launch
 
+from gencnp_jax import explainer as explainer_lib
+from gencnp_jax.context import inputs, loading
 from gencnp_jax.io import data
+from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.method import class_bank as bank
 from gencnp_jax.method import explain, losses
 from gencnp_jax.models import classifiers
-from gencnp_jax.stages import (
-    build_bank,
-    context,
-    pipeline,
-    train_classifier,
-    train_generator,
-    validation,
-)
-from gencnp_jax.stages import explainer as explainer_lib
+from gencnp_jax.stages import build_bank, pipeline, validation
+from gencnp_jax.train import classifier as train_classifier
+from gencnp_jax.train import generator as train_generator
 
 
 def _one_error_line(capsys) -> str:
@@ -55,10 +52,10 @@ def _run_fails(capsys, mode, config, workdir) -> str:
 def explainer(tiny_config):
     """An Explainer over an untrained tiny classifier and generator (the checks come first)."""
     (h, w, c), k = data.dataset_info(tiny_config.data.dataset)
-    model = context.new_classifier(tiny_config, k, c)
+    model = loading.new_classifier(tiny_config, k, c)
     graphdef, state = classifiers.split(model)
-    classifier = context.Classifier(graphdef, state, dict(model.site_channels), k)
-    gen = explainer_lib.new_generator(tiny_config, classifier.site_channels, k)
+    classifier = loading.Classifier(graphdef, state, dict(model.site_channels), k)
+    gen = loading.new_generator(tiny_config, classifier.site_channels, k)
     gen_graphdef, gen_state = nnx.split(gen)
     return explainer_lib.Explainer(tiny_config, classifier, gen_graphdef, gen_state, None)
 
@@ -121,19 +118,19 @@ def _fake_split(monkeypatch, images, labels):
 def test_labels_out_of_range(tiny_config, monkeypatch):
     _fake_split(monkeypatch, _images((8, 28, 28, 1)), np.arange(8, dtype=np.int32) + 5)
     with pytest.raises(data.DatasetError, match=r"split 'train' of 'fashion_mnist'.*\[0, 10\)"):
-        context.load_data(tiny_config, "train")
+        inputs.load_data(tiny_config, "train")
 
 
 def test_negative_labels(tiny_config, monkeypatch):
     _fake_split(monkeypatch, _images((8, 28, 28, 1)), np.arange(8, dtype=np.int32) - 1)
     with pytest.raises(data.DatasetError, match=r"got -1\.\.6"):
-        context.load_data(tiny_config, "train")
+        inputs.load_data(tiny_config, "train")
 
 
 def test_dataset_images_of_the_wrong_size(tiny_config, monkeypatch):
     _fake_split(monkeypatch, _images((8, 32, 32, 3)), np.zeros(8, np.int32))
     with pytest.raises(data.DatasetError, match=r"images are \(32, 32, 3\).*\(28, 28, 1\)"):
-        context.load_data(tiny_config, "train")
+        inputs.load_data(tiny_config, "train")
 
 
 def test_idx_labels_out_of_range(tiny_config, tmp_path, capsys):
@@ -223,7 +220,7 @@ def test_bad_config_is_one_clear_error(tiny_config, tmp_path, capsys, field, val
     assert str(info.value).startswith(message), str(info.value)
     workdir = str(tmp_path / "run")
     assert _run_fails(capsys, "train_classifier", config, workdir) == f"error: {info.value}"
-    assert not os.path.exists(context.classifier_dir(workdir))  # failed before any work
+    assert not os.path.exists(workdir_lib.classifier_dir(workdir))  # failed before any work
 
 
 def test_known_gate_site_passes(tiny_config):
@@ -277,7 +274,9 @@ def test_train_generator_without_a_classifier(tiny_config, tmp_path, capsys):
 
 def test_later_stages_without_their_inputs(tiny_config, trained_workdir, tmp_path, capsys):
     workdir = str(tmp_path / "run")
-    shutil.copytree(context.classifier_dir(trained_workdir), context.classifier_dir(workdir))
+    shutil.copytree(
+        workdir_lib.classifier_dir(trained_workdir), workdir_lib.classifier_dir(workdir)
+    )
     for mode in ("build_bank", "evaluate"):
         line = _run_fails(capsys, mode, tiny_config, workdir)
         assert line.startswith(f"error: no trained generator in {workdir}/generator: run"), line
@@ -289,7 +288,7 @@ def test_bank_of_another_classifier(tiny_config, generator_workdir, tmp_path, ca
     workdir = str(tmp_path / "run")
     for stage in ("classifier", "generator"):
         shutil.copytree(os.path.join(generator_workdir, stage), os.path.join(workdir, stage))
-    own = context.load_classifier(tiny_config, workdir)
+    own = loading.load_classifier(tiny_config, workdir)
     other_state = jax.tree.map(lambda x: x + 1 if jnp.issubdtype(x.dtype, jnp.floating) else x,
                                own.state)  # fmt: skip
     k, sites = own.num_classes, own.site_channels
@@ -318,7 +317,7 @@ def test_diverging_classifier_stops_naming_the_step_and_loss(tiny_config, tmp_pa
     line = _run_fails(capsys, "train_classifier", config, workdir)
     assert line.startswith("error: non-finite train/loss at step 4"), line
     assert "lower this stage's learning_rate" in line
-    ckpt_dir = os.path.join(context.classifier_dir(workdir), "checkpoints")
+    ckpt_dir = os.path.join(workdir_lib.classifier_dir(workdir), "checkpoints")
     assert not [s for s in os.listdir(ckpt_dir) if s.isdigit()]  # nothing diverged was saved
 
 
@@ -326,7 +325,9 @@ def test_non_finite_loss_term_is_named(tiny_config, trained_workdir, tmp_path, m
     """Only the distillation term is NaN (a constant: the gradients stay finite): the error
     names it and the total, no other term, and the step it was seen at."""
     workdir = str(tmp_path / "run")
-    shutil.copytree(context.classifier_dir(trained_workdir), context.classifier_dir(workdir))
+    shutil.copytree(
+        workdir_lib.classifier_dir(trained_workdir), workdir_lib.classifier_dir(workdir)
+    )
     monkeypatch.setattr(
         losses, "distillation_kl", lambda *args: jax.lax.stop_gradient(jnp.float32(jnp.nan))
     )
@@ -335,7 +336,7 @@ def test_non_finite_loss_term_is_named(tiny_config, trained_workdir, tmp_path, m
     message = str(info.value)
     assert message.startswith("non-finite loss/kd, loss/total at step 4:"), message
     assert "sparsity" not in message and "other non-finite" not in message
-    ckpt_dir = os.path.join(explainer_lib.generator_dir(workdir), "checkpoints")
+    ckpt_dir = os.path.join(workdir_lib.generator_dir(workdir), "checkpoints")
     assert not [s for s in os.listdir(ckpt_dir) if s.isdigit()]
 
 
@@ -384,7 +385,7 @@ def test_trainers_pass_the_configured_clip(stage, tiny_config, tmp_path, monkeyp
     else:
         model = classifiers.make_classifier("vgg", (4, 8), 10, 1, seed=0)
         graphdef, state = classifiers.split(model)
-        classifier = context.Classifier(graphdef, state, dict(model.site_channels), 10)
+        classifier = loading.Classifier(graphdef, state, dict(model.site_channels), 10)
         with pytest.raises(Stop):
             train_generator.init_state(config, classifier)
     assert seen == [0.123]

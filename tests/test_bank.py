@@ -12,19 +12,21 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from gencnp_jax.context import loading
 from gencnp_jax.eval import perturbation
+from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.method import class_bank as bank
 from gencnp_jax.models import classifiers
 from gencnp_jax.models import gates as gates_lib
-from gencnp_jax.stages import build_bank, context
+from gencnp_jax.stages import build_bank
 
 K = 10
 
 
-def _classifier(widths=(4, 8), seed=0) -> context.Classifier:
+def _classifier(widths=(4, 8), seed=0) -> loading.Classifier:
     model = classifiers.make_classifier("vgg", widths, K, 1, seed=seed)
     graphdef, state = classifiers.split(model)
-    return context.Classifier(graphdef, state, dict(model.site_channels), K)
+    return loading.Classifier(graphdef, state, dict(model.site_channels), K)
 
 
 def _bank(classifier, config, seed=0, with_scores=True) -> bank.ClassBank:
@@ -138,7 +140,7 @@ def test_ranking_orders_by_frequency_then_breaks_ties_by_mean_score():
 def test_mismatch_errors(config, tmp_path):
     classifier = _classifier()
     build_bank.save_bank(_bank(classifier, config), str(tmp_path), list(classifier.site_channels))
-    other_weights = context.Classifier(
+    other_weights = loading.Classifier(
         classifier.graphdef,
         perturbation.randomize_weights(classifier.state, 3),
         classifier.site_channels,
@@ -155,7 +157,7 @@ def test_mismatch_errors(config, tmp_path):
 
 
 def test_missing_bank_names_the_stage(config, tmp_path):
-    with pytest.raises(context.StageOrderError, match="--mode=build_bank"):
+    with pytest.raises(workdir_lib.StageOrderError, match="--mode=build_bank"):
         build_bank.load_bank(config, str(tmp_path), _classifier())
 
 

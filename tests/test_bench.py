@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from gencnp_jax.stages import bench, build_bank
+from gencnp_jax.stages import build_bank
+from gencnp_jax.tools import bench
 
 
 def _numbers(tree, path=""):

@@ -11,8 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gencnp_jax.context import loading
 from gencnp_jax.io import checkpointing
-from gencnp_jax.stages import context, train_classifier, train_loop
+from gencnp_jax.train import classifier as train_classifier
+from gencnp_jax.train import loop as train_loop
 
 
 def _perturb(tree, seed):
@@ -35,7 +37,7 @@ def train_state(tiny_config):
     Built abstractly then filled in one jitted program: only the structure, shapes and
     dtypes of a real train state matter here, and eager initialisation compiles per shape.
     """
-    template = jax.eval_shape(lambda: context.classifier_template(tiny_config)[1])
+    template = jax.eval_shape(lambda: loading.classifier_template(tiny_config)[1])
     tx = train_classifier.make_optimizer(1e-2, 1e-4, 1, 100, 1.0)
 
     @jax.jit

@@ -12,10 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gencnp_jax.context import loading
 from gencnp_jax.eval import methods as eval_methods
 from gencnp_jax.models import classifiers
 from gencnp_jax.models import gates as gates_lib
-from gencnp_jax.stages import build_bank, context, evaluate
+from gencnp_jax.stages import build_bank, evaluate
 
 METHODS = (
     "gencnp",
@@ -98,7 +99,7 @@ def test_results_have_every_key(evaluated):
 
 def test_every_method_at_a_fixed_density_keeps_exactly_round_d_n(evaluated):
     config, workdir, results = evaluated
-    n = sum(context.load_classifier(config, workdir).site_channels.values())
+    n = sum(loading.load_classifier(config, workdir).site_channels.values())
     for d in DENSITIES:
         for name, m in results["at_density"]["mean"][str(d)].items():
             assert m["density_mean"] == pytest.approx(round(d * n) / n, abs=1e-6), name
@@ -114,7 +115,7 @@ def test_matched_baselines_follow_gencnp_density(evaluated):
 
 def test_bank_of_the_trained_workdir(evaluated):
     config, workdir, _ = evaluated
-    classifier = context.load_classifier(config, workdir)
+    classifier = loading.load_classifier(config, workdir)
     loaded = build_bank.load_bank(config, workdir, classifier)
     assert loaded.num_classes == 10 and int(loaded.counts.max()) <= config.bank.samples_per_class
     for site, m in loaded.masks.items():

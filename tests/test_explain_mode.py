@@ -16,9 +16,10 @@ import jax
 import numpy as np
 import pytest
 
+from gencnp_jax import explainer as explainer_lib
+from gencnp_jax.context import inputs
 from gencnp_jax.method.pathway import Pathway
-from gencnp_jax.stages import context, explain_images, pipeline
-from gencnp_jax.stages import explainer as explainer_lib
+from gencnp_jax.stages import explain_images, pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_IMAGES = 5
@@ -39,7 +40,7 @@ def explain_run(tiny_config, generator_workdir, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("explain_run") / "run")
     shutil.copytree(generator_workdir, workdir)
     npz = os.path.join(workdir, "images.npz")
-    np.savez(npz, images=context.load_data(tiny_config, "test").images[:NUM_IMAGES])
+    np.savez(npz, images=inputs.load_data(tiny_config, "test").images[:NUM_IMAGES])
     config = copy.deepcopy(tiny_config)
     config.explain.images = f"npz:{npz}"
     summary = pipeline.run("explain", config, workdir)
@@ -47,7 +48,7 @@ def explain_run(tiny_config, generator_workdir, tmp_path_factory):
 
 
 def test_batches_match_one_batch_and_compile_once(explainer, tiny_config):
-    images = context.load_data(tiny_config, "test").images[:37]
+    images = inputs.load_data(tiny_config, "test").images[:37]
     one = _host(explainer(images, batch_size=37))  # every image in one call
     batched = _host(explainer(images, batch_size=16))  # 16 + 16 + 5 padded to 16
     compiled = explainer._explain._cache_size()
@@ -71,7 +72,7 @@ def test_from_workdir_reads_the_saved_config(explain_run, explainer):
     loaded = explainer_lib.Explainer.from_workdir(workdir)
     assert loaded.config.to_dict() == config.to_dict()  # lists back to tuples
     assert loaded.config.generator.model.pooling == ("avg", "max")
-    images = context.load_data(config, "test").images[:4]
+    images = inputs.load_data(config, "test").images[:4]
     chex.assert_trees_all_equal(_host(loaded(images)), _host(explainer(images)))
 
 
@@ -96,7 +97,7 @@ def test_explain_mode_writes_pathways_figures_and_page(explain_run, explainer):
         chex.assert_shape([saved["explained_class"], saved["density"]], (NUM_IMAGES,))
         assert list(saved["names"]) == [f"#{i}" for i in range(NUM_IMAGES)]
         density = saved["density"]
-    images = context.load_data(config, "test").images[:NUM_IMAGES]
+    images = inputs.load_data(config, "test").images[:NUM_IMAGES]
     expected = _host(explainer(images))
     chex.assert_trees_all_equal(_host(Pathway.load(os.path.join(folder, "pathways.npz"))), expected)
     np.testing.assert_allclose(density, np.asarray(expected.density()))
@@ -118,7 +119,7 @@ def test_explain_mode_default_images_are_the_first_test_images(tiny_config):
     config = copy.deepcopy(tiny_config)
     config.explain.num_images = 3
     images, names = explain_images.load_images(config)
-    np.testing.assert_array_equal(images, context.load_data(config, "test").images[:3])
+    np.testing.assert_array_equal(images, inputs.load_data(config, "test").images[:3])
     assert names == ["test #0", "test #1", "test #2"]
 
 

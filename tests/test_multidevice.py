@@ -25,10 +25,10 @@ from flax import nnx
 assert jax.device_count() == 2, jax.devices()
 from configs import tiny
 from gencnp_jax.models import classifiers
-from gencnp_jax.stages import context
 from gencnp_jax.io import sharding
-from gencnp_jax.stages import train_classifier
-from gencnp_jax.stages import train_generator, train_loop
+from gencnp_jax.train import classifier as train_classifier
+from gencnp_jax.train import generator as train_generator, train_loop
+from gencnp_jax.context import loading
 
 out_path, steps = sys.argv[1], int(sys.argv[2])
 config = tiny.get_config()
@@ -44,7 +44,7 @@ model = classifiers.make_classifier("vgg", (8, 16), 10, 1, 1, seed=0)
 site_channels = dict(model.site_channels)
 tx = train_classifier.make_optimizer(1e-2, 1e-4, 1, 100, 1.0)
 graphdef, cls_state0 = train_loop.TrainState.create(model, tx)
-classifier = context.Classifier(graphdef, nnx.state(model), site_channels, 10)
+classifier = loading.Classifier(graphdef, nnx.state(model), site_channels, 10)
 gen_graphdef, gen_tx, gen0 = train_generator.init_state(config, classifier)
 hp, weights = train_generator.hparams_from_config(config.generator)
 

@@ -22,6 +22,9 @@ SCRIPT = os.path.join(
 sys.path.insert(0, os.path.dirname(SCRIPT))
 import multihost_smoke  # noqa: E402
 
+from gencnp_jax.context import loading  # noqa: E402
+from gencnp_jax.io import workdir as workdir_lib  # noqa: E402
+
 # Compile time dominates these runs on CPU; the XLA backend's -O0 halves it and every mesh
 # size compiles at the same level, so the comparisons stay like for like.
 FAST_COMPILE = {"XLA_FLAGS": "--xla_backend_optimization_level=0"}
@@ -97,10 +100,10 @@ def test_generator_step_matches_one_device_on_2_and_4_devices(tiny_config, tmp_p
 def test_two_processes_train_generator_as_one_mesh(tiny_config, trained_workdir, tmp_path):
     import shutil
 
-    from gencnp_jax.stages import context, explainer
-
     workdir = str(tmp_path / "run")
-    shutil.copytree(context.classifier_dir(trained_workdir), context.classifier_dir(workdir))
+    shutil.copytree(
+        workdir_lib.classifier_dir(trained_workdir), workdir_lib.classifier_dir(workdir)
+    )
     out = str(tmp_path / "out")
     os.makedirs(out)
     steps = 4
@@ -139,11 +142,11 @@ def test_two_processes_train_generator_as_one_mesh(tiny_config, trained_workdir,
         np.testing.assert_array_equal(params[0][key], params[1][key], err_msg=key)
 
     # one checkpoint, written together; the final generator is what both processes hold
-    gen_dir = explainer.generator_dir(workdir)
+    gen_dir = workdir_lib.generator_dir(workdir)
     assert sorted(os.listdir(os.path.join(gen_dir, "checkpoints"))) == ["2", "4"]
     assert os.listdir(os.path.join(gen_dir, "final")) == [str(steps)]
-    classifier = context.load_classifier(tiny_config, workdir)
-    _, gen_state, _, _ = explainer.load_generator(tiny_config, workdir, classifier)
+    classifier = loading.load_classifier(tiny_config, workdir)
+    _, gen_state, _, _ = loading.load_generator(tiny_config, workdir, classifier)
     restored = multihost_smoke._flatten(gen_state)
     matched = 0
     for key in params[0].files:

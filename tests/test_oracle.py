@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from gencnp_jax.eval import oracle
-from gencnp_jax.stages import headroom
+from gencnp_jax.tools import headroom
 
 N, K = 8, 2
 # image i's evidence channel; images 0, 1 are class 0 (channels 0 and 1), images 2, 3 class 1

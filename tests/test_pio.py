@@ -10,9 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gencnp_jax.context import inputs, loading
 from gencnp_jax.method import losses, pio
 from gencnp_jax.models import classifiers
-from gencnp_jax.stages import context, pio_targets, train_generator, validation
+from gencnp_jax.stages import validation
+from gencnp_jax.train import generator as train_generator
+from gencnp_jax.train import pio_targets
 
 
 def _hp(**changes):
@@ -37,9 +40,9 @@ def _gates(cls, masks_flat):
 
 @pytest.fixture(scope="module")
 def setup(tiny_config, trained_workdir):
-    cls = context.load_classifier(tiny_config, trained_workdir)
-    train = context.load_data(tiny_config, "train")
-    images = jnp.asarray(context.normalize(tiny_config, train.images[:32]))
+    cls = loading.load_classifier(tiny_config, trained_workdir)
+    train = inputs.load_data(tiny_config, "train")
+    images = jnp.asarray(inputs.normalize(tiny_config, train.images[:32]))
     classify = lambda x, g=None: classifiers.forward(cls.graphdef, cls.state, x, g)
     run = jax.jit(lambda x, hp: pio.optimise_masks(classify, x, hp))
     return cls, classify, run, images
@@ -117,9 +120,9 @@ def test_targets_are_cached_by_chunk_and_recomputed_when_settings_change(
     config = copy.deepcopy(tiny_config)
     config.generator.pio.steps = 3
     config.generator.pio.trim_kl_budget = 0.0  # the cached masks as they are
-    cls = context.load_classifier(config, trained_workdir)
-    train = context.load_data(config, "train")
-    mesh = context.make_mesh(config)
+    cls = loading.load_classifier(config, trained_workdir)
+    train = inputs.load_data(config, "train")
+    mesh = inputs.make_mesh(config)
     cache = str(tmp_path / "pio")
     first = pio_targets.compute(config, cls, train, None, mesh, cache)
     assert len(first.indices) == config.generator.pio.num_images

@@ -24,8 +24,9 @@ import numpy as np
 import pytest
 from launch_helpers import ROOT, assert_ok, launch_cmd, launch_env, run_launch
 
+from gencnp_jax.context import loading
 from gencnp_jax.io import checkpointing, preemption
-from gencnp_jax.stages import context, explainer
+from gencnp_jax.io import workdir as workdir_lib
 
 GRACE_S = 30.0  # configs/default.py's preemption_grace_s
 STOPPED = re.compile(r"^error: stopped by SIGTERM at step (\d+), checkpoint saved in (\S+); "
@@ -99,7 +100,7 @@ def test_sigterm_classifier_then_rerun_is_bit_identical(tiny_config, trained_wor
     total = 32  # tiny: 2 epochs of 16 steps, logged every 4
     target = random.Random().choice(range(4, 24, 4))
     workdir = str(tmp_path / "run")
-    stage_dir = context.classifier_dir(workdir)
+    stage_dir = workdir_lib.classifier_dir(workdir)
     ckpt_dir = os.path.join(stage_dir, "checkpoints")
     rc, err, seconds = _sigterm_at(
         tiny_config, workdir, "train_classifier", os.path.join(stage_dir, "metrics.jsonl"), target
@@ -110,12 +111,12 @@ def test_sigterm_classifier_then_rerun_is_bit_identical(tiny_config, trained_wor
     metrics = _metrics(stage_dir)
     assert metrics["resumed_from_step"] == step
     chex.assert_trees_all_equal(
-        context.load_classifier(tiny_config, workdir).state,
-        context.load_classifier(tiny_config, trained_workdir).state,
+        loading.load_classifier(tiny_config, workdir).state,
+        loading.load_classifier(tiny_config, trained_workdir).state,
     )
-    ref_ckpt = os.path.join(context.classifier_dir(trained_workdir), "checkpoints")
+    ref_ckpt = os.path.join(workdir_lib.classifier_dir(trained_workdir), "checkpoints")
     assert _checkpoint_sum(ckpt_dir, total) == _checkpoint_sum(ref_ckpt, total)
-    reference = _metrics(context.classifier_dir(trained_workdir))
+    reference = _metrics(workdir_lib.classifier_dir(trained_workdir))
     for key in ("test_accuracy", "random_drop10_agreement"):
         assert metrics[key] == reference[key], key
 
@@ -124,8 +125,10 @@ def test_sigterm_generator_then_rerun_is_bit_identical(tiny_config, generator_wo
     total = 24  # tiny generator steps, logged every 4
     target = random.Random().choice(range(4, 16, 4))
     workdir = str(tmp_path / "run")
-    shutil.copytree(context.classifier_dir(generator_workdir), context.classifier_dir(workdir))
-    stage_dir = explainer.generator_dir(workdir)
+    shutil.copytree(
+        workdir_lib.classifier_dir(generator_workdir), workdir_lib.classifier_dir(workdir)
+    )
+    stage_dir = workdir_lib.generator_dir(workdir)
     ckpt_dir = os.path.join(stage_dir, "checkpoints")
     rc, err, seconds = _sigterm_at(
         tiny_config, workdir, "train_generator", os.path.join(stage_dir, "metrics.jsonl"), target
@@ -134,13 +137,13 @@ def test_sigterm_generator_then_rerun_is_bit_identical(tiny_config, generator_wo
     assert_ok(run_launch(tiny_config, workdir, "train_generator"))
     metrics = _metrics(stage_dir)
     assert metrics["resumed_from_step"] == step
-    classifier = context.load_classifier(tiny_config, workdir)
-    _, resumed, _, _ = explainer.load_generator(tiny_config, workdir, classifier)
-    _, full, _, _ = explainer.load_generator(tiny_config, generator_workdir, classifier)
+    classifier = loading.load_classifier(tiny_config, workdir)
+    _, resumed, _, _ = loading.load_generator(tiny_config, workdir, classifier)
+    _, full, _, _ = loading.load_generator(tiny_config, generator_workdir, classifier)
     chex.assert_trees_all_equal(resumed, full)
-    ref_ckpt = os.path.join(explainer.generator_dir(generator_workdir), "checkpoints")
+    ref_ckpt = os.path.join(workdir_lib.generator_dir(generator_workdir), "checkpoints")
     assert _checkpoint_sum(ckpt_dir, total) == _checkpoint_sum(ref_ckpt, total)
-    reference = _metrics(explainer.generator_dir(generator_workdir))
+    reference = _metrics(workdir_lib.generator_dir(generator_workdir))
     for key in ("agreement", "density_mean", "mDC", "leakage"):
         assert metrics[key] == reference[key], key
 
@@ -229,6 +232,8 @@ def test_full_disk_checkpoint_is_one_line_and_keeps_the_previous_step(small_fs, 
 WATCHDOG = """
 import os, signal, sys, time
 from gencnp_jax.io import preemption
+from gencnp_jax.context import loading
+from gencnp_jax.io import workdir as workdir_lib
 with preemption.StopGuard(float(sys.argv[1]), "python launch.py --mode=x") as guard:
     guard.where, guard.resume_step = "/ckpt", 8
     with guard.polling():

@@ -13,9 +13,9 @@ import shutil
 import numpy as np
 import pytest
 
+from gencnp_jax import explainer as explainer_lib
 from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.stages import build_bank, validation
-from gencnp_jax.stages import explainer as explainer_lib
 from gencnp_jax.stages import report as report_stage
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

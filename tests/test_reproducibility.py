@@ -14,9 +14,10 @@ import chex
 import pytest
 from launch_helpers import ROOT, launch_cmd, launch_env
 
+from gencnp_jax.context import inputs, loading
 from gencnp_jax.io import checkpointing
 from gencnp_jax.io import workdir as workdir_lib
-from gencnp_jax.stages import build_bank, context, explainer, modes
+from gencnp_jax.stages import build_bank, modes
 
 # Wall-clock measurements: the only numbers allowed to differ between the runs.
 TIMING_KEYS = {"seconds", "seconds_per_image", "train_seconds", "train_steps_per_second"}
@@ -31,7 +32,7 @@ JSON_FILES = (
 @pytest.fixture(scope="module")
 def two_runs(tiny_config, tmp_path_factory):
     """Workdirs of two complete runs (`--mode=all`) of the same config and seed."""
-    context.load_data(tiny_config, "train")  # prepare the data once, not by both runs at once
+    inputs.load_data(tiny_config, "train")  # prepare the data once, not by both runs at once
     root = tmp_path_factory.mktemp("reproducibility")
     workdirs = [str(root / "a"), str(root / "b")]
     procs, logs = [], []
@@ -91,11 +92,11 @@ def test_same_numbers_in_every_json(two_runs, name):
 @pytest.mark.slow
 def test_same_parameters_and_pathways(tiny_config, two_runs):
     a, b = two_runs
-    classifier_a = context.load_classifier(tiny_config, a)
-    classifier_b = context.load_classifier(tiny_config, b)
+    classifier_a = loading.load_classifier(tiny_config, a)
+    classifier_b = loading.load_classifier(tiny_config, b)
     chex.assert_trees_all_equal(classifier_a.state, classifier_b.state)
-    _, gen_a, _, means_a = explainer.load_generator(tiny_config, a, classifier_a)
-    _, gen_b, _, means_b = explainer.load_generator(tiny_config, b, classifier_b)
+    _, gen_a, _, means_a = loading.load_generator(tiny_config, a, classifier_a)
+    _, gen_b, _, means_b = loading.load_generator(tiny_config, b, classifier_b)
     chex.assert_trees_all_equal(gen_a, gen_b)
     chex.assert_trees_all_equal(means_a, means_b)
     bank_a = build_bank.load_bank(tiny_config, a, classifier_a)

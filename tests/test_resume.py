@@ -20,8 +20,12 @@ import numpy as np
 import pytest
 from launch_helpers import assert_ok, committed_steps, kill_when, run_launch
 
+from gencnp_jax.context import loading
 from gencnp_jax.io import checkpointing
-from gencnp_jax.stages import context, explainer, pipeline, train_classifier, train_loop
+from gencnp_jax.io import workdir as workdir_lib
+from gencnp_jax.stages import pipeline
+from gencnp_jax.train import classifier as train_classifier
+from gencnp_jax.train import loop as train_loop
 
 # Long enough that the kill lands mid-training (the first checkpoint comes at step 8).
 CLASSIFIER_FLAGS = ("--config.classifier.epochs=10",)  # 160 steps of 32 on 512 images
@@ -60,7 +64,7 @@ def classifier_runs(tiny_config, tmp_path_factory):
     root = tmp_path_factory.mktemp("classifier_resume")
     full, resumed = str(root / "full"), str(root / "resumed")
     assert_ok(run_launch(tiny_config, full, "train_classifier", *CLASSIFIER_FLAGS))
-    ckpt_dir = os.path.join(context.classifier_dir(resumed), "checkpoints")
+    ckpt_dir = os.path.join(workdir_lib.classifier_dir(resumed), "checkpoints")
     kill = lambda ready: _kill_and_check(
         tiny_config, resumed, "train_classifier", ckpt_dir, ready, CLASSIFIER_STEPS,
         CLASSIFIER_FLAGS,
@@ -75,17 +79,17 @@ def classifier_runs(tiny_config, tmp_path_factory):
 
 def test_killed_classifier_run_resumes_to_identical_parameters(tiny_config, classifier_runs):
     full, resumed, (_, last_kill) = classifier_runs
-    metrics = _metrics(context.classifier_dir(resumed))
+    metrics = _metrics(workdir_lib.classifier_dir(resumed))
     assert metrics["resumed_from_step"] == last_kill
     assert metrics["train_steps"] == CLASSIFIER_STEPS
     chex.assert_trees_all_equal(
-        context.load_classifier(tiny_config, resumed).state,
-        context.load_classifier(tiny_config, full).state,
+        loading.load_classifier(tiny_config, resumed).state,
+        loading.load_classifier(tiny_config, full).state,
     )
     # the whole train state, Adam's moments and step count included
-    dirs = [os.path.join(context.classifier_dir(w), "checkpoints") for w in (full, resumed)]
+    dirs = [os.path.join(workdir_lib.classifier_dir(w), "checkpoints") for w in (full, resumed)]
     assert _checkpoint_sum(dirs[0], CLASSIFIER_STEPS) == _checkpoint_sum(dirs[1], CLASSIFIER_STEPS)
-    assert metrics["test_accuracy"] == _metrics(context.classifier_dir(full))["test_accuracy"]
+    assert metrics["test_accuracy"] == _metrics(workdir_lib.classifier_dir(full))["test_accuracy"]
 
 
 @pytest.mark.slow  # two generator runs and a kill: about 40 s on two busy cores
@@ -95,9 +99,11 @@ def test_killed_generator_run_resumes_to_identical_parameters(
     full_classifier = classifier_runs[0]
     full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
     for workdir in (full, resumed):
-        shutil.copytree(context.classifier_dir(full_classifier), context.classifier_dir(workdir))
+        shutil.copytree(
+            workdir_lib.classifier_dir(full_classifier), workdir_lib.classifier_dir(workdir)
+        )
     assert_ok(run_launch(tiny_config, full, "train_generator", *GENERATOR_FLAGS))
-    ckpt_dir = os.path.join(explainer.generator_dir(resumed), "checkpoints")
+    ckpt_dir = os.path.join(workdir_lib.generator_dir(resumed), "checkpoints")
     killed_at = _kill_and_check(
         tiny_config, resumed, "train_generator", ckpt_dir,
         lambda: bool(committed_steps(ckpt_dir)), GENERATOR_STEPS, GENERATOR_FLAGS,
@@ -105,17 +111,17 @@ def test_killed_generator_run_resumes_to_identical_parameters(
     assert killed_at < GENERATOR_STEPS
     assert_ok(run_launch(tiny_config, resumed, "train_generator", *GENERATOR_FLAGS))
 
-    metrics = _metrics(explainer.generator_dir(resumed))
+    metrics = _metrics(workdir_lib.generator_dir(resumed))
     assert metrics["resumed_from_step"] == killed_at
-    classifier = context.load_classifier(tiny_config, full)
-    _, state_full, _, means_full = explainer.load_generator(tiny_config, full, classifier)
-    _, state_resumed, _, means_resumed = explainer.load_generator(tiny_config, resumed, classifier)
+    classifier = loading.load_classifier(tiny_config, full)
+    _, state_full, _, means_full = loading.load_generator(tiny_config, full, classifier)
+    _, state_resumed, _, means_resumed = loading.load_generator(tiny_config, resumed, classifier)
     chex.assert_trees_all_equal(state_resumed, state_full)
     chex.assert_trees_all_equal(means_resumed, means_full)
     # generator, optimizer state and the class-score bank of the pull loss
-    dirs = [os.path.join(explainer.generator_dir(w), "checkpoints") for w in (full, resumed)]
+    dirs = [os.path.join(workdir_lib.generator_dir(w), "checkpoints") for w in (full, resumed)]
     assert _checkpoint_sum(dirs[0], GENERATOR_STEPS) == _checkpoint_sum(dirs[1], GENERATOR_STEPS)
-    reference = _metrics(explainer.generator_dir(full))
+    reference = _metrics(workdir_lib.generator_dir(full))
     for key in ("agreement", "density_mean", "mDC", "mIC", "leakage"):
         assert metrics[key] == reference[key], key
 
@@ -150,8 +156,10 @@ def _damage(step_dir: str, how: str) -> None:
 
 def _copy_classifier_checkpoints(trained_workdir: str, workdir: str) -> str:
     """A workdir holding only the trained run's `classifier/checkpoints` (steps 24 and 32)."""
-    ckpt_dir = os.path.join(context.classifier_dir(workdir), "checkpoints")
-    shutil.copytree(os.path.join(context.classifier_dir(trained_workdir), "checkpoints"), ckpt_dir)
+    ckpt_dir = os.path.join(workdir_lib.classifier_dir(workdir), "checkpoints")
+    shutil.copytree(
+        os.path.join(workdir_lib.classifier_dir(trained_workdir), "checkpoints"), ckpt_dir
+    )
     assert committed_steps(ckpt_dir) == [24, 32]
     return ckpt_dir
 
@@ -172,13 +180,13 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(
         assert "do not match the checksum" in damaged[0]
     assert metrics["resumed_from_step"] == 24
     chex.assert_trees_all_equal(
-        context.load_classifier(tiny_config, workdir).state,
-        context.load_classifier(tiny_config, trained_workdir).state,
+        loading.load_classifier(tiny_config, workdir).state,
+        loading.load_classifier(tiny_config, trained_workdir).state,
     )
     # the damaged step was replaced by the resumed run's (good) step 32
     caplog.clear()
     tx = train_classifier.make_optimizer(1e-3, 0.0, 1, 10, 1.0)
-    fresh = lambda: train_loop.TrainState.create(context.classifier_template(tiny_config)[0], tx)
+    fresh = lambda: train_loop.TrainState.create(loading.classifier_template(tiny_config)[0], tx)
     template = jax.eval_shape(lambda: fresh()[1])
     ckpt = checkpointing.Checkpointer(ckpt_dir)
     with caplog.at_level(logging.WARNING, logger=checkpointing.__name__):

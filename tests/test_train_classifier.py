@@ -14,15 +14,20 @@ import optax
 import pytest
 from flax import nnx
 
+from gencnp_jax.context import inputs, loading
 from gencnp_jax.io import checkpointing, sharding
+from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.models import classifiers
-from gencnp_jax.stages import context, pipeline, train_classifier, train_loop, validation
+from gencnp_jax.stages import pipeline, validation
+from gencnp_jax.train import batchnorm
+from gencnp_jax.train import classifier as train_classifier
+from gencnp_jax.train import loop as train_loop
 
 
 @pytest.fixture(scope="module")
 def step_setup(tiny_config):
     """A classifier train step whose optimizer counts how often the step is traced."""
-    model, _ = context.classifier_template(tiny_config)
+    model, _ = loading.classifier_template(tiny_config)
     base = train_classifier.make_optimizer(1e-2, 0.0, 1, 100, 1.0)
     traces = []
 
@@ -33,12 +38,12 @@ def step_setup(tiny_config):
     tx = optax.GradientTransformation(base.init, counting_update)
     graphdef, state = train_loop.TrainState.create(model, tx)
     step_fn = train_classifier.make_train_step(graphdef, tx, dict(model.site_channels))
-    train = context.load_data(tiny_config, "train")
+    train = inputs.load_data(tiny_config, "train")
     return step_fn, traces, state, train
 
 
 def _batch(config, train, start, size=32):
-    images = context.normalize(config, train.images[start : start + size])
+    images = inputs.normalize(config, train.images[start : start + size])
     return {
         "images": jnp.asarray(images),
         "labels": jnp.asarray(train.labels[start : start + size]),
@@ -115,10 +120,10 @@ def test_channel_dropout_gates_at_rate_zero_are_all_open(variable):
 
 
 def test_metrics_json(trained_workdir, tiny_config):
-    out_dir = context.classifier_dir(trained_workdir)
+    out_dir = workdir_lib.classifier_dir(trained_workdir)
     with open(os.path.join(out_dir, "metrics.json")) as f:
         metrics = json.load(f)
-    classifier = context.load_classifier(tiny_config, trained_workdir)
+    classifier = loading.load_classifier(tiny_config, trained_workdir)
     assert metrics["num_params"] == classifiers.num_params(classifier.state)
     assert metrics["site_channels"] == classifier.site_channels
     assert metrics["train_steps"] == 32  # 2 epochs of 512 examples in batches of 32
@@ -128,8 +133,8 @@ def test_metrics_json(trained_workdir, tiny_config):
     # The synthetic classes are easy: well above chance (0.1) after 32 steps.
     assert metrics["test_accuracy"] > 0.3
     # The reported accuracy is the saved final classifier's.
-    test = context.load_data(tiny_config, "test")
-    images = jnp.asarray(context.normalize(tiny_config, test.images))
+    test = inputs.load_data(tiny_config, "test")
+    images = jnp.asarray(inputs.normalize(tiny_config, test.images))
     predict = jax.jit(lambda state, x: classifiers.forward(classifier.graphdef, state, x)[0])
     logits = predict(classifier.state, images)
     accuracy = float(np.mean(np.asarray(logits).argmax(-1) == test.labels))
@@ -145,7 +150,7 @@ def test_metrics_json(trained_workdir, tiny_config):
 def test_resume_gives_the_same_classifier(trained_workdir, tiny_config, tmp_path):
     """Train 32 steps (the fixture); here: keep only its step-24 checkpoint and resume."""
     workdir = str(tmp_path / "resumed")
-    src, dst = context.classifier_dir(trained_workdir), context.classifier_dir(workdir)
+    src, dst = workdir_lib.classifier_dir(trained_workdir), workdir_lib.classifier_dir(workdir)
     shutil.copytree(os.path.join(src, "checkpoints"), os.path.join(dst, "checkpoints"))
     ckpt = checkpointing.Checkpointer(os.path.join(dst, "checkpoints"))
     assert ckpt.steps() == [24, 32]
@@ -153,8 +158,8 @@ def test_resume_gives_the_same_classifier(trained_workdir, tiny_config, tmp_path
     shutil.rmtree(os.path.join(dst, "checkpoints", "32"))
     metrics = train_classifier.train_classifier(tiny_config, workdir)
     assert metrics["resumed_from_step"] == 24
-    original = context.load_classifier(tiny_config, trained_workdir)
-    resumed = context.load_classifier(tiny_config, workdir)
+    original = loading.load_classifier(tiny_config, trained_workdir)
+    resumed = loading.load_classifier(tiny_config, workdir)
     chex.assert_trees_all_equal(resumed.state, original.state)
 
 
@@ -168,7 +173,7 @@ def test_unknown_classifier_is_one_clear_error(tiny_config, tmp_path, capsys):
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "config.classifier.name='alexnet'" in err[0], err
-    assert not os.path.exists(context.classifier_dir(str(tmp_path / "run")))
+    assert not os.path.exists(workdir_lib.classifier_dir(str(tmp_path / "run")))
     validation.check_config(tiny_config)  # the unchanged config passes
 
 
@@ -201,7 +206,7 @@ def test_reestimated_batchnorm_stats_are_the_population_stats_of_their_inputs():
     mesh = sharding.make_mesh(1)
     old = jax.tree.map(np.array, state)
     # 40 rows in batches of 16: the last batch is padded, its padding must not count
-    new = context.reestimate_batchnorm(graphdef, state, lambda idx: images[idx], 40, 16, mesh)
+    new = batchnorm.reestimate_batchnorm(graphdef, state, lambda idx: images[idx], 40, 16, mesh)
     chex.assert_trees_all_equal(jax.tree.map(np.asarray, state), old)  # input unchanged
     assert jax.tree.structure(new) == jax.tree.structure(state)
     for bn, h in _bn_inputs(nnx.merge(graphdef, new), jnp.asarray(images)):
@@ -218,9 +223,9 @@ def test_reestimated_batchnorm_stats_are_the_population_stats_of_their_inputs():
 
 
 def test_randomized_classifier_has_its_own_batchnorm_stats(trained_workdir, tiny_config):
-    classifier = context.load_classifier(tiny_config, trained_workdir)
-    train = context.load_data(tiny_config, "train")
-    mesh = context.make_mesh(tiny_config)
+    classifier = loading.load_classifier(tiny_config, trained_workdir)
+    train = inputs.load_data(tiny_config, "train")
+    mesh = inputs.make_mesh(tiny_config)
     randomized = train_classifier.randomized_classifier(tiny_config, classifier, train, mesh, 7)
     stats = lambda s: jax.tree.map(np.asarray, nnx.split_state(s, nnx.BatchStat, ...)[0])
     params = lambda s: jax.tree.map(np.asarray, nnx.split_state(s, nnx.Param, ...)[0])
@@ -238,9 +243,9 @@ def test_randomized_classifier_has_its_own_batchnorm_stats(trained_workdir, tiny
         )
         if a.size > 1
     )
-    again = context.reestimate_batchnorm(
+    again = batchnorm.reestimate_batchnorm(
         randomized.graphdef, randomized.state,
-        lambda idx: context.normalize(tiny_config, train.images[idx]), len(train.labels), 64, mesh,
+        lambda idx: inputs.normalize(tiny_config, train.images[idx]), len(train.labels), 64, mesh,
     )  # fmt: skip
     chex.assert_trees_all_close(stats(again), random_stats, atol=1e-5, rtol=1e-5)
     assert randomized.site_channels == classifier.site_channels

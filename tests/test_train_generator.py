@@ -13,11 +13,16 @@ import optax
 import pytest
 from flax import nnx
 
+from gencnp_jax import explainer
+from gencnp_jax.context import inputs, loading
 from gencnp_jax.io import checkpointing
+from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.method import explain, losses
 from gencnp_jax.models import classifiers
-from gencnp_jax.stages import context, explainer, generator_eval, train_generator, train_loop
-from gencnp_jax.stages import train_classifier as train_classifier_lib
+from gencnp_jax.train import classifier as train_classifier_lib
+from gencnp_jax.train import generator as train_generator
+from gencnp_jax.train import generator_metrics
+from gencnp_jax.train import loop as train_loop
 
 NUM_LEARN_STEPS = 8
 
@@ -34,7 +39,7 @@ def scenario(tiny_config):
     config = copy.deepcopy(tiny_config)
     model = classifiers.make_classifier("vgg", (8, 16), 10, 1, 1, seed=0)
     graphdef, state = classifiers.split(model)
-    classifier = context.Classifier(graphdef, state, dict(model.site_channels), 10)
+    classifier = loading.Classifier(graphdef, state, dict(model.site_channels), 10)
     cls_before = jax.tree.map(np.array, classifier.state)  # host copies
     gen_graphdef, _, state = train_generator.init_state(config, classifier)
     base = train_classifier_lib.make_optimizer(1e-2, 0.0, 1, 100, 1.0)
@@ -51,10 +56,10 @@ def scenario(tiny_config):
     config.generator.loss.sparsity_ramp_steps = 0
     config.generator.loss.w_sparsity = 2.0
     hp, weights = train_generator.hparams_from_config(config.generator)
-    train = context.load_data(config, "train")
+    train = inputs.load_data(config, "train")
 
     def batch(i):
-        return jnp.asarray(context.normalize(config, train.images[32 * i : 32 * (i + 1)]))
+        return jnp.asarray(inputs.normalize(config, train.images[32 * i : 32 * (i + 1)]))
 
     images = batch(0)
     learn = []
@@ -124,17 +129,17 @@ def test_bank_counts_the_predicted_classes(scenario):
 
 
 def test_train_generator_needs_a_trained_classifier(tiny_config, tmp_path):
-    with pytest.raises(context.StageOrderError, match="--mode=train_classifier"):
+    with pytest.raises(workdir_lib.StageOrderError, match="--mode=train_classifier"):
         train_generator.train_generator(tiny_config, str(tmp_path))
 
 
 def test_explainer_needs_a_trained_generator(tiny_config, trained_workdir):
-    with pytest.raises(context.StageOrderError, match="--mode=train_generator"):
+    with pytest.raises(workdir_lib.StageOrderError, match="--mode=train_generator"):
         explainer.Explainer.from_workdir(tiny_config, trained_workdir)
 
 
 def test_generator_metrics_json(generator_workdir):
-    path = os.path.join(explainer.generator_dir(generator_workdir), "metrics.json")
+    path = os.path.join(workdir_lib.generator_dir(generator_workdir), "metrics.json")
     with open(path) as f:
         metrics = json.load(f)
     for key in ("agreement", "density_mean", "density_std", "leakage"):
@@ -145,34 +150,34 @@ def test_generator_metrics_json(generator_workdir):
 
 
 def test_final_checkpoint_round_trip(tiny_config, generator_workdir, tmp_path):
-    classifier = context.load_classifier(tiny_config, generator_workdir)
-    gd, state, fills, means = explainer.load_generator(tiny_config, generator_workdir, classifier)
+    classifier = loading.load_classifier(tiny_config, generator_workdir)
+    gd, state, fills, means = loading.load_generator(tiny_config, generator_workdir, classifier)
     assert tiny_config.generator.ablation == "mean"  # the default: closed gates take the means
     assert fills is not None and set(fills) == set(means)
     for site in means:
         np.testing.assert_array_equal(fills[site], means[site])
-    train = context.load_data(tiny_config, "train")
+    train = inputs.load_data(tiny_config, "train")
     expected_means = explain.channel_means(
         classifier.graphdef,
         classifier.state,
         train.images,
-        lambda x: context.normalize(tiny_config, x),
+        lambda x: inputs.normalize(tiny_config, x),
     )
     assert set(means) == set(classifier.site_channels)
     for site, c in classifier.site_channels.items():
         chex.assert_shape(means[site], (c,))
         np.testing.assert_allclose(means[site], expected_means[site], rtol=1e-5, atol=1e-6)
-    fresh = nnx.state(explainer.new_generator(tiny_config, classifier.site_channels, 10))
+    fresh = nnx.state(loading.new_generator(tiny_config, classifier.site_channels, 10))
     assert jax.tree.structure(state) == jax.tree.structure(fresh)
     assert any(
         not np.array_equal(a, b)
         for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(fresh), strict=True)
     )
     # The checkpoint is the generator that was evaluated: its metrics come out again.
-    test = context.load_data(tiny_config, "test")
-    mesh = context.make_mesh(tiny_config)
-    again = generator_eval.evaluate_split(tiny_config, classifier, gd, state, fills, test, mesh)
-    with open(os.path.join(explainer.generator_dir(generator_workdir), "metrics.json")) as f:
+    test = inputs.load_data(tiny_config, "test")
+    mesh = inputs.make_mesh(tiny_config)
+    again = generator_metrics.evaluate_split(tiny_config, classifier, gd, state, fills, test, mesh)
+    with open(os.path.join(workdir_lib.generator_dir(generator_workdir), "metrics.json")) as f:
         saved = json.load(f)
     for key, value in again.items():
         assert value == pytest.approx(saved[key], abs=1e-6), key
@@ -181,12 +186,14 @@ def test_final_checkpoint_round_trip(tiny_config, generator_workdir, tmp_path):
         lambda x: x + 0.5 if jnp.issubdtype(x.dtype, jnp.floating) else x, state
     )
     mean_fills = {s: np.full((c,), 0.25, np.float32) for s, c in classifier.site_channels.items()}
-    ckpt = checkpointing.Checkpointer(os.path.join(explainer.generator_dir(str(tmp_path)), "final"))
+    ckpt = checkpointing.Checkpointer(
+        os.path.join(workdir_lib.generator_dir(str(tmp_path)), "final")
+    )
     ckpt.save(3, {"generator": perturbed, "means": mean_fills})
     ckpt.close()
     mean_config = copy.deepcopy(tiny_config)
     mean_config.generator.ablation = "mean"
-    _, loaded, fills, means = explainer.load_generator(mean_config, str(tmp_path), classifier)
+    _, loaded, fills, means = loading.load_generator(mean_config, str(tmp_path), classifier)
     chex.assert_trees_all_equal(
         jax.tree.map(np.asarray, loaded), jax.tree.map(np.asarray, perturbed)
     )
@@ -195,7 +202,7 @@ def test_final_checkpoint_round_trip(tiny_config, generator_workdir, tmp_path):
 
 def test_explainer_returns_binary_pathways(tiny_config, generator_workdir):
     explain_fn = explainer.Explainer.from_workdir(tiny_config, generator_workdir)
-    test = context.load_data(tiny_config, "test")
+    test = inputs.load_data(tiny_config, "test")
     images = test.images[:16]
     pathway = explain_fn(images)
     site_channels = explain_fn.classifier.site_channels
@@ -207,7 +214,7 @@ def test_explainer_returns_binary_pathways(tiny_config, generator_workdir):
         scores = np.asarray(pathway.scores[site])
         assert np.all((scores >= 0.0) & (scores <= 1.0))
     chex.assert_shape([pathway.full_logits, pathway.pathway_logits], (16, 10))
-    normalized = jnp.asarray(context.normalize(tiny_config, images))
+    normalized = jnp.asarray(inputs.normalize(tiny_config, images))
     cls = explain_fn.classifier
     full, _ = classifiers.forward(cls.graphdef, cls.state, normalized)
     fills = explain_fn.fills  # closed gates take the ablation value the generator trained with
@@ -224,9 +231,9 @@ def test_fit_generator_trains_in_memory(tiny_config, trained_workdir, tmp_path, 
     """A fresh generator on the trained classifier: the loss falls, the gates are 0/1, and
     nothing is written (run from an empty working directory)."""
     monkeypatch.chdir(tmp_path)
-    classifier = context.load_classifier(tiny_config, trained_workdir)
-    train = context.load_data(tiny_config, "train")
-    mesh = context.make_mesh(tiny_config)
+    classifier = loading.load_classifier(tiny_config, trained_workdir)
+    train = inputs.load_data(tiny_config, "train")
+    mesh = inputs.make_mesh(tiny_config)
     logged = []
     log = train_loop.log_metrics
     monkeypatch.setattr(
@@ -236,9 +243,9 @@ def test_fit_generator_trains_in_memory(tiny_config, trained_workdir, tmp_path, 
     assert os.listdir(tmp_path) == []
     sparsity = [float(m["loss/sparsity"]) for m in logged]
     assert len(sparsity) == 4 and sparsity[-1] < sparsity[0], sparsity
-    fresh = nnx.state(explainer.new_generator(tiny_config, classifier.site_channels, 10))
+    fresh = nnx.state(loading.new_generator(tiny_config, classifier.site_channels, 10))
     assert jax.tree.structure(state) == jax.tree.structure(fresh)
-    images = jnp.asarray(context.normalize(tiny_config, train.images[:32]))
+    images = jnp.asarray(inputs.normalize(tiny_config, train.images[:32]))
     p = explain.explain(gd, state, classifier.graphdef, classifier.state, images)
     for gates in jax.tree.leaves(p.gates):
         assert np.all((np.asarray(gates) == 0.0) | (np.asarray(gates) == 1.0))
@@ -254,8 +261,8 @@ def test_ranked_term_is_learned_by_the_step(scenario, tiny_config):
     hp = hp.replace(ranked_low=jnp.float32(0.2), ranked_high=jnp.float32(0.2))
     zero = {t: 0.0 for t in losses.TERMS}
     weights = losses.LossWeights.create(**{**zero, "ranked": 1.0})
-    train = context.load_data(tiny_config, "train")
-    images = jnp.asarray(context.normalize(tiny_config, train.images[:32]))
+    train = inputs.load_data(tiny_config, "train")
+    images = jnp.asarray(inputs.normalize(tiny_config, train.images[:32]))
     ranked = []
     for i in range(12):
         state, out = step_fn(state, images, jnp.int32(i), classifier.state, None, weights, hp)

@@ -20,9 +20,11 @@ from launch_helpers import assert_ok, run_launch
 
 import gencnp_jax
 from examples import fashion_cnn
+from gencnp_jax.context import inputs, loading
 from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.models import classifiers
-from gencnp_jax.stages import context, pipeline, train_generator, validation
+from gencnp_jax.stages import pipeline, validation
+from gencnp_jax.train import generator as train_generator
 
 SITES = {
     "examples.fashion_cnn:build": ("blocks/*/layers/2",),
@@ -63,16 +65,16 @@ def own_logits(factory: str, checkpoint: str, images):
 
 @pytest.fixture(scope="module")
 def test_images(tiny_config):
-    split = context.load_data(tiny_config, "test")
-    return jnp.asarray(context.normalize(tiny_config, split.images[:16]))
+    split = inputs.load_data(tiny_config, "test")
+    return jnp.asarray(inputs.normalize(tiny_config, split.images[:16]))
 
 
 @pytest.fixture(scope="module")
 def trained_cnn(tiny_config, tmp_path_factory) -> str:
     """The examples' CNN trained briefly on the tiny training split, saved as a user would."""
-    train = context.load_data(tiny_config, "train")
+    train = inputs.load_data(tiny_config, "train")
     model = fashion_cnn.train(
-        fashion_cnn.build(), context.normalize(tiny_config, train.images), train.labels, 40, 32
+        fashion_cnn.build(), inputs.normalize(tiny_config, train.images), train.labels, 40, 32
     )
     return gencnp_jax.save_weights(model, str(tmp_path_factory.mktemp("cnn") / "weights.npz"))
 
@@ -91,12 +93,12 @@ def test_user_cnn_explained_end_to_end_through_launch(
     assert "imported examples.fashion_cnn:build" in proc.stdout
     for mode in pipeline.modes.PIPELINE:
         assert workdir_lib.is_done(mode, workdir), mode  # report page and its PNGs included
-    metrics = json.load(open(os.path.join(context.classifier_dir(workdir), "metrics.json")))
+    metrics = json.load(open(os.path.join(workdir_lib.classifier_dir(workdir), "metrics.json")))
     assert metrics["imported_from"] == trained_cnn and metrics["train_steps"] == 0
     assert metrics["test_accuracy"] > 0.3  # it learnt the synthetic squares
     # The workdir's copy is the user's model, bit for bit: all-ones gates change nothing.
     config = user_config(tiny_config, "examples.fashion_cnn:build", trained_cnn)
-    cls = context.load_classifier(config, workdir)
+    cls = loading.load_classifier(config, workdir)
     assert list(cls.site_channels.items()) == [
         ("blocks/0/layers/2", 16), ("blocks/1/layers/2", 32), ("blocks/2/layers/2", 64)
     ]  # fmt: skip
@@ -120,7 +122,7 @@ def test_token_and_linen_models_through_the_stages(tiny_config, test_images, tmp
     config = user_config(tiny_config, factory, checkpoint)
     workdir = str(tmp_path / "run")
     pipeline.run("train_classifier", config, workdir)
-    cls = context.load_classifier(config, workdir)
+    cls = loading.load_classifier(config, workdir)
     ones = {s: jnp.ones((16, c)) for s, c in cls.site_channels.items()}
     logits, feats = jax.jit(lambda s, x, g: classifiers.forward(cls.graphdef, s, x, g))(
         cls.state, test_images, ones
@@ -208,4 +210,4 @@ def test_bad_user_model_is_one_clear_error(
         pipeline.run("all", config, workdir)
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"error: {info.value}" and not any("Traceback" in e for e in err)
-    assert not os.path.exists(context.classifier_dir(workdir))  # failed before any work
+    assert not os.path.exists(workdir_lib.classifier_dir(workdir))  # failed before any work

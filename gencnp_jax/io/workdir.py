@@ -19,6 +19,11 @@ import os
 import re
 import zipfile
 
+
+class StageOrderError(RuntimeError):
+    """A stage was run before the stage it needs (its outputs are missing from the workdir)."""
+
+
 DONE_FILES = {
     "train_classifier": "classifier/metrics.json",
     "train_generator": "generator/metrics.json",

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gencnp_jax.context import inputs, loading
 from gencnp_jax.io import batched, checkpointing, data, sharding
 from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.io import writers as logging_utils
@@ -29,7 +30,6 @@ from gencnp_jax.method.class_bank import (
 )
 from gencnp_jax.models import classifiers
 from gencnp_jax.models import gates as gates_lib
-from gencnp_jax.stages import context, explainer
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def _select(config, classifier, train: data.ArraySplit, mesh) -> tuple[np.ndarra
     )
     preds_N = batched.map_batches(
         lambda images: predict(classifier.state, images),
-        lambda idx: context.normalize(config, train.images[idx]),
+        lambda idx: inputs.normalize(config, train.images[idx]),
         len(train.labels),
         config.eval.batch_size,
         mesh,
@@ -137,16 +137,16 @@ def _mismatch(workdir: str, why: str) -> BankMismatchError:
     )
 
 
-def load_bank(config, workdir: str, classifier: context.Classifier) -> ClassBank:
+def load_bank(config, workdir: str, classifier: loading.Classifier) -> ClassBank:
     """Restores the bank of `workdir` and checks it belongs to `classifier` and `config.bank`.
 
     Raises:
-      context.StageOrderError: no bank in `workdir`.
+      workdir_lib.StageOrderError: no bank in `workdir`.
       BankMismatchError: other gate sites, other classifier weights, or other bank settings.
     """
     meta = logging_utils.read_json(os.path.join(bank_dir(workdir), BANK_JSON))
     if meta is None:
-        raise context.StageOrderError(
+        raise workdir_lib.StageOrderError(
             f"no class-pathway bank in {bank_dir(workdir)}: run `python launch.py --config=... "
             f"--workdir={workdir} --mode=build_bank` first"
         )
@@ -170,7 +170,7 @@ def load_bank(config, workdir: str, classifier: context.Classifier) -> ClassBank
     restored = ckpt.restore(template)
     ckpt.close()
     if restored is None:
-        raise context.StageOrderError(
+        raise workdir_lib.StageOrderError(
             f"{bank_dir(workdir)} has bank.json but no checkpoint: rerun --mode=build_bank"
         )
     _, tree, stored = restored
@@ -220,10 +220,10 @@ def build_bank(config, workdir: str) -> dict:
     """
     _check_source(config.bank.class_source)
     t0 = time.time()
-    classifier = context.load_classifier(config, workdir)
-    gen_graphdef, gen_state, fills, _ = explainer.load_generator(config, workdir, classifier)
-    train = context.load_data(config, "train")
-    mesh = context.make_mesh(config)
+    classifier = loading.load_classifier(config, workdir)
+    gen_graphdef, gen_state, fills, _ = loading.load_generator(config, workdir, classifier)
+    train = inputs.load_data(config, "train")
+    mesh = inputs.make_mesh(config)
     sharding.check_batch_size(mesh, config.eval.batch_size)
     cls_state, gen_state, fills = sharding.replicate(mesh, (classifier.state, gen_state, fills))
     classifier = dataclasses.replace(classifier, state=cls_state)
@@ -238,7 +238,7 @@ def build_bank(config, workdir: str) -> dict:
 
     gates_M, scores_M = batched.map_batches(
         gates_and_scores,
-        lambda rows: context.normalize(config, train.images[idx_M[rows]]),
+        lambda rows: inputs.normalize(config, train.images[idx_M[rows]]),
         len(idx_M),
         config.eval.batch_size,
         mesh,

@@ -16,13 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gencnp_jax.context import inputs, loading
 from gencnp_jax.eval import baselines, controls
 from gencnp_jax.eval import methods as eval_methods
 from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.io import writers
 from gencnp_jax.models import classifiers
 from gencnp_jax.models import gates as gates_lib
-from gencnp_jax.stages import build_bank, context, explainer
+from gencnp_jax.stages import build_bank
 from gencnp_jax.stages import evaluate_passes as passes
 
 AT_DENSITY_KEYS = ("mDC", "mIC", "agreement", "leakage", "class_leakage", "density_mean")
@@ -174,12 +175,12 @@ def evaluate(config, workdir: str) -> dict:
       docs and in `evaluate_passes.results_table`.
     """
     t0, e, s = time.time(), config.eval, settings_from_config(config)
-    test = context.load_data(config, "test")
+    test = inputs.load_data(config, "test")
     n = min(len(test.labels), e.num_examples or len(test.labels))
-    classifier = context.load_classifier(config, workdir)
-    gen_graphdef, gen_state, _, means = explainer.load_generator(config, workdir, classifier)
+    classifier = loading.load_classifier(config, workdir)
+    gen_graphdef, gen_state, _, means = loading.load_generator(config, workdir, classifier)
     bank = build_bank.load_bank(config, workdir, classifier)
-    mesh = context.make_mesh(config)
+    mesh = inputs.make_mesh(config)
     run = passes.Run(config, mesh, e.batch_size, classifier, config.seed)
     zeros = {k: np.zeros((c,), np.float32) for k, c in classifier.site_channels.items()}
     fills = {"zero": zeros, "mean": {k: np.asarray(v, np.float32) for k, v in means.items()}}
@@ -201,7 +202,7 @@ def evaluate(config, workdir: str) -> dict:
     key = run.key("random_scores")
     scores["random"] = np.asarray(jax.random.uniform(key, (n, n_all)))
     scores["random_wrong"] = np.asarray(jax.random.uniform(jax.random.fold_in(key, 1), (n, n_all)))
-    train = context.load_data(config, "train")
+    train = inputs.load_data(config, "train")
     control = passes.control_tables(run, score_fns, params, train.images[: e.control_examples], k)
     offset = np.random.default_rng(config.seed).integers(0, max(k - 1, 1), n)
     gates = gates_lib.unflatten(jnp.asarray(own_gates["gencnp"]), classifier.site_channels)
@@ -234,7 +235,7 @@ def evaluate(config, workdir: str) -> dict:
         for rows in own.values():
             rows[name]["seconds_per_image"] = sec
     # p_c of the full classifier on the all-zero (normalised-mean) image, c each test prediction
-    zero_image = jnp.zeros_like(context.normalize(config, images[:1]))
+    zero_image = jnp.zeros_like(inputs.normalize(config, images[:1]))
     null_logits_1xK = classifiers.forward(classifier.graphdef, classifier.state, zero_image)[0]
     null_conf = float(np.mean(np.asarray(jax.nn.softmax(null_logits_1xK[0]))[classes]))
     scored = {**scores, "gencnp_gates": own_gates["gencnp"]}

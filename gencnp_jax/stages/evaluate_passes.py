@@ -15,11 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gencnp_jax.context import inputs, loading
 from gencnp_jax.eval import accumulator, baselines, controls, metrics, perturbation
 from gencnp_jax.eval import methods as eval_methods
 from gencnp_jax.io import batched, sharding, writers
 from gencnp_jax.method import explain
-from gencnp_jax.stages import context, train_classifier, train_generator
+from gencnp_jax.train import classifier as train_classifier
+from gencnp_jax.train import generator as train_generator
 
 
 @dataclasses.dataclass
@@ -29,11 +31,11 @@ class Run:
     config: object
     mesh: jax.sharding.Mesh
     batch_size: int
-    classifier: context.Classifier
+    classifier: loading.Classifier
     seed: int
 
     def images(self, images_uint8: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        return context.normalize(self.config, images_uint8[idx])
+        return inputs.normalize(self.config, images_uint8[idx])
 
     def key(self, *names) -> jax.Array:
         """A seeded key per name path (e.g. ``("topk", "cdrp", "0.1")``)."""
@@ -169,7 +171,7 @@ def sanity(run: Run, s, gen_graphdef, gen_state, fills, test_images, scored, den
     the trained generator on the randomised classifier's features (out of distribution).
     """
     config, cls = run.config, run.classifier
-    train = context.load_data(config, "train")
+    train = inputs.load_data(config, "train")
     rand = train_classifier.randomized_classifier(config, cls, train, run.mesh, run.seed + 13)
     rand_gd, rand_state = train_generator.fit_generator(
         _sanity_config(config), rand, train, run.mesh, config.eval.sanity_steps, run.seed + 17
@@ -177,7 +179,7 @@ def sanity(run: Run, s, gen_graphdef, gen_state, fills, test_images, scored, den
     rand_fills = fills
     if config.eval.ablations[0] == "mean":
         control = train.images[: config.eval.control_examples]
-        normalize = lambda x: context.normalize(config, x)
+        normalize = lambda x: inputs.normalize(config, x)
         rand_fills = explain.channel_means(
             rand.graphdef, rand.state, control, normalize, run.batch_size
         )

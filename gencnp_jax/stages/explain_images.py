@@ -15,12 +15,13 @@ import time
 import jax
 import numpy as np
 
+from gencnp_jax import explainer as explainer_lib
+from gencnp_jax.context import inputs
 from gencnp_jax.io import custom_data, data
 from gencnp_jax.io import writers as logging_utils
 from gencnp_jax.method.pathway import Pathway
-from gencnp_jax.stages import context, validation
-from gencnp_jax.stages import explainer as explainer_lib
 from gencnp_jax.stages import report as report_stage
+from gencnp_jax.stages import validation
 from gencnp_jax.viz import explain_figure, plots
 from gencnp_jax.viz import html as html_lib
 
@@ -49,7 +50,7 @@ def load_images(config) -> tuple[np.ndarray, list[str]]:
                 f"images in config.explain.images)"
             )
         where = f"the test split of {d.dataset!r}"
-        images = context.load_data(config, "test").images[: e.num_images]
+        images = inputs.load_data(config, "test").images[: e.num_images]
         names = [f"test #{i}" for i in range(len(images))]
     images = np.asarray(images)
     hwc, _ = data.dataset_info(d.dataset, os.path.expanduser(d.data_dir))
@@ -133,7 +134,7 @@ def explain_images(config, workdir: str) -> dict:
     Raises:
       validation.ConfigError: the images cannot be read or are not of the classifier's size
         (raised before anything is written).
-      context.StageOrderError: no trained classifier or generator in `workdir`.
+      workdir_lib.StageOrderError: no trained classifier or generator in `workdir`.
     """
     t0 = time.time()
     workdir = os.path.abspath(workdir)

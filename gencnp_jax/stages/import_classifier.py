@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import os
 
+from gencnp_jax.context import inputs, loading, user_model
 from gencnp_jax.io import checkpointing, data
+from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.io import writers as logging_utils
-from gencnp_jax.stages import context, train_classifier, user_classifier
+from gencnp_jax.train import classifier as train_classifier
 
 
 def classifier_stage(config, workdir: str) -> dict:
     """`train_classifier` mode: trains a built-in classifier, or imports the user's."""
-    if user_classifier.uses_factory(config):
+    if user_model.uses_factory(config):
         return import_classifier(config, workdir)
     return train_classifier.train_classifier(config, workdir)
 
@@ -26,27 +28,27 @@ def import_classifier(config, workdir: str) -> dict:
     """Imports the factory model's checkpoint into `workdir` and measures it.
 
     Raises:
-      user_classifier.UserModelError: no checkpoint configured (the pipeline trains only the
+      user_model.UserModelError: no checkpoint configured (the pipeline trains only the
         built-in classifiers), or a factory / sites / output size that does not work.
     """
     c = config.classifier
     if not c.get("checkpoint", ""):
-        raise user_classifier.UserModelError(
+        raise user_model.UserModelError(
             f"config.classifier.factory={c.factory!r} needs config.classifier.checkpoint: the "
             f"pipeline trains only the built-in classifiers ('vgg', 'resnet'); train yours, "
             f"save it with gencnp_jax.save_weights(model, 'weights.npz') and point "
             f"checkpoint at that file"
         )
-    out_dir = context.classifier_dir(workdir)
-    train, test = context.load_data(config, "train"), context.load_data(config, "test")
-    mesh = context.make_mesh(config)
+    out_dir = workdir_lib.classifier_dir(workdir)
+    train, test = inputs.load_data(config, "train"), inputs.load_data(config, "test")
+    mesh = inputs.make_mesh(config)
     d = config.data
     hwc, num_classes = data.dataset_info(d.dataset, os.path.expanduser(d.data_dir))
-    gated = user_classifier.build_gated(config, hwc, num_classes)
+    gated = user_model.build_gated(config, hwc, num_classes)
     final_ckpt = checkpointing.Checkpointer(os.path.join(out_dir, "final"), max_to_keep=1)
-    final_ckpt.save(0, {"state": user_classifier.saved_part(gated.state)})
+    final_ckpt.save(0, {"state": user_model.saved_part(gated.state)})
     final_ckpt.close()
-    classifier = context.Classifier(gated, gated.state, dict(gated.site_channels), num_classes)
+    classifier = loading.Classifier(gated, gated.state, dict(gated.site_channels), num_classes)
     metrics = train_classifier.evaluate_classifier(
         config, classifier, {"train": train, "test": test}, mesh
     )

@@ -8,16 +8,16 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
-# mode -> "module:function" under gencnp_jax.stages
+# mode -> "module:function" under gencnp_jax
 MODES = {
-    "train_classifier": "import_classifier:classifier_stage",  # trains, or imports a factory model
-    "train_generator": "train_generator:train_generator",
-    "build_bank": "build_bank:build_bank",
-    "evaluate": "evaluate:evaluate",
-    "report": "report:make_report",
-    "bench": "bench:bench",
-    "headroom": "headroom:headroom",  # fixed-density optima (eval/oracle.py): not in PIPELINE
-    "explain": "explain_images:explain_images",  # given images: not in PIPELINE
+    "train_classifier": "stages.import_classifier:classifier_stage",  # or imports a user's model
+    "train_generator": "train.generator:train_generator",
+    "build_bank": "stages.build_bank:build_bank",
+    "evaluate": "stages.evaluate:evaluate",
+    "report": "stages.report:make_report",
+    "bench": "tools.bench:bench",  # research tools: not in PIPELINE
+    "headroom": "tools.headroom:headroom",
+    "explain": "stages.explain_images:explain_images",  # given images: not in PIPELINE
 }
 PIPELINE = ("train_classifier", "train_generator", "build_bank", "evaluate", "report")
 ALL = "all"
@@ -27,4 +27,4 @@ NAMES = (*MODES, ALL)
 def stage_fn(mode: str) -> Callable:
     """The stage function of `mode` (KeyError for an unknown mode)."""
     module, fn = MODES[mode].split(":")
-    return getattr(importlib.import_module(f"gencnp_jax.stages.{module}"), fn)
+    return getattr(importlib.import_module(f"gencnp_jax.{module}"), fn)

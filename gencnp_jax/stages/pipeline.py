@@ -18,11 +18,12 @@ import time
 import jax
 import numpy as np
 
+from gencnp_jax.context import record, user_model
 from gencnp_jax.io import checkpointing, data, preemption, weights
 from gencnp_jax.io import lock as lock_lib
 from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.io import writers as logging_utils
-from gencnp_jax.stages import build_bank, context, explainer, modes, user_classifier, validation
+from gencnp_jax.stages import build_bank, modes, validation
 
 _CLUSTER_ENV = (
     "SLURM_NTASKS",
@@ -130,7 +131,7 @@ def record_config(mode: str, config, workdir: str):
     --config.headroom.steps=0``) does not rewrite the trained run's record; it names the
     settings in which it differs instead.
     """
-    path = os.path.join(workdir, explainer.CONFIG_FILE)
+    path = os.path.join(workdir, record.CONFIG_FILE)
     text = config.to_json_best_effort(indent=2)
     recorded = _read_record(path)
     if mode in TRAINING or recorded is None:
@@ -196,12 +197,12 @@ def workdir_lock(workdir: str, mode: str):
 USER_ERRORS = (
     UserError,
     validation.ConfigError,
-    context.StageOrderError,
+    workdir_lib.StageOrderError,
     checkpointing.CheckpointError,
     data.DatasetError,
     FloatingPointError,
     build_bank.BankMismatchError,
-    user_classifier.UserModelError,
+    user_model.UserModelError,
     weights.WeightsError,
 )
 

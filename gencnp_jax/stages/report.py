@@ -15,13 +15,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gencnp_jax import explainer as explainer_lib
+from gencnp_jax.context import inputs, loading
 from gencnp_jax.eval import saliency
 from gencnp_jax.io import batched, data, sharding
 from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.io import writers as logging_utils
 from gencnp_jax.method import explain
-from gencnp_jax.stages import build_bank, context, validation
-from gencnp_jax.stages import explainer as explainer_lib
+from gencnp_jax.stages import build_bank, validation
 from gencnp_jax.viz import curves, plots
 from gencnp_jax.viz import html as report
 
@@ -56,7 +57,7 @@ def explain_split(
     """Pathways of a whole split as host numpy: ``(gates site -> u8[N, C], pred i32[N],
     pathway_pred i32[N])``; fixed-size padded batches over the mesh, so one compilation."""
     cls, g = explainer.classifier, explainer.config.generator
-    mesh = mesh if mesh is not None else context.make_mesh(explainer.config)
+    mesh = mesh if mesh is not None else inputs.make_mesh(explainer.config)
     # Never more rows than the split (rounded up to the mesh): tiny splits compile small.
     batch_size = min(batch_size, -(-len(images_uint8) // mesh.size) * mesh.size)
     sharding.check_batch_size(mesh, batch_size)
@@ -72,7 +73,7 @@ def explain_split(
         return gates, p.explained_class, jnp.argmax(p.pathway_logits, -1)
 
     def make_batch(idx):
-        return context.normalize(explainer.config, images_uint8[idx])
+        return inputs.normalize(explainer.config, images_uint8[idx])
 
     gates, pred, pathway_pred = batched.map_batches(
         fn, make_batch, len(images_uint8), batch_size, mesh
@@ -119,7 +120,7 @@ def _gallery(explainer, site, test, pred, pathway_pred, density, names, out_dir,
     if not order:
         return []
     fn = make_gallery_fn(explainer, site)
-    images = context.normalize(explainer.config, test.images[np.asarray(order)])
+    images = inputs.normalize(explainer.config, test.images[np.asarray(order)])
     cam_full, cam_pathway, grad = jax.device_get(fn(images))
     at = {i: j for j, i in enumerate(order)}
     items = []
@@ -198,12 +199,12 @@ def make_report(
     writer = jax.process_index() == 0
     if writer and os.path.exists(index):
         os.remove(index)  # the completion marker: absent until this run has written it all
-    classifier = context.load_classifier(config, workdir)
-    gen_graphdef, gen_state, fills, _ = explainer_lib.load_generator(config, workdir, classifier)
+    classifier = loading.load_classifier(config, workdir)
+    gen_graphdef, gen_state, fills, _ = loading.load_generator(config, workdir, classifier)
     explainer = explainer_lib.Explainer(config, classifier, gen_graphdef, gen_state, fills)
     site = gradcam_site(config, classifier.site_channels)
     names = class_names(config.data.dataset, classifier.num_classes)
-    test = context.load_data(config, "test")
+    test = inputs.load_data(config, "test")
     gates, pred, pathway_pred = explain_split(explainer, test.images, config.eval.batch_size)
     density = np.mean(np.concatenate(list(gates.values()), axis=1), axis=1)
     freq = _bank_freq(config, workdir, classifier)

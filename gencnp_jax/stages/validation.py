@@ -10,10 +10,10 @@ import os
 import jax
 from flax import nnx
 
+from gencnp_jax.context import user_model
 from gencnp_jax.io import custom_data, data, weights
 from gencnp_jax.method import objective
 from gencnp_jax.models import classifiers, generator
-from gencnp_jax.stages import user_classifier
 
 
 class ConfigError(ValueError):
@@ -42,7 +42,7 @@ _PIO_BATCHES = ("per_step", "batch_size")
 def check_config(config) -> None:
     """Raises ConfigError for unknown names, impossible sizes and unknown gate sites."""
     c = config.classifier
-    if user_classifier.uses_factory(config):
+    if user_model.uses_factory(config):
         pass  # the user's model: checked below, once the dataset's shape is known
     elif c.name not in classifiers.CLASSIFIERS:
         raise ConfigError(
@@ -211,8 +211,8 @@ def _user_sites(config, hwc, num_classes) -> list[str]:
             f"built-in classifiers; save yours with gencnp_jax.save_weights(model, 'w.npz')"
         )
     try:
-        return list(user_classifier.build_gated(config, hwc, num_classes).site_channels)
-    except (user_classifier.UserModelError, weights.WeightsError) as err:
+        return list(user_model.build_gated(config, hwc, num_classes).site_channels)
+    except (user_model.UserModelError, weights.WeightsError) as err:
         raise ConfigError(str(err)) from None
 
 
@@ -220,7 +220,7 @@ def _check_sites(config, hwc, num_classes) -> None:
     """The user's model (factory) must build, load and attach; gate sites named in the
     config must be sites of the configured classifier."""
     site = config.eval.get("gradcam_site", "")
-    if user_classifier.uses_factory(config):
+    if user_model.uses_factory(config):
         sites = _user_sites(config, hwc, num_classes)
     elif not site:
         return

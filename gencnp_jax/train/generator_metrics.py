@@ -6,12 +6,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from gencnp_jax.context import inputs
 from gencnp_jax.eval import metrics
 from gencnp_jax.io import batched, sharding
 from gencnp_jax.method import explain
 from gencnp_jax.models import classifiers
 from gencnp_jax.models import gates as gates_lib
-from gencnp_jax.stages import context
 
 
 def pathway_outputs(gen_graphdef, cls_graphdef):
@@ -47,7 +47,7 @@ def evaluate_split(config, classifier, gen_graphdef, gen_state, fills, split, me
     temperature, sigma = jnp.float32(g.daq.temperature), jnp.float32(g.daq.sigma)
     cols = batched.map_batches(
         lambda images: fn(gen_state, cls_state, images, temperature, sigma, fills),
-        lambda idx: context.normalize(config, split.images[idx]),
+        lambda idx: inputs.normalize(config, split.images[idx]),
         len(split.labels),
         g.eval_batch_size,
         mesh,

@@ -14,21 +14,18 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from gencnp_jax.context import inputs, loading
 from gencnp_jax.eval import metrics
 from gencnp_jax.io import batched, checkpointing, sharding
+from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.io import writers as logging_utils
 from gencnp_jax.method import explain, losses, objective
 from gencnp_jax.models import classifiers
 from gencnp_jax.models import gates as gates_lib
 from gencnp_jax.models import generator as generator_lib
-from gencnp_jax.stages import (
-    context,
-    explainer,
-    generator_eval,
-    pio_targets,
-    train_classifier,
-    train_loop,
-)
+from gencnp_jax.train import classifier as train_classifier
+from gencnp_jax.train import generator_metrics, pio_targets
+from gencnp_jax.train import loop as train_loop
 
 
 def hparams_from_config(g) -> tuple[objective.StepHParams, losses.LossWeights]:
@@ -133,7 +130,7 @@ def init_state(
     With channel evidence, the pooled-feature statistics come from `train_split`."""
     g = config.generator
     if model is None:
-        model = explainer.new_generator(config, classifier.site_channels, classifier.num_classes)
+        model = loading.new_generator(config, classifier.site_channels, classifier.num_classes)
         if g.model.channel_evidence and train_split is not None:
             model.set_pool_stats(pool_stats(config, classifier, train_split, mesh))
     o, total = g.opt, g.steps if steps is None else steps
@@ -149,7 +146,7 @@ def ranked_on(loss) -> bool:
     return loss.w_ranked > 0 or loss.w_ranked_leak > 0
 
 
-def bound_step(config, gen_graphdef, classifier: context.Classifier, tx, fills, mesh):
+def bound_step(config, gen_graphdef, classifier: loading.Classifier, tx, fills, mesh):
     """The train step with the classifier, fills and loss settings bound (replicated)."""
     cls_state, fills, hp, weights = sharding.replicate(
         mesh, (classifier.state, fills, *hparams_from_config(config.generator))
@@ -166,7 +163,7 @@ def _fit(config, classifier, train_split, mesh, steps, seed, fills, out_dir=None
     targets in its `pio_targets` folder). Returns `(gen_graphdef, loop result, targets)`."""
     g = config.generator
     gen_graphdef, tx, state = init_state(config, classifier, None, steps, train_split, mesh)
-    images_at = lambda idx: context.normalize(config, train_split.images[idx])
+    images_at = lambda idx: inputs.normalize(config, train_split.images[idx])
     batch_at = train_loop.batches_at(mesh, images_at, len(train_split.labels), g.batch_size, seed)
     targets = None
     if pio_targets.enabled(config):
@@ -189,7 +186,7 @@ def _fit(config, classifier, train_split, mesh, steps, seed, fills, out_dir=None
     return gen_graphdef, result, targets
 
 
-def fit_generator(config, classifier: context.Classifier, train_split, mesh, steps: int, seed: int):
+def fit_generator(config, classifier: loading.Classifier, train_split, mesh, steps: int, seed: int):
     """Trains a fresh generator in memory on any classifier: `(gen_graphdef, gen_state)`.
 
     The objective, model and optimizer settings of `train_generator` (the config's ablation
@@ -200,7 +197,7 @@ def fit_generator(config, classifier: context.Classifier, train_split, mesh, ste
     return gen_graphdef, result.state.gen.model_state()
 
 
-def pool_stats(config, classifier: context.Classifier, split, mesh) -> dict:
+def pool_stats(config, classifier: loading.Classifier, split, mesh) -> dict:
     """``site -> (mean, std)`` of the generator's pooled clean features, ``f32[P * C]`` each,
     over the first ``config.generator.stats_examples`` images of `split`."""
     pooling = tuple(config.generator.model.pooling)
@@ -214,7 +211,7 @@ def pool_stats(config, classifier: context.Classifier, split, mesh) -> dict:
     n = min(len(split.labels), config.generator.stats_examples)
     pooled = batched.map_batches(
         lambda x: fn(cls_state, x),
-        lambda idx: context.normalize(config, split.images[idx]),
+        lambda idx: inputs.normalize(config, split.images[idx]),
         n,
         config.generator.eval_batch_size,
         mesh,
@@ -222,18 +219,18 @@ def pool_stats(config, classifier: context.Classifier, split, mesh) -> dict:
     return {s: (v.mean(0), v.std(0)) for s, v in pooled.items()}
 
 
-def _means(config, classifier: context.Classifier, split) -> dict:
-    norm = lambda x: context.normalize(config, x)
+def _means(config, classifier: loading.Classifier, split) -> dict:
+    norm = lambda x: inputs.normalize(config, x)
     return explain.channel_means(classifier.graphdef, classifier.state, split.images, norm)
 
 
 def train_generator(config, workdir: str) -> dict:
     """Trains (or resumes) the generator; writes `generator/metrics.json` on the test split."""
     g = config.generator
-    classifier = context.load_classifier(config, workdir)
-    out_dir = explainer.generator_dir(workdir)
-    train, test = context.load_data(config, "train"), context.load_data(config, "test")
-    mesh = context.make_mesh(config)
+    classifier = loading.load_classifier(config, workdir)
+    out_dir = workdir_lib.generator_dir(workdir)
+    train, test = inputs.load_data(config, "train"), inputs.load_data(config, "test")
+    mesh = inputs.make_mesh(config)
     sharding.check_batch_size(mesh, g.batch_size)
     sharding.check_batch_size(mesh, g.eval_batch_size)  # fail now, not after training
     means = _means(config, classifier, train)
@@ -246,7 +243,7 @@ def train_generator(config, workdir: str) -> dict:
     final = checkpointing.Checkpointer(os.path.join(out_dir, "final"), max_to_keep=1)
     final.save(g.steps, {"generator": gen_state, "means": means})
     final.close()
-    out = generator_eval.evaluate_split(
+    out = generator_metrics.evaluate_split(
         config, classifier, gen_graphdef, gen_state, fills, test, mesh
     )
     out.update(

@@ -15,20 +15,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gencnp_jax.context import inputs, loading, user_model
 from gencnp_jax.eval import baselines
 from gencnp_jax.io import sharding
 from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.io import writers as logging_utils
 from gencnp_jax.method import explain
 from gencnp_jax.models import classifiers, generator
-from gencnp_jax.stages import (
-    bench_train,
-    build_bank,
-    context,
-    explainer,
-    user_classifier,
-    validation,
-)
+from gencnp_jax.stages import build_bank, validation
+from gencnp_jax.tools import bench_train
 
 measure = bench_train.measure  # the timing rule of every number here
 _per_image = bench_train.per_image
@@ -48,12 +43,12 @@ LABELS = {
 
 
 def _batch(config, batch_size: int, notes: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    test = context.load_data(config, "test")
+    test = inputs.load_data(config, "test")
     n = len(test.labels)
     if n < batch_size:
         notes.append(f"the test split holds {n} images: the batch of {batch_size} repeats them")
     idx = np.arange(batch_size) % n
-    return context.normalize(config, test.images[idx]), np.asarray(test.labels[idx], np.int32)
+    return inputs.normalize(config, test.images[idx]), np.asarray(test.labels[idx], np.int32)
 
 
 def _inference(models: bench_train.Models, config, mesh, repeats: int, bank) -> dict:
@@ -86,7 +81,7 @@ def _inference(models: bench_train.Models, config, mesh, repeats: int, bank) -> 
             lambda cs, x, f: baselines.neuron_mct(cls_gd, cs, x, density=0.5, fills=f)
         ),
     }
-    unwrapped = user_classifier.unwrapped_forward(config, cls_gd)
+    unwrapped = user_model.unwrapped_forward(config, cls_gd)
     if unwrapped is not None:  # a user's model: its own forward, without `attach`
         fns["forward_unwrapped"] = jax.jit(unwrapped)
     calls = {
@@ -154,7 +149,7 @@ def _load_bank(config, workdir: str, classifier, notes: list[str]):
     """The class-pathway bank of `workdir` (a pytree), or None with a note if there is none."""
     try:
         return build_bank.load_bank(config, workdir, classifier)
-    except context.StageOrderError:
+    except workdir_lib.StageOrderError:
         notes.append(
             "transfer skipped: no class-pathway bank in the workdir (run --mode=build_bank first)"
         )
@@ -204,15 +199,15 @@ def bench(config, workdir: str) -> dict:
     """
     b = config.bench
     repeats, batch = int(b.repeats), int(b.batch_size)
-    mesh = context.make_mesh(config)
+    mesh = inputs.make_mesh(config)
     if batch % mesh.size:
         raise validation.ConfigError(
             f"config.bench.batch_size={batch} does not split over {mesh.size} devices: choose "
             f"a multiple of {mesh.size}"
         )
     notes: list[str] = []
-    classifier = context.load_classifier(config, workdir)
-    gen_graphdef, gen_state, fills, _ = explainer.load_generator(config, workdir, classifier)
+    classifier = loading.load_classifier(config, workdir)
+    gen_graphdef, gen_state, fills, _ = loading.load_generator(config, workdir, classifier)
     images, labels = _batch(config, batch, notes)
     models = bench_train.Models(classifier, gen_graphdef, gen_state, fills, images, labels)
     bank = _load_bank(config, workdir, classifier, notes)

@@ -20,12 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gencnp_jax.context import inputs
 from gencnp_jax.eval import metrics
 from gencnp_jax.io import batched, sharding
 from gencnp_jax.io import writers as logging_utils
 from gencnp_jax.method import pio
 from gencnp_jax.models import classifiers
-from gencnp_jax.stages import context, train_loop
+from gencnp_jax.train import loop as train_loop
 
 CHUNK = 256  # images per cached file
 # trimming is redone on every run (forward passes only): its settings keep the cache
@@ -110,7 +111,7 @@ def compute(config, classifier, split, fills, mesh, cache_dir: str | None = None
             chunks.append(
                 batched.map_batches(
                     lambda x: fn(cls_state, fills_r, hp, x),
-                    lambda idx, rows=rows: context.normalize(config, split.images[rows[idx]]),
+                    lambda idx, rows=rows: inputs.normalize(config, split.images[rows[idx]]),
                     len(rows),
                     batch,
                     mesh,
@@ -166,7 +167,7 @@ def _trim(config, classifier, split, fills, mesh, indices, logits_flat) -> dict:
     return batched.map_batches(
         lambda b: fn(*args, b),
         lambda idx: {
-            "images": context.normalize(config, split.images[indices[idx]]),
+            "images": inputs.normalize(config, split.images[indices[idx]]),
             "logits": logits_flat[idx],
         },
         len(indices),
@@ -212,7 +213,7 @@ def step_batches(config, targets: Targets, split, mesh, seed: int):
     (`Targets.distill_targets` at `pio.target_temperature`)."""
     table_MxN = targets.distill_targets(float(config.generator.pio.target_temperature))
     arrays_at = lambda j: {
-        "target_images": context.normalize(config, split.images[targets.indices[j]]),
+        "target_images": inputs.normalize(config, split.images[targets.indices[j]]),
         "target_masks": table_MxN[j],
     }
     per_step = int(config.generator.pio.per_step)

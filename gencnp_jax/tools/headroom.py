@@ -33,13 +33,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gencnp_jax import explainer
+from gencnp_jax.context import inputs
 from gencnp_jax.eval import baselines, controls, metrics, oracle
 from gencnp_jax.io import sharding, writers
 from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.method import losses
 from gencnp_jax.models import classifiers
 from gencnp_jax.models import gates as gates_lib
-from gencnp_jax.stages import context, explainer
 
 CLASS_ROWS = ("class_constant", "class_optimum")  # one mask per predicted class
 INSTANCE_ROWS = ("gencnp", "instance_optimum", "instance_optimum_from_gencnp")  # one per image
@@ -72,7 +73,7 @@ def headroom(config, workdir: str) -> dict:
     t0, h = time.time(), config.headroom
     ex = explainer.Explainer.from_workdir(workdir, config)
     mesh, classifier = ex.mesh, ex.classifier
-    test = context.load_data(config, "test")
+    test = inputs.load_data(config, "test")
     n = min(len(test.labels), int(h.num_examples), int(config.eval.num_examples or 1 << 30))
     n -= n % mesh.size
     if n <= 0:
@@ -85,7 +86,7 @@ def headroom(config, workdir: str) -> dict:
     k = classifier.num_classes
     onehot_BxK = np.eye(k, dtype=np.float32)[classes_B]
     images, full, onehot = sharding.shard_batch(
-        mesh, context.normalize(config, images_u8), full_BxK, onehot_BxK
+        mesh, inputs.normalize(config, images_u8), full_BxK, onehot_BxK
     )
     optimise, score = _jitted(classifier.graphdef, classifier.site_channels)
     cls_state, fills = classifier.state, ex.fills

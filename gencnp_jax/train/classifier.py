@@ -14,12 +14,15 @@ import numpy as np
 import optax
 from flax import nnx
 
+from gencnp_jax.context import inputs, loading
 from gencnp_jax.eval import perturbation
 from gencnp_jax.io import batched, checkpointing, sharding
+from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.io import writers as logging_utils
 from gencnp_jax.method import explain
 from gencnp_jax.models import classifiers
-from gencnp_jax.stages import context, train_loop
+from gencnp_jax.train import batchnorm
+from gencnp_jax.train import loop as train_loop
 
 check_finite = train_loop.check_finite  # kept here too: callers know it as the trainers' guard
 
@@ -117,7 +120,7 @@ def predict_split(
     `gates_fn(indices) -> host gates` of those rows (None: every gate open).
     """
     make_batch = lambda idx: {
-        "images": context.normalize(config, images_uint8[idx]),
+        "images": inputs.normalize(config, images_uint8[idx]),
         "gates": None if gates_fn is None else gates_fn(idx),
     }
     run = lambda batch: predict(state, batch["images"], batch["gates"], fills)
@@ -154,20 +157,20 @@ def train_classifier(config, workdir: str) -> dict:
     """Trains (or resumes) the classifier and writes `classifier/metrics.json`.
 
     With `classifier.reestimate_bn`, the BatchNorm statistics of the final classifier are
-    re-estimated on the training split with every gate open (`context.reestimate_batchnorm`):
+    re-estimated on the training split with every gate open (`batchnorm.reestimate_batchnorm`):
     the running averages of training are those of dropout-gated, still-moving weights.
     """
     c = config.classifier
-    out_dir = context.classifier_dir(workdir)
-    train, test = context.load_data(config, "train"), context.load_data(config, "test")
-    mesh = context.make_mesh(config)
+    out_dir = workdir_lib.classifier_dir(workdir)
+    train, test = inputs.load_data(config, "train"), inputs.load_data(config, "test")
+    mesh = inputs.make_mesh(config)
     sharding.check_batch_size(mesh, c.batch_size)
     sharding.check_batch_size(mesh, c.eval_batch_size)  # fail now, not after training
-    model, _ = context.classifier_template(config)
+    model, _ = loading.classifier_template(config)
     steps_per_epoch = len(train.labels) // c.batch_size
     total = max(1, math.ceil(c.epochs * steps_per_epoch))
     graphdef, tx, state = init_state(config, model, total)
-    norm = lambda x: context.normalize(config, x)
+    norm = lambda x: inputs.normalize(config, x)
     batch_at = train_loop.batches_at(
         mesh,
         lambda idx: {"images": norm(train.images[idx]), "labels": train.labels[idx]},
@@ -191,7 +194,7 @@ def train_classifier(config, workdir: str) -> dict:
     full_model = nnx.merge(graphdef, result.state.params, result.state.rest)
     full_graphdef, full_state = nnx.split(full_model)
     if c.get("reestimate_bn", False):
-        full_state = context.reestimate_batchnorm(
+        full_state = batchnorm.reestimate_batchnorm(
             full_graphdef, full_state, lambda idx: norm(train.images[idx]), len(train.labels),
             c.eval_batch_size, mesh,
         )  # fmt: skip
@@ -199,8 +202,8 @@ def train_classifier(config, workdir: str) -> dict:
     final_ckpt = checkpointing.Checkpointer(os.path.join(out_dir, "final"), max_to_keep=1)
     final_ckpt.save(total, {"params": params, "rest": rest})
     final_ckpt.close()
-    classifier = context.Classifier(
-        full_graphdef, full_state, dict(model.site_channels), context.num_classes(config)
+    classifier = loading.Classifier(
+        full_graphdef, full_state, dict(model.site_channels), inputs.num_classes(config)
     )
     metrics = evaluate_classifier(config, classifier, {"train": train, "test": test}, mesh)
     metrics.update(
@@ -217,7 +220,7 @@ def train_classifier(config, workdir: str) -> dict:
     return metrics
 
 
-def evaluate_classifier(config, classifier: context.Classifier, splits: dict, mesh) -> dict:
+def evaluate_classifier(config, classifier: loading.Classifier, splits: dict, mesh) -> dict:
     """Test accuracy, size and random-drop agreements (zero and mean ablation) of `classifier`.
 
     Args:
@@ -232,7 +235,7 @@ def evaluate_classifier(config, classifier: context.Classifier, splits: dict, me
         classifier.graphdef,
         classifier.state,
         splits["train"].images,
-        lambda x: context.normalize(config, x),
+        lambda x: inputs.normalize(config, x),
     )
     drops = random_drop_agreements(
         predict, classifier.state, test, config, mesh, classifier.site_channels, pred, means
@@ -246,8 +249,8 @@ def evaluate_classifier(config, classifier: context.Classifier, splits: dict, me
 
 
 def randomized_classifier(
-    config, classifier: context.Classifier, train_split, mesh, seed: int
-) -> context.Classifier:
+    config, classifier: loading.Classifier, train_split, mesh, seed: int
+) -> loading.Classifier:
     """`classifier` with every weight re-drawn and its BatchNorm statistics re-estimated.
 
     The model-randomisation sanity check's classifier: `perturbation.randomize_weights`
@@ -255,14 +258,14 @@ def randomized_classifier(
     they were never measured on, so they are re-estimated on `train_split` (all gates open).
     """
     state = perturbation.randomize_weights(classifier.state, seed)
-    state = context.reestimate_batchnorm(
+    state = batchnorm.reestimate_batchnorm(
         classifier.graphdef,
         state,
-        lambda idx: context.normalize(config, train_split.images[idx]),
+        lambda idx: inputs.normalize(config, train_split.images[idx]),
         len(train_split.labels),
         config.classifier.eval_batch_size,
         mesh,
     )
-    return context.Classifier(
+    return loading.Classifier(
         classifier.graphdef, state, classifier.site_channels, classifier.num_classes
     )

@@ -15,10 +15,14 @@ import jax
 import numpy as np
 from flax import nnx
 
+from gencnp_jax.context import loading
 from gencnp_jax.io import sharding
 from gencnp_jax.method import explain
 from gencnp_jax.models.gating import GatedClassifier
-from gencnp_jax.stages import context, pio_targets, train_classifier, train_generator, train_loop
+from gencnp_jax.train import classifier as train_classifier
+from gencnp_jax.train import generator as train_generator
+from gencnp_jax.train import loop as train_loop
+from gencnp_jax.train import pio_targets
 
 
 def measure(call: Callable[[], object], repeats: int, jitted=None, warmup: int = 2) -> dict:
@@ -66,7 +70,7 @@ def per_step(timing: dict) -> dict:
 class Models:
     """What every measurement reads: trained classifier, trained generator, a real batch."""
 
-    classifier: context.Classifier
+    classifier: loading.Classifier
     gen_graphdef: nnx.GraphDef
     gen_state: nnx.State
     fills: dict | None

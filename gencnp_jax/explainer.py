@@ -7,91 +7,17 @@ pathway = explainer(images_uint8)                    # Pathway: gates, scores, l
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-from flax import nnx
 
+from gencnp_jax.context import inputs, loading, record
 from gencnp_jax.eval import saliency as saliency_lib
-from gencnp_jax.io import batched, checkpointing, data, sharding, writers
-from gencnp_jax.io import workdir as workdir_lib
+from gencnp_jax.io import batched, data, sharding, writers
 from gencnp_jax.method.explain import jit_explain
 from gencnp_jax.method.pathway import Pathway
-from gencnp_jax.models import generator
-from gencnp_jax.stages import context
-
-CONFIG_FILE = "config.json"  # written into the workdir by pipeline.run
-
-
-def new_generator(config, site_channels, num_classes) -> generator.Generator:
-    model = config.generator.model.to_dict()
-    model["pooling"] = tuple(model["pooling"])
-    return generator.Generator(site_channels, num_classes, **model, rngs=nnx.Rngs(config.seed + 1))
-
-
-generator_dir = workdir_lib.generator_dir
-
-
-def load_generator(config, workdir: str, classifier: context.Classifier):
-    """`(graphdef, state, fills, means)` of the trained generator of `workdir`.
-
-    `means` are the training-set channel means; `fills` is `means` under mean ablation,
-    else None (zero ablation).
-    """
-    model = nnx.eval_shape(
-        lambda: new_generator(config, classifier.site_channels, classifier.num_classes)
-    )  # shapes only: restoring needs no real initial weights
-    graphdef, state = nnx.split(model)
-    fills = {
-        s: jax.ShapeDtypeStruct((c,), jnp.float32) for s, c in classifier.site_channels.items()
-    }
-    ckpt = checkpointing.Checkpointer(os.path.join(generator_dir(workdir), "final"))
-    restored = ckpt.restore({"generator": state, "means": fills})
-    ckpt.close()
-    if restored is None:
-        raise context.StageOrderError(
-            f"no trained generator in {generator_dir(workdir)}: run "
-            f"`python launch.py --config=... --workdir={workdir} --mode=train_generator` first"
-        )
-    _, tree, _ = restored
-    fills = tree["means"] if config.generator.ablation == "mean" else None
-    return graphdef, tree["generator"], fills, tree["means"]
-
-
-def _tuples(tree):
-    """JSON lists back to the tuples a config holds (e.g. ``generator.model.pooling``)."""
-    if isinstance(tree, dict):
-        return {k: _tuples(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return tuple(_tuples(v) for v in tree)
-    return tree
-
-
-def saved_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a run saved as ``WORKDIR/config.json`` (`pipeline.run` writes it).
-
-    Raises:
-      FileNotFoundError: the workdir holds no config.json.
-      ValueError: it does not parse as a JSON object.
-    """
-    path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"no config given and no {path}: pass the run's config, "
-            f"Explainer.from_workdir(workdir, config), or a workdir that launch.py has run in"
-        )
-    try:
-        with open(path, encoding="utf-8") as f:
-            tree = json.load(f)
-    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"{path} does not parse ({err}): pass the run's config instead") from None
-    if not isinstance(tree, dict):
-        raise ValueError(f"{path} is not a JSON object: pass the run's config instead")
-    return ml_collections.ConfigDict(_tuples(tree))
 
 
 class Explainer:
@@ -104,7 +30,7 @@ class Explainer:
 
     def __init__(self, config, classifier, gen_graphdef, gen_state, fills):
         self.config = config
-        self.mesh = context.make_mesh(config)
+        self.mesh = inputs.make_mesh(config)
         gen_state, cls_state, fills = sharding.replicate(
             self.mesh, (gen_state, classifier.state, fills)
         )
@@ -126,16 +52,16 @@ class Explainer:
 
         Raises:
           FileNotFoundError: no config given and none saved in `workdir`.
-          context.StageOrderError: no trained classifier or generator in `workdir`.
+          workdir_lib.StageOrderError: no trained classifier or generator in `workdir`.
         """
         if not isinstance(workdir, str | os.PathLike) and isinstance(config, str | os.PathLike):
             workdir, config = config, workdir  # the older order
         if not isinstance(workdir, str | os.PathLike):
             raise TypeError(f"workdir must be a path, got {type(workdir).__name__}")
         workdir = os.fspath(workdir)
-        config = saved_config(workdir) if config is None else config
-        classifier = context.load_classifier(config, workdir)
-        gd, state, fills, _ = load_generator(config, workdir, classifier)
+        config = record.saved_config(workdir) if config is None else config
+        classifier = loading.load_classifier(config, workdir)
+        gd, state, fills, _ = loading.load_generator(config, workdir, classifier)
         return cls(config, classifier, gd, state, fills)
 
     def prepare(self, images) -> np.ndarray:
@@ -147,7 +73,7 @@ class Explainer:
         """
         images = np.asarray(images)
         if images.dtype == np.uint8:
-            images = context.normalize(self.config, images)
+            images = inputs.normalize(self.config, images)
         elif not np.issubdtype(images.dtype, np.floating):
             raise ValueError(
                 f"images of dtype {images.dtype}: pass uint8 pixels (0..255, normalised here) "
