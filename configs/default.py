@@ -42,13 +42,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.classifier.weight_decay = 1e-4
     c.classifier.warmup_steps = 100
     c.classifier.grad_clip = 1.0
-    # Trained as people train theirs: no channel dropout. A rate > 0 (e.g. 0.5, "variable")
-    # trains in the channel redundancy sparse pathways like; kept for studies.
-    c.classifier.channel_dropout = 0.0
-    c.classifier.dropout_mode = "variable"  # "fixed" | "variable": U(0, rate)
-    # After training: BatchNorm statistics re-estimated exactly on the training split with
-    # every gate open (the running averages lag the moving weights).
-    c.classifier.reestimate_bn = True
     c.classifier.checkpoint_every = 200
     c.classifier.log_every = 50
     c.classifier.eval_batch_size = 500
@@ -76,8 +69,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.generator.model.cell = "gru"  # "gru" | "lstm" | "mlp" (our choice: GRU)
     c.generator.model.pooling = ("avg", "max")
     c.generator.model.init_open = 0.7  # initial score: gates start mostly open
-    c.generator.model.channel_evidence = True  # gate logit also sees its own channel (ours)
-    c.generator.model.input_norm = True  # LayerNorm on the embedders' pooled inputs
     c.generator.model.head_kernel_scale = 1.0  # variance scale of the score heads' kernels
     c.generator.daq = ml_collections.ConfigDict()  # distance-aware quantization of the scores
     c.generator.daq.temperature = 2.0
@@ -90,20 +81,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.generator.loss.w_sparsity = 12.0
     c.generator.loss.sparsity_ramp_steps = 200
     c.generator.loss.w_pdn = 0.1
-    c.generator.loss.w_pull = 0.0  # the EMA pull collapsed same-class masks (IoU 0.976)
-    c.generator.loss.bank_decay = 0.9
     # 8: own-density leakage 0.047 (random masks 0.091); at 5 it was 0.103, with a little lower
     # mDC at fixed density (58.7 against 64.7 at 0.2), same agreement, spread and transfer
     c.generator.loss.w_leak = 8.0
     c.generator.loss.leak_margin = 1.0
-    c.generator.loss.leak_form = "rank"  # "rank" (x's class near the top on x') | "log_ratio"
-    c.generator.loss.hinge_cap = True  # cap the top-1 margin at the full model's own margin
-    c.generator.loss.sparsity_on = "daq_soft"  # "daq_soft" (DAQ's soft value) | "scores"
-    c.generator.loss.w_budget = 0.0  # per-instance distillation budget term
-    c.generator.loss.kd_budget = 0.05
-    c.generator.loss.w_contrast = 0.0  # supervised contrastive term on the scores
-    c.generator.loss.contrast_temperature = 0.1
-    c.generator.loss.contrast_start = 300  # steps of warm-up before it counts
     # Fixed-density faithfulness of the score ranking (ours): x gated with the top fraction
     # of its own scores, at densities spread over `ranked_density`, keeps its prediction (KL).
     # `w_ranked_leak`: the rank leakage hinge of the same masks on x' (margin `leak_margin`).
@@ -112,7 +93,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.generator.loss.w_ranked = 0.0  # 0 = off (no extra gated passes)
     c.generator.loss.w_ranked_leak = 0.0
     c.generator.loss.ranked_density = (0.05, 0.4)
-    c.generator.loss.ranked_temperature = 0.3  # gradient width, in units of a row's score std
     # Distillation of per-instance optimised masks (ours, method/pio.py): PIO masks of
     # `pio.num_images` training images (cached in the workdir) and a BCE of the generator's
     # scores to them on `pio.per_step` of them per step, weighted by `loss.w_distill`.
@@ -125,18 +105,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.generator.pio.learning_rate = 0.1
     c.generator.pio.density_weight = 2.0  # sparsity against KL(p(x) || p(x; mask))
     c.generator.pio.leak_weight = 1.0  # rank leakage hinge on a different-class image
-    c.generator.pio.leak_margin = 1.0
     c.generator.pio.init_logit = 3.0  # gates start open: sigmoid(3) = 0.95
-    # > 0: KL replaced by kl_budget_weight * max(0, KL - kl_budget), per image (0 = off)
-    c.generator.pio.kl_budget = 0.0
-    c.generator.pio.kl_budget_weight = 20.0
     # > 0: each mask trimmed to the sparsest prefix of its logit ranking that keeps the
     # prediction with KL <= trim_kl_budget (densities on a grid of step trim_step); 0 = off
     c.generator.pio.trim_kl_budget = 0.2
     c.generator.pio.trim_step = 0.02
-    # the prefix must also not leak onto the partner image (False: the trimmed teacher leaks
-    # 0.15 instead of 0, is sparser, and the generator leaks the same at w_distill 10)
-    c.generator.pio.trim_leak_guard = True
     # 0: learn the 0/1 masks; T > 0: learn sigmoid(optimised logit / T), the teacher's ranking
     c.generator.pio.target_temperature = 1.0
     c.generator.opt = ml_collections.ConfigDict()  # Adam, warmup + cosine, global-norm clipping
@@ -175,7 +148,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.headroom.densities = (0.1, 0.2, 0.3)
     c.headroom.steps = 150  # Adam steps per optimum
     c.headroom.learning_rate = 0.05  # on scores standardised per row
-    c.headroom.rel_temperature = 0.3  # daq.top_fraction's gradient width
 
     c.bench = ml_collections.ConfigDict()
     c.bench.repeats = 5

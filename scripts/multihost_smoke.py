@@ -71,7 +71,7 @@ def generator_steps_on_meshes(config, counts, steps: int, sgd_lr: float = 0.0) -
     matter for equality); the batches are fixed random images.
 
     Returns:
-      `{n: {"params": flat dict, "bank": flat dict, "metrics": [dicts], "compilations": int}}`.
+      `{n: {"params": flat dict, "metrics": [dicts], "compilations": int}}`.
     """
     import jax.numpy as jnp
     import numpy as np
@@ -93,22 +93,19 @@ def generator_steps_on_meshes(config, counts, steps: int, sgd_lr: float = 0.0) -
         gen_graphdef, tx, state = train_generator.init_state(config, classifier)
         if sgd_lr > 0:
             tx = optax.sgd(sgd_lr)
-            state = state.replace(gen=state.gen.replace(opt_state=tx.init(state.gen.params)))
+            state = state.replace(opt_state=tx.init(state.params))
         state, cls_dev = sharding.replicate(mesh, (state, classifier.state))
-        hp, weights = sharding.replicate(
-            mesh, train_generator.hparams_from_config(config.generator)
-        )
-        step_fn = train_generator.make_train_step(gen_graphdef, cls_graphdef, tx)
+        hp, weights = train_generator.hparams_from_config(config.generator)
+        terms = weights.active()
+        hp, weights = sharding.replicate(mesh, (hp, weights))
+        step_fn = train_generator.make_train_step(gen_graphdef, cls_graphdef, tx, terms)
         metrics = []
         for step in range(steps):
             images = sharding.shard_batch(mesh, batches[step])
             state, out = step_fn(state, images, jnp.int32(step), cls_dev, None, weights, hp)
             metrics.append({k: float(v) for k, v in out.items()})
         results[n] = {
-            "params": _flatten(sharding.to_host(state.gen.params)),
-            "bank": _flatten(
-                sharding.to_host({"scores": state.bank.scores, "counts": state.bank.counts})
-            ),
+            "params": _flatten(sharding.to_host(state.params)),
             "metrics": metrics,
             "compilations": step_fn._cache_size(),
         }
@@ -125,7 +122,7 @@ def _task_devices():
     results = generator_steps_on_meshes(_CONFIG.value, counts, _STEPS.value, _SGD_LR.value)
     flat = {}
     for n, r in results.items():
-        for k, v in {**r["params"], **{f"bank{k}": v for k, v in r["bank"].items()}}.items():
+        for k, v in r["params"].items():
             flat[f"{n}|{k}"] = v
         flat[f"{n}|metrics"] = np.asarray(json.dumps(r["metrics"]))
         flat[f"{n}|compilations"] = np.asarray(r["compilations"])

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from launch_helpers import run_launch
+from helpers import run_launch
 
 from gencnp_jax import explainer as explainer_lib
 from gencnp_jax.context import inputs, loading
@@ -204,8 +204,6 @@ def test_empty_dataset_directory_through_launch(tiny_config, tmp_path):
          "config.generator.loss.w_ranked_leak=-2.0 must be >= 0"),
         ("generator.loss.ranked_density", (0.3, 0.1), "config.generator.loss.ranked_density="
          "(0.3, 0.1) must be (low, high) with 0 < low <= high < 1"),
-        ("generator.loss.ranked_temperature", 0.0,
-         "config.generator.loss.ranked_temperature=0.0 must be > 0"),
         ("headroom.num_examples", 0, "config.headroom.num_examples=0 must be an int >= 1"),
         ("headroom.densities", (0.2, 1.0), "config.headroom.densities=(0.2, 1.0) must lie in"),
         ("headroom.learning_rate", 0.0, "config.headroom.learning_rate=0.0 must be > 0"),

@@ -52,15 +52,6 @@ def test_gradient_matches_formula():
     np.testing.assert_allclose(jax.grad(daq.daq_soft)(s, t, sigma), expected, rtol=1e-5)
 
 
-def test_tree_versions_keep_sites():
-    scores = {"b/conv1": jnp.full((2, 3), 0.7), "a/conv1": jnp.full((2, 5), 0.2)}
-    gates = daq.binarize_tree(scores)
-    assert list(gates) == list(scores)
-    chex.assert_trees_all_equal(gates, {"b/conv1": jnp.ones((2, 3)), "a/conv1": jnp.zeros((2, 5))})
-    soft = daq.daq_soft_tree(scores)
-    chex.assert_trees_all_close(soft, gates, atol=1e-6)
-
-
 def test_top_fraction_is_the_evaluations_top_k_with_a_gradient_at_the_cut():
     scores_BxN = jax.random.uniform(jax.random.key(3), (4, 200))
     density_B = jnp.array([0.05, 0.1, 0.25, 0.4])

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from launch_helpers import ROOT, run_launch
+from helpers import ROOT, run_launch
 
 from gencnp_jax.io import lock as lock_lib
 from gencnp_jax.io import workdir as workdir_lib

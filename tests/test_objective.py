@@ -1,10 +1,12 @@
-"""The generator's objective: its switches select the documented forms, and change no shape."""
+"""The generator's objective: each term is its documented formula, and a term left out is
+not computed (nor its gated passes made)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import GENERATOR
 
 from gencnp_jax.eval import baselines
 from gencnp_jax.method import losses, objective
@@ -18,9 +20,7 @@ IMAGES = jax.random.normal(jax.random.key(0), (6, 16, 16, 1))
 def _hp(**overrides):
     values = dict(
         temperature=2.0, sigma=2.0, tau=2.0, hinge_margin=1.0, leak_margin=1.0, ramp_steps=0.0,
-        bank_decay=0.9, hinge_cap=0.0, leak_rank=0.0, sparsity_soft=0.0, kd_budget=0.05,
-        contrast_temperature=0.1, contrast_start=10.0, ranked_temperature=0.3, ranked_low=0.05,
-        ranked_high=0.4,
+        ranked_low=0.05, ranked_high=0.4,
     )  # fmt: skip
     values.update(overrides)
     return objective.StepHParams(**{k: jnp.float32(v) for k, v in values.items()})
@@ -30,62 +30,75 @@ def _hp(**overrides):
 def setup():
     classifier = classifiers.make_classifier("vgg", (8, 16), 10, 1)
     classifier.eval()
-    generator = Generator(classifier.site_channels, 10, hidden=16, init_open=0.6, rngs=nnx.Rngs(0))
+    generator = Generator(classifier.site_channels, 10, **GENERATOR, rngs=nnx.Rngs(0))
     classify = lambda x, g=None: classifier(x, g)
     full_logits = classify(IMAGES)[0]
     pred = jnp.argmax(full_logits, -1)
     partner, has_partner = losses.partner_indices(pred)
     batch = dict(images=IMAGES, full_logits=full_logits, pred=pred)
     batch.update(partner=partner, has_partner=has_partner)
-    n = sum(classifier.site_channels.values())
-    bank = type("Bank", (), {"scores": jnp.zeros((10, n)), "counts": jnp.zeros((10,))})
-    return generator, classify, batch, bank
+    return generator, classify, batch
 
 
-def test_switches_select_the_documented_forms(setup):
-    generator, classify, batch, bank = setup
-    base, gates, path_logits, _ = objective.loss_terms(generator, classify, batch, bank, _hp())
-    soft, *_ = objective.loss_terms(generator, classify, batch, bank, _hp(sparsity_soft=1.0))
-    rank, *_ = objective.loss_terms(generator, classify, batch, bank, _hp(leak_rank=1.0))
-    scores, _ = generator(classify(batch["images"])[1])
-    assert float(base["sparsity"]) == pytest.approx(float(losses.sparsity(scores)))
+BASE = ("kd", "hinge", "sparsity", "pdn", "leak")
+
+
+def test_each_term_is_its_documented_formula(setup):
+    generator, classify, batch = setup
+    terms, gates, path_logits, _ = objective.loss_terms(generator, classify, batch, _hp(), BASE)
+    assert tuple(terms) == BASE
     # DAQ's soft value is the hard gate in value: sparsity on it is the density
     density = float(jnp.mean(gates_lib.flatten(gates)))
-    assert float(soft["sparsity"]) == pytest.approx(density, abs=1e-6)
+    assert float(terms["sparsity"]) == pytest.approx(density, abs=1e-6)
     partner_logits = classify(batch["images"][batch["partner"]], gates)[0]
-    expected = losses.leakage_rank_hinge(partner_logits, batch["pred"], batch["has_partner"], 1.0)
-    assert float(rank["leak"]) == pytest.approx(float(expected), rel=1e-5)
-    assert set(base) == set(losses.TERMS) - {"distill", "ranked", "ranked_leak"}
+    expected = losses.leakage_hinge(partner_logits, batch["pred"], batch["has_partner"], 1.0)
+    assert float(terms["leak"]) == pytest.approx(float(expected), rel=1e-5)
+    scores, _ = generator(classify(batch["images"])[1])
     targets = jnp.round(gates_lib.flatten(scores))[:2]
     with_targets = {**batch, "target_images": batch["images"][:2], "target_masks": targets}
-    distilled, *_ = objective.loss_terms(generator, classify, with_targets, bank, _hp())
+    distilled, *_ = objective.loss_terms(generator, classify, with_targets, _hp(), ("distill",))
     expected = losses.mask_bce(gates_lib.flatten(scores)[:2], targets)
     assert float(distilled["distill"]) == pytest.approx(float(expected), rel=1e-5)
     np.testing.assert_array_equal(gates_lib.flatten(gates), jnp.round(gates_lib.flatten(gates)))
 
 
-def test_step_weights_ramp_sparsity_and_start_the_contrast_late():
-    weights = losses.LossWeights.create(sparsity=2.0, contrast=1.0)
-    hp = _hp(ramp_steps=10.0, contrast_start=5.0)
+def test_a_term_left_out_makes_no_gated_pass(setup):
+    generator, _, batch = setup
+    rows = []
+
+    def classify(x, g=None):  # records the rows of every gated pass
+        if g is not None:
+            rows.append(x.shape[0])
+        return setup[1](x, g)
+
+    objective.loss_terms(generator, classify, batch, _hp(), ("kd",))
+    assert rows == [6]  # x only: no partner pass without the leakage term
+    rows.clear()
+    objective.loss_terms(generator, classify, batch, _hp(), ("kd", "leak"))
+    assert rows == [12]  # x and x' in one pass
+
+
+def test_step_weights_ramp_the_sparsity_weight():
+    weights = losses.LossWeights.create(**{t: 2.0 for t in losses.TERMS})
+    hp = _hp(ramp_steps=10.0)
     early = objective.step_weights(weights, jnp.float32(2.0), hp)
     late = objective.step_weights(weights, jnp.float32(20.0), hp)
-    assert float(early.sparsity) == pytest.approx(0.4) and float(early.contrast) == 0.0
-    assert float(late.sparsity) == pytest.approx(2.0) and float(late.contrast) == 1.0
+    assert float(early.sparsity) == pytest.approx(0.4) and float(early.kd) == 2.0
+    assert float(late.sparsity) == pytest.approx(2.0)
 
 
 def test_ranked_term_gates_x_with_its_own_top_scores_at_each_rows_density(setup):
-    generator, classify, batch, bank = setup
+    generator, classify, batch = setup
     density_B = objective.ranked_densities(6, jnp.int32(0), _hp())
-    terms, *_ = objective.loss_terms(
-        generator, classify, {**batch, "ranked_density": density_B}, bank, _hp()
-    )
+    batch = {**batch, "ranked_density": density_B}
+    terms, *_ = objective.loss_terms(generator, classify, batch, _hp(), objective.RANKED_TERMS)
     scores, _ = generator(classify(batch["images"])[1])
     top = baselines.gates_at_density(scores, density_B)
     expected = losses.distillation_kl(batch["full_logits"], classify(batch["images"], top)[0], 2.0)
     assert float(terms["ranked"]) == pytest.approx(float(expected), rel=1e-5)
     assert float(terms["ranked"]) > 0.0  # gating at 5-40% density changes the prediction
     partner_logits = classify(batch["images"][batch["partner"]], top)[0]
-    leak = losses.leakage_rank_hinge(partner_logits, batch["pred"], batch["has_partner"], 1.0)
+    leak = losses.leakage_hinge(partner_logits, batch["pred"], batch["has_partner"], 1.0)
     assert float(terms["ranked_leak"]) == pytest.approx(float(leak), rel=1e-5)
 
 

@@ -2,7 +2,7 @@
 exits within the grace period; the rerun ends bit-identical to an uninterrupted run. Also the
 SIGTERM / SIGINT guard's installation, and a full disk during a checkpoint save.
 
-The SIGTERM tests run launch.py for real (tests/launch_helpers.py) on the tiny config: when
+The SIGTERM tests run launch.py for real (tests/helpers.py) on the tiny config: when
 metrics.jsonl shows a randomly drawn logged step, the process is frozen (SIGSTOP), sent SIGTERM
 and thawed (SIGCONT), so the signal lands mid-training however fast the tiny steps are. The
 uninterrupted references are the session's `trained_workdir` / `generator_workdir`.
@@ -22,7 +22,7 @@ import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from launch_helpers import ROOT, assert_ok, launch_cmd, launch_env, run_launch
+from helpers import ROOT, assert_ok, launch_cmd, launch_env, run_launch
 
 from gencnp_jax.context import loading
 from gencnp_jax.io import checkpointing, preemption

@@ -12,7 +12,7 @@ import subprocess
 
 import chex
 import pytest
-from launch_helpers import ROOT, launch_cmd, launch_env
+from helpers import ROOT, launch_cmd, launch_env
 
 from gencnp_jax.context import inputs, loading
 from gencnp_jax.io import checkpointing

@@ -2,7 +2,7 @@
 parameters of an uninterrupted run, bit for bit; damaged checkpoints are skipped with a
 warning naming them, and when none is usable the run stops with one error saying what to delete.
 
-The kill tests run launch.py for real (tests/launch_helpers.py): the run is stopped as soon as
+The kill tests run launch.py for real (tests/helpers.py): the run is stopped as soon as
 its first checkpoint is committed, mid-training, and the same command is run again; the
 classifier's is killed a second time right after its last step is committed (while it saves
 its final checkpoint or evaluates), then run to the end.
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from launch_helpers import assert_ok, committed_steps, kill_when, run_launch
+from helpers import assert_ok, committed_steps, kill_when, run_launch
 
 from gencnp_jax.context import loading
 from gencnp_jax.io import checkpointing

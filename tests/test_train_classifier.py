@@ -37,7 +37,9 @@ def step_setup(tiny_config):
 
     tx = optax.GradientTransformation(base.init, counting_update)
     graphdef, state = train_loop.TrainState.create(model, tx)
-    step_fn = train_classifier.make_train_step(graphdef, tx, dict(model.site_channels))
+    step_fn = jax.jit(
+        chex.assert_max_traces(train_classifier.make_train_step(graphdef, tx).__wrapped__, n=1)
+    )
     train = inputs.load_data(tiny_config, "train")
     return step_fn, traces, state, train
 
@@ -50,9 +52,6 @@ def _batch(config, train, start, size=32):
     }
 
 
-_F = jnp.float32
-
-
 def _fresh(state):
     return jax.tree.map(jnp.copy, state)  # the step donates its state
 
@@ -61,8 +60,8 @@ def test_train_steps_lower_the_loss_on_a_fixed_batch(step_setup, tiny_config):
     step_fn, _, state0, train = step_setup
     batch = _batch(tiny_config, train, 0)
     state, losses = _fresh(state0), []
-    for i in range(8):
-        state, metrics = step_fn(state, batch, jax.random.key(i), _F(0.0), _F(0.0))
+    for _ in range(8):
+        state, metrics = step_fn(state, batch)
         losses.append(float(metrics["train/loss"]))
     chex.assert_tree_all_finite(state)
     assert losses[-1] < 0.8 * losses[0], losses
@@ -73,50 +72,13 @@ def test_train_steps_lower_the_loss_on_a_fixed_batch(step_setup, tiny_config):
 def test_train_step_compiles_once(step_setup, tiny_config):
     step_fn, traces, state0, train = step_setup
     state = _fresh(state0)
-    settings = [(0.0, 0.0), (0.2, 0.0), (0.5, 1.0), (0.1, 1.0)]  # (rate, variable mode)
-    for i, (rate, variable) in enumerate(settings):
+    for i in range(4):
         batch = _batch(tiny_config, train, 32 * i)
-        state, metrics = step_fn(state, batch, jax.random.key(i), _F(rate), _F(variable))
+        state, metrics = step_fn(state, batch)
         assert np.isfinite(float(metrics["train/loss"]))
-    # New batches, keys, dropout rates and modes reuse the one trace (shared with the test
-    # above, which ran the same step).
+    # New batches reuse the one trace (shared with the test above, which ran the same step);
+    # chex.assert_max_traces fails the step itself on a second trace.
     assert len(traces) == 1
-
-
-SITE_CHANNELS = {"b/conv1": 3, "a/conv1": 500}
-
-
-def test_channel_dropout_gates_fixed_mode():
-    rate = _F(0.25)
-    gates = train_classifier.channel_dropout_gates(
-        jax.random.key(0), SITE_CHANNELS, 8, rate, _F(0.0)
-    )
-    assert set(gates) == set(SITE_CHANNELS)
-    for site, c in SITE_CHANNELS.items():
-        chex.assert_shape(gates[site], (8, c))
-        g = np.asarray(gates[site])
-        assert np.all((g == 0.0) | np.isclose(g, 1.0 / 0.75)), np.unique(g)  # inverted dropout
-    kept = float(jnp.mean(gates["a/conv1"] > 0))
-    assert abs(kept - 0.75) < 0.03
-
-
-def test_channel_dropout_gates_variable_mode():
-    gates = train_classifier.channel_dropout_gates(
-        jax.random.key(0), SITE_CHANNELS, 64, _F(0.6), _F(1.0)
-    )
-    g = np.asarray(gates["a/conv1"])
-    assert np.all((g == 0.0) | (g == 1.0))  # binary, like the gates it is explained with
-    kept_B = g.mean(-1)
-    assert kept_B.min() > 0.4 - 0.1 and kept_B.max() <= 1.0  # rates in U(0, 0.6)
-    assert kept_B.std() > 0.1  # each sample draws its own rate
-
-
-@pytest.mark.parametrize("variable", [0.0, 1.0])
-def test_channel_dropout_gates_at_rate_zero_are_all_open(variable):
-    gates = train_classifier.channel_dropout_gates(
-        jax.random.key(0), SITE_CHANNELS, 8, _F(0.0), _F(variable)
-    )
-    chex.assert_trees_all_equal(gates, jax.tree.map(jnp.ones_like, gates))
 
 
 def test_metrics_json(trained_workdir, tiny_config):
@@ -175,15 +137,6 @@ def test_unknown_classifier_is_one_clear_error(tiny_config, tmp_path, capsys):
     assert len(err) == 1 and "config.classifier.name='alexnet'" in err[0], err
     assert not os.path.exists(workdir_lib.classifier_dir(str(tmp_path / "run")))
     validation.check_config(tiny_config)  # the unchanged config passes
-
-
-def test_default_classifier_is_trained_without_channel_dropout():
-    from configs import default, resnet
-
-    for config in (default.get_config(), resnet.get_config()):
-        assert config.classifier.channel_dropout == 0.0
-        assert config.classifier.reestimate_bn
-        assert config.classifier.dropout_mode in ("fixed", "variable")  # kept for studies
 
 
 def _bn_inputs(model, images):

@@ -50,12 +50,13 @@ def scenario(tiny_config):
         return base.update(updates, state, params)
 
     tx = optax.GradientTransformation(base.init, counting_update)
-    state = state.replace(gen=state.gen.replace(opt_state=tx.init(state.gen.params)))
-    gen_params_before = jax.tree.map(np.array, state.gen.params)
-    step_fn = train_generator.make_train_step(gen_graphdef, classifier.graphdef, tx)
+    state = state.replace(opt_state=tx.init(state.params))
+    gen_params_before = jax.tree.map(np.array, state.params)
     config.generator.loss.sparsity_ramp_steps = 0
     config.generator.loss.w_sparsity = 2.0
     hp, weights = train_generator.hparams_from_config(config.generator)
+    step = train_generator.make_train_step(gen_graphdef, classifier.graphdef, tx, weights.active())
+    step_fn = jax.jit(chex.assert_max_traces(step.__wrapped__, n=1), donate_argnums=0)
     train = inputs.load_data(config, "train")
 
     def batch(i):
@@ -67,8 +68,8 @@ def scenario(tiny_config):
         state, out = step_fn(state, images, jnp.int32(i), classifier.state, None, weights, hp)
         learn.append(jax.tree.map(float, out))
     traces_after_learning = len(traces)
-    other_weights = losses.LossWeights.create(
-        kd=0.5, hinge=0.0, sparsity=0.1, pdn=1.0, pull=2.0, leak=0.3
+    other_weights = weights.replace(
+        **{t: jnp.float32(w) for t, w in dict(kd=0.5, hinge=0.0, sparsity=0.1, leak=0.3).items()}
     )
     other_hp = hp.replace(temperature=jnp.float32(3.0), ramp_steps=jnp.float32(50.0))
     for i, (w, h) in enumerate(
@@ -81,9 +82,8 @@ def scenario(tiny_config):
     return {
         "classifier": classifier,
         "cls_before": cls_before,
-        "gen": state.gen,
+        "gen": state,
         "gen_params_before": gen_params_before,
-        "bank": state.bank,
         "learn": learn,
         "traces_after_learning": traces_after_learning,
         "traces": len(traces),
@@ -118,14 +118,6 @@ def test_generator_step_compiles_once(scenario):
     assert scenario["traces_after_learning"] == 1
     # Other batches, step indices, loss weights and DAQ settings: still the one trace.
     assert scenario["traces"] == 1
-
-
-def test_bank_counts_the_predicted_classes(scenario):
-    counts = np.asarray(scenario["bank"].counts)
-    assert counts.shape == (10,) and counts.sum() > 0 and np.all(counts >= 0)
-    scores = np.asarray(scenario["bank"].scores)
-    chex.assert_shape(scores, (10, sum(scenario["classifier"].site_channels.values())))
-    assert np.all(scores[counts == 0] == 0.0) and np.all((scores >= 0) & (scores <= 1))
 
 
 def test_train_generator_needs_a_trained_classifier(tiny_config, tmp_path):
@@ -256,11 +248,13 @@ def test_ranked_term_is_learned_by_the_step(scenario, tiny_config):
     scores keep the prediction better (the term reaches the generator through the cut)."""
     classifier = scenario["classifier"]
     gen_graphdef, tx, state = train_generator.init_state(tiny_config, classifier)
-    step_fn = train_generator.make_train_step(gen_graphdef, classifier.graphdef, tx, ranked=True)
     hp, _ = train_generator.hparams_from_config(tiny_config.generator)
     hp = hp.replace(ranked_low=jnp.float32(0.2), ranked_high=jnp.float32(0.2))
     zero = {t: 0.0 for t in losses.TERMS}
     weights = losses.LossWeights.create(**{**zero, "ranked": 1.0})
+    step_fn = train_generator.make_train_step(
+        gen_graphdef, classifier.graphdef, tx, weights.active()
+    )
     train = inputs.load_data(tiny_config, "train")
     images = jnp.asarray(inputs.normalize(tiny_config, train.images[:32]))
     ranked = []

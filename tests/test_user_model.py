@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import user_models
 from flax import nnx
-from launch_helpers import assert_ok, run_launch
+from helpers import assert_ok, run_launch
 
 import gencnp_jax
 from examples import fashion_cnn
@@ -133,8 +133,8 @@ def test_token_and_linen_models_through_the_stages(tiny_config, test_images, tmp
     # A fresh generator on a fixed batch: a few steps lower its loss.
     config.generator.loss.sparsity_ramp_steps = 0
     gen_graphdef, tx, state = train_generator.init_state(config, cls)
-    step = jax.jit(train_generator.make_train_step(gen_graphdef, cls.graphdef, tx))
     hp, weights = train_generator.hparams_from_config(config.generator)
+    step = train_generator.make_train_step(gen_graphdef, cls.graphdef, tx, weights.active())
     totals = []
     for i in range(6):
         state, out = step(state, test_images, jnp.int32(i), cls.state, None, weights, hp)

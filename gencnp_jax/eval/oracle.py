@@ -51,7 +51,7 @@ def optimise_ranking(
     density: float | jax.Array,
     steps: int | jax.Array,
     learning_rate: float | jax.Array,
-    rel_temperature: float | jax.Array = 0.3,
+    rel_temperature: float | jax.Array = daq.TOP_FRACTION_WIDTH,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Adam on free scores ``theta`` for the top-`density` masks of the batch.
 

@@ -11,7 +11,21 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-TERMS = tuple("kd hinge sparsity pdn pull leak contrast budget distill ranked ranked_leak".split())
+TERMS = ("kd", "hinge", "sparsity", "pdn", "leak", "distill", "ranked", "ranked_leak")
+
+
+def masked_mean(
+    values_B: jax.Array, weights_B: jax.Array | None = None, empty: float = float("nan")
+) -> jax.Array:
+    """``sum(v * w) / sum(w)`` over rows with ``w > 0`` (others ignored, even NaN); `empty`
+    when no weight is positive (NaN for a metric, 0 for a loss term). The one masked mean of
+    the package: losses and metrics (`eval.metrics`) both use it."""
+    if weights_B is None:
+        weights_B = jnp.ones(values_B.shape[:1], jnp.float32)
+    w_B = weights_B.astype(jnp.float32)
+    total = jnp.sum(w_B)
+    summed = jnp.sum(jnp.where(w_B > 0, values_B * w_B, 0.0))
+    return jnp.where(total > 0, summed / jnp.where(total > 0, total, 1.0), empty)
 
 
 def kl_rows(teacher_logits_BxK: jax.Array, student_logits_BxK: jax.Array) -> jax.Array:
@@ -39,38 +53,18 @@ def _top_margin(logits_BxK: jax.Array, classes_B: jax.Array) -> jax.Array:
 
 
 def top1_hinge(
-    full_logits_BxK: jax.Array,
-    pathway_logits_BxK: jax.Array,
-    margin: float | jax.Array = 1.0,
-    cap_at_full_margin: bool | jax.Array = False,
+    full_logits_BxK: jax.Array, pathway_logits_BxK: jax.Array, margin: float | jax.Array
 ) -> jax.Array:
-    """Keeps the full model's class on top under the pathway (4a, optional).
+    """Keeps the full model's class on top under the pathway (4a).
 
     ``mean_i max(0, m_i - (z~_{i,c_i} - max_{k != c_i} z~_{i,k}))``, ``c_i = argmax H(x_i)``,
-    ``z~`` the pathway logits. ``m_i = margin``, or with `cap_at_full_margin`
-    ``min(margin, full model's own margin)``: an ambiguous input is not pushed to gain
-    confidence the full model does not have.
+    ``z~`` the pathway logits, ``m_i = min(margin, full model's own margin)``: an ambiguous
+    input is not pushed to gain confidence the full model does not have.
     """
     classes_B = jnp.argmax(full_logits_BxK, axis=-1)
     full_margin_B = jax.lax.stop_gradient(_top_margin(full_logits_BxK, classes_B))
-    margin_B = jnp.where(cap_at_full_margin, jnp.minimum(margin, full_margin_B), margin)
+    margin_B = jnp.minimum(margin, full_margin_B)
     return jnp.mean(jax.nn.relu(margin_B - _top_margin(pathway_logits_BxK, classes_B)))
-
-
-def kd_budget(
-    full_logits_BxK: jax.Array,
-    pathway_logits_BxK: jax.Array,
-    tau: float | jax.Array,
-    budget: float | jax.Array,
-) -> jax.Array:
-    """Per-instance faithfulness budget (ours, criterion ii): ``mean_i max(0, KL_i - budget)``.
-
-    ``KL_i = tau^2 KL(p_i || p~_i)``. Weighted strongly beside a sparsity term, each input's
-    density falls where its own distillation loss reaches the budget, instead of where one
-    sparsity weight shared by every input puts it.
-    """
-    kl_B = tau**2 * kl_rows(full_logits_BxK / tau, pathway_logits_BxK / tau)
-    return jnp.mean(jax.nn.relu(kl_B - budget))
 
 
 def sparsity(scores: Mapping[str, jax.Array] | jax.Array) -> jax.Array:
@@ -92,48 +86,6 @@ def pdn_kl(
     return tau**2 * jnp.mean(kl_rows(full_logits_BxK / tau, q_logits_BxK / tau))
 
 
-def class_pull(
-    scores_flat_BxN: jax.Array,
-    bank_KxN: jax.Array,
-    pred_classes_B: jax.Array,
-    counts_K: jax.Array | None = None,
-) -> jax.Array:
-    """Same-class pull (4c2): ``mean_i ||s_i - sg(bank[c_i])||^2 / N``.
-
-    With `counts_K`, samples whose class the bank has never seen (count 0) are left out and
-    the mean runs over the rest (0 when none is left).
-    """
-    target_BxN = jax.lax.stop_gradient(bank_KxN[pred_classes_B])
-    per_sample_B = jnp.mean(jnp.square(scores_flat_BxN - target_BxN), axis=-1)
-    if counts_K is None:
-        return jnp.mean(per_sample_B)
-    valid_B = (counts_K[pred_classes_B] > 0).astype(per_sample_B.dtype)
-    return jnp.sum(valid_B * per_sample_B) / jnp.maximum(jnp.sum(valid_B), 1.0)
-
-
-def bank_ema_update(
-    bank_KxN: jax.Array,
-    counts_K: jax.Array,
-    scores_flat_BxN: jax.Array,
-    pred_B: jax.Array,
-    decay: float | jax.Array,
-) -> tuple[jax.Array, jax.Array]:
-    """EMA of the mean scores per predicted class: ``(new_bank_KxN, new_counts_K)``.
-
-    ``m_k`` = mean of ``s_i`` over the batch samples with ``c_i = k``. Class ``k`` present in
-    the batch: ``bank_k <- decay * bank_k + (1 - decay) * m_k``, or ``bank_k <- m_k`` on its
-    first visit (``counts_k == 0``). Absent classes are unchanged. `counts_K` counts samples.
-    """
-    scores_flat_BxN = jax.lax.stop_gradient(scores_flat_BxN)
-    onehot_BxK = jax.nn.one_hot(pred_B, bank_KxN.shape[0], dtype=scores_flat_BxN.dtype)
-    batch_counts_K = jnp.sum(onehot_BxK, axis=0)
-    mean_KxN = (onehot_BxK.T @ scores_flat_BxN) / jnp.maximum(batch_counts_K, 1.0)[:, None]
-    keep_K = jnp.where(counts_K > 0, decay, 0.0)
-    updated_KxN = keep_K[:, None] * bank_KxN + (1.0 - keep_K[:, None]) * mean_KxN
-    new_bank_KxN = jnp.where((batch_counts_K > 0)[:, None], updated_KxN, bank_KxN)
-    return new_bank_KxN, counts_K + batch_counts_K.astype(counts_K.dtype)
-
-
 def partner_indices(pred_B: jax.Array) -> tuple[jax.Array, jax.Array]:
     """For each sample, the next sample (cyclically) with a different predicted class.
 
@@ -153,65 +105,19 @@ def partner_indices(pred_B: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def leakage_hinge(
-    partner_full_logits_BxK: jax.Array,
     partner_gated_logits_BxK: jax.Array,
     classes_c_B: jax.Array,
     valid_mask_B: jax.Array,
-    margin: float | jax.Array = 0.0,
+    margin: float | jax.Array,
 ) -> jax.Array:
-    """No manufactured evidence (4d): a pathway may remove evidence, never create it.
-
-    ``mean_{i valid} max(0, log p_c(x'_i; P(x_i)) - log p_c(x'_i) - margin)`` with ``x'_i``
-    the partner of ``x_i`` (`partner_indices`) and ``c = c_i`` the class of ``x_i``. The
-    partner's full logits are stop-gradient. 0 when no sample is valid.
-    """
-    onehot_BxK = jax.nn.one_hot(classes_c_B, partner_full_logits_BxK.shape[-1])
-    full_logp = jax.nn.log_softmax(jax.lax.stop_gradient(partner_full_logits_BxK), axis=-1)
-    gated_logp = jax.nn.log_softmax(partner_gated_logits_BxK, axis=-1)
-    increase_B = jnp.sum(onehot_BxK * (gated_logp - full_logp), axis=-1)
-    valid_B = valid_mask_B.astype(increase_B.dtype)
-    hinge_B = jax.nn.relu(increase_B - margin) * valid_B
-    return jnp.sum(hinge_B) / jnp.maximum(jnp.sum(valid_B), 1.0)
-
-
-def leakage_rank_hinge(
-    partner_gated_logits_BxK: jax.Array,
-    classes_c_B: jax.Array,
-    valid_mask_B: jax.Array,
-    margin: float | jax.Array = 1.0,
-) -> jax.Array:
-    """No manufactured evidence, rank form (4d): ``x``'s class must stay off the top on ``x'``.
+    """No manufactured evidence (4d): ``x``'s class must stay off the top on ``x'``.
 
     ``mean_{i valid} max(0, z_c(x'_i; P(x_i)) - max_{k != c} z_k(x'_i; P(x_i)) + margin)``:
     penalises only a pathway that brings ``c = c(x_i)`` within `margin` of the top logit on an
     input of another class, not one that merely removes ``x'``'s own evidence.
     """
     hinge_B = jax.nn.relu(_top_margin(partner_gated_logits_BxK, classes_c_B) + margin)
-    valid_B = valid_mask_B.astype(hinge_B.dtype)
-    return jnp.sum(hinge_B * valid_B) / jnp.maximum(jnp.sum(valid_B), 1.0)
-
-
-def supervised_contrastive(
-    masks_BxN: jax.Array, classes_B: jax.Array, temperature: float | jax.Array = 0.1
-) -> jax.Array:
-    """Class relevance without collapse (4c2, ours): SupCon on (soft) masks.
-
-    With ``u_i = m_i / ||m_i||`` and ``sim_ij = u_i . u_j / temperature``:
-    ``mean_{i with positives} -mean_{p: c_p = c_i, p != i} log(exp(sim_ip) /
-    sum_{a != i} exp(sim_ia))``. Same-class masks are drawn together and other classes pushed
-    apart, relative to each other: no fixed target, so no pull toward early outputs.
-    """
-    b = masks_BxN.shape[0]
-    u_BxN = masks_BxN / jnp.maximum(jnp.linalg.norm(masks_BxN, axis=-1, keepdims=True), 1e-6)
-    sim_BxB = (u_BxN @ u_BxN.T) / temperature
-    not_self_BxB = 1.0 - jnp.eye(b)
-    sim_BxB = jnp.where(not_self_BxB > 0, sim_BxB, -1e9)
-    log_prob_BxB = sim_BxB - jax.nn.logsumexp(sim_BxB, axis=-1, keepdims=True)
-    pos_BxB = (classes_B[:, None] == classes_B[None, :]) * not_self_BxB
-    n_pos_B = pos_BxB.sum(-1)
-    per_B = -jnp.sum(pos_BxB * log_prob_BxB, -1) / jnp.maximum(n_pos_B, 1.0)
-    has_B = (n_pos_B > 0).astype(per_B.dtype)
-    return jnp.sum(per_B * has_B) / jnp.maximum(jnp.sum(has_B), 1.0)
+    return masked_mean(hinge_B, valid_mask_B, empty=0.0)
 
 
 def mask_bce(scores_BxN: jax.Array, target_masks_BxN: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -242,30 +148,38 @@ def sparsity_ramp(
 class LossWeights:
     """Weights of the loss terms; pytree leaves, so new values do not recompile a jitted step.
 
-    Ramp the sparsity weight inside the step with
+    Every term's weight is required (the config holds the defaults). Ramp the sparsity
+    weight inside the step with
     ``weights.replace(sparsity=sparsity_ramp(step, ramp_steps, weights.sparsity))``.
     """
 
-    kd: jax.Array = 1.0
-    hinge: jax.Array = 0.0
-    sparsity: jax.Array = 1.0
-    pdn: jax.Array = 0.1
-    pull: jax.Array = 0.1
-    leak: jax.Array = 1.0
-    contrast: jax.Array = 0.0
-    budget: jax.Array = 0.0
-    distill: jax.Array = 0.0
-    ranked: jax.Array = 0.0
-    ranked_leak: jax.Array = 0.0
+    kd: jax.Array
+    hinge: jax.Array
+    sparsity: jax.Array
+    pdn: jax.Array
+    leak: jax.Array
+    distill: jax.Array
+    ranked: jax.Array
+    ranked_leak: jax.Array
 
     @classmethod
     def create(cls, **weights: float) -> LossWeights:
-        """Weights as float32 scalars; unnamed terms keep their defaults."""
+        """Weights as float32 scalars, one for every term of `TERMS`."""
         unknown = sorted(set(weights) - set(TERMS))
-        if unknown:
-            raise ValueError(f"unknown loss terms {unknown}: the terms are {TERMS}")
-        merged = {**{t: getattr(cls(), t) for t in TERMS}, **weights}
-        return cls(**{t: jnp.asarray(v, jnp.float32) for t, v in merged.items()})
+        missing = sorted(set(TERMS) - set(weights))
+        if unknown or missing:
+            raise ValueError(
+                f"loss weights: unknown terms {unknown}, missing terms {missing}; the terms "
+                f"are {TERMS}"
+            )
+        return cls(**{t: jnp.asarray(weights[t], jnp.float32) for t in TERMS})
+
+    def active(self) -> tuple[str, ...]:
+        """The terms with a positive weight, in `TERMS` order: the only ones a step builds.
+
+        Host-side: call it on concrete weights, before jit.
+        """
+        return tuple(t for t in TERMS if float(getattr(self, t)) > 0)
 
 
 def total_loss(

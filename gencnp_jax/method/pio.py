@@ -2,13 +2,11 @@
 
 For each image, channel gates ``g = sigmoid(theta)`` start open and minimise
 
-    KL(p(x) || p(x; g)) + density_weight * mean(g) + leak_weight * rank_leak(x'; g)
-
-(or, with a budget, ``kl_budget_weight * max(0, KL - kl_budget)`` in place of the KL)
+    KL(p(x) || p(x; g)) + density_weight * mean(g) + leak_weight * leak(x'; g)
 
 by `steps` Adam steps, ``x'`` the next image of the batch with another predicted class
-(`losses.partner_indices`) and ``rank_leak`` the rank hinge of the generator's objective
-(`losses.leakage_rank_hinge`): the mask must keep x's prediction, be sparse, and not lift x's
+(`losses.partner_indices`) and ``leak`` the leakage hinge of the generator's objective
+(`losses.leakage_hinge`): the mask must keep x's prediction, be sparse, and not lift x's
 class to the top of another class's input. The target mask is ``theta > 0``.
 
 Unlike CDRP (`eval/baselines.cdrp`) it optimises a sparsity/faithfulness trade-off chosen for
@@ -39,9 +37,6 @@ class PioHParams:
       density_weight: weight of the mean gate (sparsity).
       leak_weight, leak_margin: weight and margin of the rank leakage hinge.
       init_logit: the gate logits' start (3.0: sigmoid 0.95, every gate open).
-      kl_budget, kl_budget_weight: with ``kl_budget > 0`` the KL term becomes
-        ``kl_budget_weight * mean_i max(0, KL_i - kl_budget)``: each image is made as sparse
-        as its own budget allows, instead of one KL/density trade-off shared by every image.
     """
 
     steps: jax.Array
@@ -50,8 +45,6 @@ class PioHParams:
     leak_weight: jax.Array
     leak_margin: jax.Array
     init_logit: jax.Array
-    kl_budget: jax.Array
-    kl_budget_weight: jax.Array
 
     @classmethod
     def create(cls, **values: float) -> PioHParams:
@@ -84,12 +77,8 @@ def optimise_masks(classify: Callable, images: jax.Array, hp: PioHParams) -> dic
     def objective(theta):
         gates = jax.tree.map(jax.nn.sigmoid, theta)
         pathway, partner_logits = jnp.split(classify(both_images, doubled(gates))[0], 2)
-        kl = jnp.where(
-            hp.kl_budget > 0,
-            hp.kl_budget_weight * losses.kd_budget(full_logits, pathway, 1.0, hp.kl_budget),
-            losses.distillation_kl(full_logits, pathway, 1.0),
-        )
-        leak = losses.leakage_rank_hinge(partner_logits, pred, has_partner, hp.leak_margin)
+        kl = losses.distillation_kl(full_logits, pathway, 1.0)
+        leak = losses.leakage_hinge(partner_logits, pred, has_partner, hp.leak_margin)
         density = jnp.mean(gates_lib.flatten(gates))
         return kl + hp.density_weight * density + hp.leak_weight * leak
 
@@ -123,15 +112,14 @@ def sparsest_cuts(
     site_channels: dict[str, int],
     densities_G: jax.Array,
     kl_budget: jax.Array,
-    leak_guard: jax.Array,
 ) -> dict:
     """Trims each image's mask to the sparsest faithful prefix of its gate-logit ranking.
 
     For each density ``d`` of the ascending grid `densities_G`, the mask keeps the
     ``round(d N)`` highest logits of the image. The image's density is the smallest grid ``d``
     from which on every grid density keeps its predicted class with ``KL(p || p~) <=
-    kl_budget`` and, with `leak_guard`, does not make it the top class of the partner image
-    ``x'`` (the leakage guard of `optimise_masks`); the grid's last if none. Its cut is the
+    kl_budget`` and does not make it the top class of the partner image ``x'`` (the leakage
+    guard of `optimise_masks`); the grid's last if none. Its cut is the
     logit half way between the last kept and the first dropped neuron, so the mask is
     ``logits_flat > cut``.
 
@@ -160,7 +148,7 @@ def sparsest_cuts(
             losses.kl_rows(full_logits, pathway) <= kl_budget
         )
         leaks_B = has_partner & (jnp.argmax(partner_logits, -1) == pred)
-        return kept_B & ~(leaks_B & leak_guard), cut_B
+        return kept_B & ~leaks_B, cut_B
 
     ok_GxB, cut_GxB = jax.lax.map(faithful_at, densities_G)
     ok_from_GxB = jnp.flip(jnp.cumprod(jnp.flip(ok_GxB, 0), 0), 0).astype(bool)

@@ -6,8 +6,6 @@ Forward values are exact 0/1 (no train/test gap); gradients flow to the scores t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import jax
 import jax.numpy as jnp
 
@@ -92,22 +90,9 @@ def binarize(
     return hard + (soft - jax.lax.stop_gradient(soft))
 
 
-def daq_soft_tree(
-    scores: Mapping[str, jax.Array],
-    temperature: float | jax.Array = 2.0,
-    sigma: float | jax.Array = 2.0,
-) -> dict[str, jax.Array]:
-    """`daq_soft` on every site of a ``site -> f32[B, C]`` dict (site order kept)."""
-    return {site: daq_soft(s, temperature, sigma) for site, s in scores.items()}
-
-
-def binarize_tree(
-    scores: Mapping[str, jax.Array],
-    temperature: float | jax.Array = 2.0,
-    sigma: float | jax.Array = 2.0,
-) -> dict[str, jax.Array]:
-    """`binarize` on every site of a ``site -> f32[B, C]`` dict: the gates (site order kept)."""
-    return {site: binarize(s, temperature, sigma) for site, s in scores.items()}
+# `top_fraction`'s gradient width, in units of a row's score std (the ranked loss terms and the
+# fixed-density optima of `eval.oracle`).
+TOP_FRACTION_WIDTH = 0.3
 
 
 def top_fraction(

@@ -78,16 +78,25 @@ class Generator(nnx.Module):
         self,
         site_channels: Mapping[str, int],
         num_classes: int,
-        hidden: int = 128,
-        cell: str = "gru",
-        pooling: Sequence[str] = ("avg", "max"),
-        init_open: float = 0.85,
-        channel_evidence: bool = False,
-        input_norm: bool = False,
-        head_kernel_scale: float = 0.1,
         *,
+        hidden: int,
+        cell: str,
+        pooling: Sequence[str],
+        init_open: float,
+        head_kernel_scale: float,
         rngs: nnx.Rngs,
     ):
+        """Hyper-parameters are required keywords: the config holds their defaults.
+
+        Args:
+          site_channels: ``site -> channels``, shallow to deep.
+          num_classes: the PDN head's outputs.
+          hidden: ``D``, the size of every embedding and state.
+          cell: the recurrent cell of RFE and RPD, one of `CELLS`.
+          pooling: the global pools of each site's feature map, from `POOLINGS`.
+          init_open: the initial score of every gate, in (0, 1).
+          head_kernel_scale: variance scale of the score heads' kernels.
+        """
         if not 0.0 < init_open < 1.0:
             raise ValueError(f"init_open must lie in (0, 1), got {init_open}")
         for name in pooling:
@@ -98,12 +107,11 @@ class Generator(nnx.Module):
         self.pooling = tuple(pooling)
         self.hidden = hidden
         d, npool = hidden, len(self.pooling)
-        # RFE: u_l = Dense([GAP, GMP]), e_l = Cell(e_{l-1}, u_l).
+        # RFE: u_l = Dense(LayerNorm([GAP, GMP])), e_l = Cell(e_{l-1}, u_l); the LayerNorm
+        # because pooled features of different sites live on very different scales.
         channels = list(site_channels.values())
         self.rfe_in = nnx.List([nnx.Linear(npool * c, d, rngs=rngs) for c in channels])
-        self.input_norm = input_norm
-        if input_norm:  # pooled features of different sites live on very different scales
-            self.rfe_norm = nnx.List([nnx.LayerNorm(npool * c, rngs=rngs) for c in channels])
+        self.rfe_norm = nnx.List([nnx.LayerNorm(npool * c, rngs=rngs) for c in channels])
         self.rfe_cells = nnx.List([Cell(cell, d, rngs=rngs) for _ in self.sites])
         # PDN: z = MLP([e_L, mean_l e_l]); q = W z.
         self.pdn_1 = nnx.Linear(2 * d, d, rngs=rngs)
@@ -122,20 +130,16 @@ class Generator(nnx.Module):
         # Channel evidence (ours): each gate logit also sees its own channel's standardised
         # pooled activations, alpha_k z(GAP_k) + beta_k z(GMP_k). Without this direct path a
         # per-channel bias can express one constant mask for every input.
-        self.channel_evidence = channel_evidence
-        if channel_evidence:
-            self.evidence = nnx.List(
-                [nnx.Param(jnp.full((npool, c), 0.5, jnp.float32)) for c in channels]
-            )
-            self.pool_mean = nnx.List([PoolStats(jnp.zeros((npool * c,))) for c in channels])
-            self.pool_std = nnx.List([PoolStats(jnp.ones((npool * c,))) for c in channels])
+        self.evidence = nnx.List(
+            [nnx.Param(jnp.full((npool, c), 0.5, jnp.float32)) for c in channels]
+        )
+        self.pool_mean = nnx.List([PoolStats(jnp.zeros((npool * c,))) for c in channels])
+        self.pool_std = nnx.List([PoolStats(jnp.ones((npool * c,))) for c in channels])
 
     def set_pool_stats(self, stats: Mapping[str, tuple[jax.Array, jax.Array]]) -> None:
         """Stores the training-set ``(mean, std)`` of each site's pooled features,
         ``f32[len(pooling) * C]`` each, used to standardise the channel evidence (sites left out
         keep theirs)."""
-        if not self.channel_evidence:
-            return
         for i, site in enumerate(self.sites):
             if site not in stats:
                 continue
@@ -156,8 +160,7 @@ class Generator(nnx.Module):
             # The classifier is frozen: no gradient flows into its features.
             feats = jax.lax.stop_gradient(features[site]).astype(jnp.float32)
             pooled_BxP = pool(feats, self.pooling)
-            normed_BxP = self.rfe_norm[i](pooled_BxP) if self.input_norm else pooled_BxP
-            carry, e_BxD = self.rfe_cells[i](carry, self.rfe_in[i](normed_BxP))
+            carry, e_BxD = self.rfe_cells[i](carry, self.rfe_in[i](self.rfe_norm[i](pooled_BxP)))
             embeddings.append(e_BxD)
             pooled.append(pooled_BxP)
         return embeddings, pooled
@@ -179,9 +182,7 @@ class Generator(nnx.Module):
         for i in reversed(range(len(self.sites))):
             u_BxD = self.rpd_in[i](jnp.concatenate([z_BxD, embeddings[i]], axis=-1))
             carry, h_BxD = self.rpd_cells[i](carry, u_BxD)
-            logits_BxC = self.score_heads[i](h_BxD)
-            if self.channel_evidence:
-                logits_BxC = logits_BxC + self._evidence(i, pooled[i])
+            logits_BxC = self.score_heads[i](h_BxD) + self._evidence(i, pooled[i])
             scores[self.sites[i]] = jax.nn.sigmoid(logits_BxC)
         return {site: scores[site] for site in self.sites}, q_logits_BxK
 
@@ -196,4 +197,5 @@ def explain_scores(
     """Pure generator pass: ``(scores, gates, q_logits_BxK)``; gates are exact 0/1 (DAQ)."""
     generator = nnx.merge(gen_graphdef, gen_state)
     scores, q_logits_BxK = generator(features)
-    return scores, daq.binarize_tree(scores, temperature, sigma), q_logits_BxK
+    gates = {site: daq.binarize(s, temperature, sigma) for site, s in scores.items()}
+    return scores, gates, q_logits_BxK

@@ -12,7 +12,6 @@ from flax import nnx
 
 from gencnp_jax.context import user_model
 from gencnp_jax.io import custom_data, data, weights
-from gencnp_jax.method import objective
 from gencnp_jax.models import classifiers, generator
 
 
@@ -65,10 +64,6 @@ def check_config(config) -> None:
             )
     if not c.epochs > 0:
         raise ConfigError(f"config.classifier.epochs={c.epochs!r} must be positive")
-    if c.dropout_mode not in ("fixed", "variable"):
-        raise ConfigError(
-            f"config.classifier.dropout_mode={c.dropout_mode!r}: choose 'fixed' or 'variable'"
-        )
     g = config.generator
     if g.ablation not in ("zero", "mean"):
         raise ConfigError(f"config.generator.ablation={g.ablation!r}: choose 'zero' or 'mean'")
@@ -81,14 +76,6 @@ def check_config(config) -> None:
         raise ConfigError(
             f"config.generator.model.pooling={pooling}: choose one or more of {generator.POOLINGS}"
         )
-    for field, allowed in (
-        ("leak_form", objective.LEAK_FORMS),
-        ("sparsity_on", objective.SPARSITY_ON),
-    ):
-        if g.loss[field] not in allowed:
-            raise ConfigError(
-                f"config.generator.loss.{field}={g.loss[field]!r}: choose one of {allowed}"
-            )
     _check_pio(g)
     _check_ranked(g.loss)
     if "headroom" in config:
@@ -105,7 +92,7 @@ def check_config(config) -> None:
 
 
 def _check_ranked(loss) -> None:
-    """The ``ranked`` term's weight, density range and gradient width."""
+    """The ``ranked`` terms' weights and density range."""
     span = tuple(loss.ranked_density)
     for field in ("w_ranked", "w_ranked_leak"):
         if not loss[field] >= 0:
@@ -115,23 +102,18 @@ def _check_ranked(loss) -> None:
             f"config.generator.loss.ranked_density={span!r} must be "
             f"(low, high) with 0 < low <= high < 1"
         )
-    if not loss.ranked_temperature > 0:
-        raise ConfigError(
-            f"config.generator.loss.ranked_temperature={loss.ranked_temperature!r} must be > 0"
-        )
 
 
 def _check_headroom(h) -> None:
-    """`--mode=headroom`'s sizes: images, steps, densities, step size, gradient width."""
+    """`--mode=headroom`'s sizes: images, steps, densities, step size."""
     for field, least in (("num_examples", 1), ("steps", 0)):
         if not isinstance(h[field], int) or h[field] < least:
             raise ConfigError(f"config.headroom.{field}={h[field]!r} must be an int >= {least}")
     densities = tuple(h.densities)
     if not densities or not all(0 < d < 1 for d in densities):
         raise ConfigError(f"config.headroom.densities={densities!r} must lie in (0, 1)")
-    for field in ("learning_rate", "rel_temperature"):
-        if not h[field] > 0:
-            raise ConfigError(f"config.headroom.{field}={h[field]!r} must be > 0")
+    if not h.learning_rate > 0:
+        raise ConfigError(f"config.headroom.learning_rate={h.learning_rate!r} must be > 0")
 
 
 def _check_pio(g) -> None:

@@ -125,8 +125,7 @@ def train(models: Models, config, mesh, repeats: int, states: TrainStates) -> di
     out = {}
     if states.classifier is not None:
         cls_gd, cls_tx, cls_host = states.classifier
-        site_channels = models.classifier.site_channels
-        cls_bound = train_classifier.bound_step(config, cls_gd, cls_tx, site_channels)
+        cls_bound = train_classifier.bound_step(cls_gd, cls_tx)
         cls_state = sharding.replicate(mesh, _host_copy(cls_host))
         cls_loop = _Repeat(cls_bound, cls_state, {"images": images, "labels": labels})
         out["classifier"] = per_step(measure(cls_loop, repeats, cls_bound.jitted))

@@ -39,7 +39,7 @@ from gencnp_jax.eval import baselines, controls, metrics, oracle
 from gencnp_jax.io import sharding, writers
 from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.method import losses
-from gencnp_jax.models import classifiers
+from gencnp_jax.models import classifiers, daq
 from gencnp_jax.models import gates as gates_lib
 
 CLASS_ROWS = ("class_constant", "class_optimum")  # one mask per predicted class
@@ -93,7 +93,7 @@ def headroom(config, workdir: str) -> dict:
     run_args = {
         "steps": jnp.int32(h.steps),
         "lr": jnp.float32(h.learning_rate),
-        "temp": jnp.float32(h.rel_temperature),
+        "temp": jnp.float32(daq.TOP_FRACTION_WIDTH),
     }
     _, class_mean_KxN = controls.class_mean_scores(gen_BxN, classes_B, k)
     key = jax.random.key(config.seed + 23)
@@ -157,7 +157,6 @@ def headroom(config, workdir: str) -> dict:
         "ablation": config.generator.ablation,
         "steps": int(h.steps),
         "learning_rate": float(h.learning_rate),
-        "rel_temperature": float(h.rel_temperature),
         "at_density": per_density,
         "seconds": round(time.time() - t0, 2),
     }

@@ -34,42 +34,20 @@ def make_optimizer(lr: float, weight_decay: float, warmup: int, total: int, clip
     )
 
 
-def channel_dropout_gates(key, site_channels, batch: int, rate: jax.Array, variable: jax.Array):
-    """Channel dropout expressed as gates at every site.
-
-    Fixed mode (`variable` = 0): inverted dropout at `rate` (kept channels scaled by
-    1/(1-rate)). Variable mode (`variable` = 1): each sample draws its own rate from
-    U(0, rate) and kept channels are *not* rescaled, so the classifier trains on exactly
-    the kind of 0/1-gated inputs it is explained with, at densities from 1 down to 1-rate.
-    """
-    rate_key, *keys = jax.random.split(key, len(site_channels) + 1)
-    sample_rate_B = jax.random.uniform(rate_key, (batch,), maxval=rate)
-    rate_B = jnp.where(variable > 0, sample_rate_B, rate)[:, None]
-    keep_B = 1.0 - rate_B
-    scale_B = jnp.where(variable > 0, 1.0, 1.0 / keep_B)
-    return {
-        site: jax.random.bernoulli(k, keep_B, (batch, c)).astype(jnp.float32) * scale_B
-        for k, (site, c) in zip(keys, sorted(site_channels.items()), strict=True)
-    }
-
-
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, site_channels):
-    """`step(state, batch, key, dropout, variable) -> (state, metrics)`, compiled once.
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
+    """`step(state, batch) -> (state, metrics)`, compiled once.
 
     `batch` is ``{"images": f32[B, H, W, C], "labels": i32[B]}``; `state` a
-    `train_loop.TrainState` (donated). `dropout` is the channel-dropout rate at every gate
-    site (0 = none) and `variable` selects its mode (see `channel_dropout_gates`).
+    `train_loop.TrainState` (donated). The classifier trains as users train theirs: every
+    gate open (a classifier trained to survive random masks makes any mask look faithful).
     """
 
-    def step(state: train_loop.TrainState, batch, key, dropout, variable):
+    def step(state: train_loop.TrainState, batch):
         images_BxHxWxC, labels_B = batch["images"], batch["labels"]
         model = nnx.merge(graphdef, state.params, state.rest)
-        gates = channel_dropout_gates(
-            key, site_channels, images_BxHxWxC.shape[0], dropout, variable
-        )
 
         def loss_fn(model):
-            logits_BxK, _ = model(images_BxHxWxC, gates, train=True)
+            logits_BxK, _ = model(images_BxHxWxC, train=True)
             loss = optax.softmax_cross_entropy_with_integer_labels(logits_BxK, labels_B).mean()
             return loss, jnp.mean(jnp.argmax(logits_BxK, -1) == labels_B)
 
@@ -91,16 +69,9 @@ def init_state(config, model: nnx.Module, total: int):
     return graphdef, tx, state
 
 
-def bound_step(config, graphdef: nnx.GraphDef, tx, site_channels) -> train_loop.BoundStep:
-    """The train step with the config's dropout and a `(seed, step)` dropout key bound."""
-    c = config.classifier
-    dropout = jnp.float32(c.channel_dropout)
-    variable = jnp.float32(c.dropout_mode == "variable")
-    root_key = jax.random.key(config.seed)
-    return train_loop.BoundStep(
-        make_train_step(graphdef, tx, dict(site_channels)),
-        lambda step: (jax.random.fold_in(root_key, step), dropout, variable),
-    )
+def bound_step(graphdef: nnx.GraphDef, tx) -> train_loop.BoundStep:
+    """The classifier's train step (it takes nothing but the state and the batch)."""
+    return train_loop.BoundStep(make_train_step(graphdef, tx), lambda step: ())
 
 
 def make_predict(graphdef: nnx.GraphDef):
@@ -156,9 +127,9 @@ def random_drop_agreements(
 def train_classifier(config, workdir: str) -> dict:
     """Trains (or resumes) the classifier and writes `classifier/metrics.json`.
 
-    With `classifier.reestimate_bn`, the BatchNorm statistics of the final classifier are
-    re-estimated on the training split with every gate open (`batchnorm.reestimate_batchnorm`):
-    the running averages of training are those of dropout-gated, still-moving weights.
+    The BatchNorm statistics of the final classifier are then re-estimated exactly on the
+    training split with every gate open (`batchnorm.reestimate_batchnorm`): the running
+    averages of training are those of still-moving weights.
     """
     c = config.classifier
     out_dir = workdir_lib.classifier_dir(workdir)
@@ -180,7 +151,7 @@ def train_classifier(config, workdir: str) -> dict:
     )
     writer = logging_utils.MetricWriter(out_dir)
     result = train_loop.run(
-        bound_step(config, graphdef, tx, model.site_channels),
+        bound_step(graphdef, tx),
         state,
         batch_at,
         total,
@@ -193,11 +164,10 @@ def train_classifier(config, workdir: str) -> dict:
     )
     full_model = nnx.merge(graphdef, result.state.params, result.state.rest)
     full_graphdef, full_state = nnx.split(full_model)
-    if c.get("reestimate_bn", False):
-        full_state = batchnorm.reestimate_batchnorm(
-            full_graphdef, full_state, lambda idx: norm(train.images[idx]), len(train.labels),
-            c.eval_batch_size, mesh,
-        )  # fmt: skip
+    full_state = batchnorm.reestimate_batchnorm(
+        full_graphdef, full_state, lambda idx: norm(train.images[idx]), len(train.labels),
+        c.eval_batch_size, mesh,
+    )  # fmt: skip
     _, params, rest = nnx.split(nnx.merge(full_graphdef, full_state), nnx.Param, ...)
     final_ckpt = checkpointing.Checkpointer(os.path.join(out_dir, "final"), max_to_keep=1)
     final_ckpt.save(total, {"params": params, "rest": rest})

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
@@ -33,81 +32,52 @@ def hparams_from_config(g) -> tuple[objective.StepHParams, losses.LossWeights]:
     d, loss = g.daq, g.loss
     f = lambda v: jnp.asarray(v, jnp.float32)
     hp = objective.StepHParams(
-        **{"temperature": f(d.temperature), "sigma": f(d.sigma)},
-        **{k: f(loss[k]) for k in ("tau", "hinge_margin", "leak_margin", "bank_decay")},
+        temperature=f(d.temperature),
+        sigma=f(d.sigma),
+        tau=f(loss.tau),
+        hinge_margin=f(loss.hinge_margin),
+        leak_margin=f(loss.leak_margin),
         ramp_steps=f(loss.sparsity_ramp_steps),
-        hinge_cap=f(loss.hinge_cap),
-        leak_rank=f(loss.leak_form == "rank"),
-        sparsity_soft=f(loss.sparsity_on == "daq_soft"),
-        kd_budget=f(loss.kd_budget),
-        contrast_temperature=f(loss.contrast_temperature),
-        contrast_start=f(loss.contrast_start),
-        ranked_temperature=f(loss.ranked_temperature),
-        **{"ranked_low": f(loss.ranked_density[0]), "ranked_high": f(loss.ranked_density[1])},
+        ranked_low=f(loss.ranked_density[0]),
+        ranked_high=f(loss.ranked_density[1]),
     )
     return hp, losses.LossWeights.create(**{n: loss[f"w_{n}"] for n in losses.TERMS})
 
 
-@flax.struct.dataclass
-class ScoreBank:
-    """The running per-class mean gate scores of the pull loss (EMA over training batches).
-
-    Attributes:
-      scores: f32[K, N] mean flat score vector per class (N = channels of every site).
-      counts: f32[K] examples seen per class.
-    """
-
-    scores: jax.Array
-    counts: jax.Array
-
-
-@flax.struct.dataclass
-class GeneratorState:
-    """The generator's train state: its `train_loop.TrainState` and the class-score bank."""
-
-    gen: train_loop.TrainState
-    bank: ScoreBank
-
-
-def make_train_step(gen_graphdef: nnx.GraphDef, cls_graphdef: nnx.GraphDef, tx, ranked=False):
+def make_train_step(gen_graphdef: nnx.GraphDef, cls_graphdef: nnx.GraphDef, tx, terms):
     """`step(state, batch, step, cls_state, fills, weights, hp) -> (state, metrics)`.
 
     `batch` is the images, or a dict of ``images`` and the PIO targets of the ``distill``
-    term (``target_images``, ``target_masks``). `state` is a `GeneratorState` (donated); the
-    classifier state is not donated and no gradient reaches it. `ranked` adds the gated passes
-    of the ``ranked`` and ``ranked_leak`` terms (densities: `objective.ranked_densities`).
+    term (``target_images``, ``target_masks``). `state` is a `train_loop.TrainState`
+    (donated); the classifier state is not donated and no gradient reaches it. `terms` are the
+    loss terms the step computes (`losses.LossWeights.active`): a term left out costs nothing.
     """
 
-    def step(state: GeneratorState, batch, step_idx, cls_state, fills, weights, hp):
+    def step(state: train_loop.TrainState, batch, step_idx, cls_state, fills, weights, hp):
         targets = dict(batch) if isinstance(batch, dict) else {"images": batch}
         images = targets.pop("images")
         full_logits = classifiers.forward(cls_graphdef, cls_state, images)[0]
         pred = jnp.argmax(full_logits, -1)
         batch = {"images": images, "full_logits": full_logits, "pred": pred, **targets}
         batch["partner"], batch["has_partner"] = losses.partner_indices(pred)
-        if ranked:
+        if any(t in terms for t in objective.RANKED_TERMS):
             batch["ranked_density"] = objective.ranked_densities(len(images), step_idx, hp)
         w = objective.step_weights(weights, step_idx, hp)
-        model = nnx.merge(gen_graphdef, state.gen.params, state.gen.rest)
+        model = nnx.merge(gen_graphdef, state.params, state.rest)
         classify = lambda x, g=None: classifiers.forward(cls_graphdef, cls_state, x, g, fills)
 
         def loss_fn(model):
-            terms, gates, pathway_logits, scores_flat = objective.loss_terms(
-                model, classify, batch, state.bank, hp
+            computed, gates, pathway_logits, _ = objective.loss_terms(
+                model, classify, batch, hp, terms
             )
-            loss, aux = losses.total_loss(terms, w)
-            return loss, (aux, gates, pathway_logits, scores_flat)
+            loss, aux = losses.total_loss(computed, w)
+            return loss, (aux, gates, pathway_logits)
 
-        (_, (aux, gates, pathway_logits, scores_flat)), grads = nnx.value_and_grad(
-            loss_fn, has_aux=True
-        )(model)
+        (_, (aux, gates, pathway_logits)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         params = nnx.state(model, nnx.Param)
-        updates, opt_state = tx.update(grads, state.gen.opt_state, params)
-        new_gen = train_loop.TrainState(
-            optax.apply_updates(params, updates), state.gen.rest, opt_state
-        )
-        new_scores, new_counts = losses.bank_ema_update(
-            state.bank.scores, state.bank.counts, scores_flat, pred, hp.bank_decay
+        updates, opt_state = tx.update(grads, state.opt_state, params)
+        new_state = train_loop.TrainState(
+            optax.apply_updates(params, updates), state.rest, opt_state
         )
         density_B = gates_lib.density(gates)
         out = {
@@ -117,42 +87,35 @@ def make_train_step(gen_graphdef: nnx.GraphDef, cls_graphdef: nnx.GraphDef, tx, 
             "train/agreement": metrics.agreement(full_logits, pathway_logits),
             **{f"gates/{s}/density": jnp.mean(d) for s, d in gates_lib.site_density(gates).items()},
         }
-        return GeneratorState(new_gen, ScoreBank(new_scores, new_counts)), out
+        return new_state, out
 
     return jax.jit(step, donate_argnums=0)
 
 
 def init_state(
     config, classifier, model=None, steps=None, train_split=None, mesh=None
-) -> tuple[nnx.GraphDef, optax.GradientTransformation, GeneratorState]:
-    """`(gen_graphdef, tx, GeneratorState)`: a fresh generator (or `model`), fresh Adam
-    state for a run of `steps` (default `config.generator.steps`), an empty score bank.
-    With channel evidence, the pooled-feature statistics come from `train_split`."""
+) -> tuple[nnx.GraphDef, optax.GradientTransformation, train_loop.TrainState]:
+    """`(gen_graphdef, tx, TrainState)`: a fresh generator (or `model`) and fresh Adam state
+    for a run of `steps` (default `config.generator.steps`). The channel evidence's
+    pooled-feature statistics come from `train_split`."""
     g = config.generator
     if model is None:
         model = loading.new_generator(config, classifier.site_channels, classifier.num_classes)
-        if g.model.channel_evidence and train_split is not None:
+        if train_split is not None:
             model.set_pool_stats(pool_stats(config, classifier, train_split, mesh))
     o, total = g.opt, g.steps if steps is None else steps
     tx = train_classifier.make_optimizer(o.learning_rate, 0.0, o.warmup_steps, total, o.grad_clip)
-    gen_graphdef, gen = train_loop.TrainState.create(model, tx)
-    n, k = sum(classifier.site_channels.values()), classifier.num_classes
-    bank = ScoreBank(jnp.zeros((k, n), jnp.float32), jnp.zeros((k,), jnp.float32))
-    return gen_graphdef, tx, GeneratorState(gen, bank)
-
-
-def ranked_on(loss) -> bool:
-    """Whether the step makes the ``ranked`` terms' gated passes (either weight > 0)."""
-    return loss.w_ranked > 0 or loss.w_ranked_leak > 0
+    gen_graphdef, state = train_loop.TrainState.create(model, tx)
+    return gen_graphdef, tx, state
 
 
 def bound_step(config, gen_graphdef, classifier: loading.Classifier, tx, fills, mesh):
     """The train step with the classifier, fills and loss settings bound (replicated)."""
-    cls_state, fills, hp, weights = sharding.replicate(
-        mesh, (classifier.state, fills, *hparams_from_config(config.generator))
-    )
+    hp, weights = hparams_from_config(config.generator)
+    terms = weights.active()
+    cls_state, fills, hp, weights = sharding.replicate(mesh, (classifier.state, fills, hp, weights))
     return train_loop.BoundStep(
-        make_train_step(gen_graphdef, classifier.graphdef, tx, ranked_on(config.generator.loss)),
+        make_train_step(gen_graphdef, classifier.graphdef, tx, terms),
         lambda step: (jnp.int32(step), cls_state, fills, weights, hp),
     )
 
@@ -194,7 +157,7 @@ def fit_generator(config, classifier: loading.Classifier, train_split, mesh, ste
     """
     fills = _means(config, classifier, train_split) if config.generator.ablation == "mean" else None
     gen_graphdef, result, _ = _fit(config, classifier, train_split, mesh, steps, seed, fills)
-    return gen_graphdef, result.state.gen.model_state()
+    return gen_graphdef, result.state.model_state()
 
 
 def pool_stats(config, classifier: loading.Classifier, split, mesh) -> dict:
@@ -239,7 +202,7 @@ def train_generator(config, workdir: str) -> dict:
     gen_graphdef, result, targets = _fit(
         config, classifier, train, mesh, g.steps, config.seed + 1, fills, out_dir, writer
     )
-    gen_state = result.state.gen.model_state()
+    gen_state = result.state.model_state()
     final = checkpointing.Checkpointer(os.path.join(out_dir, "final"), max_to_keep=1)
     final.save(g.steps, {"generator": gen_state, "means": means})
     final.close()

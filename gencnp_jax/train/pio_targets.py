@@ -30,7 +30,7 @@ from gencnp_jax.train import loop as train_loop
 
 CHUNK = 256  # images per cached file
 # trimming is redone on every run (forward passes only): its settings keep the cache
-_TRIM = ("trim_kl_budget", "trim_step", "trim_leak_guard")
+_TRIM = ("trim_kl_budget", "trim_step")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +69,12 @@ def enabled(config) -> bool:
 
 def hparams(config) -> pio.PioHParams:
     """The optimiser's numbers: the `config.generator.pio` fields of that name."""
-    p = config.generator.pio
-    return pio.PioHParams.create(**{f.name: p[f.name] for f in dataclasses.fields(pio.PioHParams)})
+    p, names = config.generator.pio, [f.name for f in dataclasses.fields(pio.PioHParams)]
+    # the leakage margin is the generator's own (one margin for one hinge)
+    return pio.PioHParams.create(
+        **{n: p[n] for n in names if n != "leak_margin"},
+        leak_margin=config.generator.loss.leak_margin,
+    )
 
 
 def _settings(config, split) -> dict:
@@ -80,6 +84,7 @@ def _settings(config, split) -> dict:
         **{k: p[k] for k in p.keys() if k not in ("per_step", "target_temperature", *_TRIM)},
         "format": 2,  # chunks hold logits_flat
         "ablation": config.generator.ablation,
+        "leak_margin": config.generator.loss.leak_margin,
         "seed": config.seed,
         "train_examples": int(len(split.labels)),
     }
@@ -148,21 +153,16 @@ def _trim(config, classifier, split, fills, mesh, indices, logits_flat) -> dict:
     p = config.generator.pio
     densities_G = np.arange(1, int(round(1.0 / p.trim_step)) + 1) * p.trim_step
     fn = jax.jit(
-        lambda cls_state, fills, densities, budget, guard, b: pio.sparsest_cuts(
+        lambda cls_state, fills, densities, budget, b: pio.sparsest_cuts(
             _classify(classifier, cls_state, fills),
             b["images"],
             b["logits"],
             classifier.site_channels,
             densities,
             budget,
-            guard,
         )
     )
-    grid = (
-        densities_G.astype(np.float32),
-        np.float32(p.trim_kl_budget),
-        np.bool_(p.trim_leak_guard),
-    )
+    grid = (densities_G.astype(np.float32), np.float32(p.trim_kl_budget))
     args = sharding.replicate(mesh, (classifier.state, fills, *grid))
     return batched.map_batches(
         lambda b: fn(*args, b),

@@ -1,7 +1,8 @@
-"""launch.py in a subprocess, for the end-to-end tests of resume, bad input and reproducibility.
+"""What several test files share: the default hyper-parameters of small components, and
+launch.py in a subprocess (the end-to-end tests of resume, bad input and reproducibility).
 
-Tiny config on the session's synthetic data, one CPU device, the suite's XLA cache. Every
-process has a timeout and is killed when a test fails.
+Subprocesses run the tiny config on the session's synthetic data, one CPU device, the suite's
+XLA cache; every process has a timeout and is killed when a test fails.
 """
 
 from __future__ import annotations
@@ -13,6 +14,18 @@ import sys
 import time
 
 import jax
+
+from configs import default
+
+
+def generator_kwargs(**overrides) -> dict:
+    """`Generator`'s hyper-parameters as `configs/default.py` sets them, with `overrides`."""
+    model = default.get_config().generator.model.to_dict()
+    model["pooling"] = tuple(model["pooling"])
+    return {**model, **overrides}
+
+
+GENERATOR = generator_kwargs(hidden=16)  # a small generator for unit tests
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMIT_MARKER = "commit_success.txt"  # orbax writes it into a step dir once it is complete
