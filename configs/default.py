@@ -1,14 +1,11 @@
 """Default config: Fashion-MNIST, VGG-style classifier, GEN-CNP generator.
 
-Run everything (classifier, generator, class pathways, evaluation, report):
-
     python launch.py --config=configs/default.py --workdir=runs/default --mode=all
 
-Measured 2026-12-03 on 2 CPU cores shared with other work (README.md has the table): the
-classifier (no channel dropout, BatchNorm statistics re-estimated) reaches 92.9% test
-accuracy; the generator, trained under mean ablation with channel evidence and distilling
-trimmed per-instance optimised masks of 1,024 training images, keeps agreement 0.963 at
-density 0.29 +- 0.06 with leakage 0.056 (random masks at the same density: about 0.09).
+Every field says what it does and what it accepts. This file is the one source of every
+default: constructors take their hyper-parameters as required arguments, and a run's recorded
+config (``WORKDIR/config.json``) is merged over these defaults when it is read back. Measured
+results live in README.md and docs/RESULTS.md, with their commit.
 """
 
 import ml_collections
@@ -16,37 +13,36 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.num_devices = 0  # 0 = every visible device (all hosts); data parallel mesh
-    c.cpu_devices = 2  # XLA host devices when running on CPU (one per core is fastest here)
-    # SIGTERM / SIGINT of a training stage: finish the step, checkpoint it, exit within this
-    # many seconds (else exit at once; a rerun resumes from the last checkpoint).
-    c.preemption_grace_s = 30.0
+    c.seed = 0  # int: every random draw of the run (batches, initial weights, tie-breaks)
+    c.num_devices = 0  # int >= 0: devices of the data mesh; 0 = every visible device (all hosts)
+    c.cpu_devices = 2  # int >= 0: XLA host devices when on CPU (one per core); 0 = XLA's default
 
     c.data = ml_collections.ConfigDict()
-    c.data.dataset = "fashion_mnist"  # our offline TFDS builder; others use stock TFDS builders
-    c.data.data_dir = "~/tensorflow_datasets"
-    c.data.manual_dir = (
-        "/usr/share/datasets/fashion-mnist"  # IDX files (apt: dataset-fashion-mnist)
-    )
-    c.data.train_limit = 0  # 0 = the whole split; >0 caps it (tests)
-    c.data.test_limit = 0
+    # "fashion_mnist" (our offline TFDS builder) | a stock TFDS name prepared in data_dir |
+    # "npz:DIR" ({train,test}.npz) | "folder:DIR" ({train,test}/CLASS/*.png)
+    c.data.dataset = "fashion_mnist"
+    c.data.data_dir = "~/tensorflow_datasets"  # path: TFDS data dir
+    c.data.manual_dir = "/usr/share/datasets/fashion-mnist"  # path: Fashion-MNIST IDX files
+    c.data.train_limit = 0  # int >= 0: first N training images only (0 = all)
+    c.data.test_limit = 0  # int >= 0: first N test images only (0 = all)
+
+    c.train = ml_collections.ConfigDict()  # what both trainers (classifier, generator) share
+    c.train.batch_size = 128  # int > 0, a multiple of the devices: images per step
+    c.train.eval_batch_size = 500  # int > 0, a multiple of the devices: images per eval pass
+    c.train.checkpoint_every = 250  # int > 0: steps between checkpoints (a run resumes there)
+    c.train.log_every = 50  # int > 0: steps between logged metrics
+    c.train.grad_clip = 1.0  # float > 0: global-norm gradient clipping
 
     c.classifier = ml_collections.ConfigDict()
-    c.classifier.name = "vgg"  # "vgg" | "resnet"
-    c.classifier.widths = (32, 64, 128, 128)
-    c.classifier.depth = 1  # convs per VGG stage / blocks per ResNet stage
-    c.classifier.batch_size = 128
-    c.classifier.epochs = 4.0
-    c.classifier.learning_rate = 3e-3
-    c.classifier.weight_decay = 1e-4
-    c.classifier.warmup_steps = 100
-    c.classifier.grad_clip = 1.0
-    c.classifier.checkpoint_every = 200
-    c.classifier.log_every = 50
-    c.classifier.eval_batch_size = 500
+    c.classifier.name = "vgg"  # "vgg" | "resnet": the built-in classifier trained here
+    c.classifier.widths = (32, 64, 128, 128)  # ints > 0: channels per stage
+    c.classifier.depth = 1  # int > 0: convs per VGG stage / blocks per ResNet stage
+    c.classifier.epochs = 4.0  # float > 0: passes over the training split
+    c.classifier.learning_rate = 3e-3  # float > 0: AdamW peak rate (warm-up, cosine decay)
+    c.classifier.weight_decay = 1e-4  # float >= 0: AdamW's
+    c.classifier.warmup_steps = 100  # int >= 0: linear warm-up of the rate
     # Your own model instead of `name` (README, docs/ATTACH.md): "package.module:function"
-    # returning a Flax NNX module (or a Linen (module, variables) pair), called with
+    # returning a Flax NNX module or a Linen (module, variables) pair, called with
     # `factory_kwargs`; its weights from `checkpoint` (.npz / .msgpack / orbax directory, as
     # gencnp_jax.save_weights writes them); gated at the modules whose paths match `sites`
     # (glob patterns; gencnp_jax.list_sites lists them). Such a model is imported, not trained.
@@ -56,106 +52,81 @@ def get_config() -> ml_collections.ConfigDict:
     c.classifier.sites = ()
 
     c.generator = ml_collections.ConfigDict()
-    c.generator.ablation = "mean"  # closed gates -> "zero" | "mean" (training-set channel mean)
-    c.generator.batch_size = 128
-    c.generator.steps = 1000
-    c.generator.checkpoint_every = 250
-    c.generator.log_every = 25
-    c.generator.eval_batch_size = 500
-    c.generator.stats_examples = 5000  # training images for the channel-evidence statistics
-    # Generator(site_channels, num_classes, **c.generator.model, rngs=...)
-    c.generator.model = ml_collections.ConfigDict()
-    c.generator.model.hidden = 128
-    c.generator.model.cell = "gru"  # "gru" | "lstm" | "mlp" (our choice: GRU)
-    c.generator.model.pooling = ("avg", "max")
-    c.generator.model.init_open = 0.7  # initial score: gates start mostly open
-    c.generator.model.head_kernel_scale = 1.0  # variance scale of the score heads' kernels
-    c.generator.daq = ml_collections.ConfigDict()  # distance-aware quantization of the scores
-    c.generator.daq.temperature = 2.0
-    c.generator.daq.sigma = 2.0
-    c.generator.loss = ml_collections.ConfigDict()  # docs/METHOD.md §4 terms and their weights
-    c.generator.loss.tau = 2.0  # distillation temperature
-    c.generator.loss.w_kd = 1.0
-    c.generator.loss.w_hinge = 5.0
-    c.generator.loss.hinge_margin = 1.0
-    c.generator.loss.w_sparsity = 12.0
-    c.generator.loss.sparsity_ramp_steps = 200
-    c.generator.loss.w_pdn = 0.1
-    # 8: own-density leakage 0.047 (random masks 0.091); at 5 it was 0.103, with a little lower
-    # mDC at fixed density (58.7 against 64.7 at 0.2), same agreement, spread and transfer
-    c.generator.loss.w_leak = 8.0
-    c.generator.loss.leak_margin = 1.0
-    # Fixed-density faithfulness of the score ranking (ours): x gated with the top fraction
-    # of its own scores, at densities spread over `ranked_density`, keeps its prediction (KL).
-    # `w_ranked_leak`: the rank leakage hinge of the same masks on x' (margin `leak_margin`).
-    # Off: at w_ranked 5 mDC @0.1/0.2 fell to 79.3/41.8 (CDRP 81.1/42.2) but the class mask
-    # of its own scores fell as far (78.9/42.2) and own-density leakage rose to 0.24.
-    c.generator.loss.w_ranked = 0.0  # 0 = off (no extra gated passes)
-    c.generator.loss.w_ranked_leak = 0.0
-    c.generator.loss.ranked_density = (0.05, 0.4)
-    # Distillation of per-instance optimised masks (ours, method/pio.py): PIO masks of
-    # `pio.num_images` training images (cached in the workdir) and a BCE of the generator's
-    # scores to them on `pio.per_step` of them per step, weighted by `loss.w_distill`.
-    c.generator.loss.w_distill = 20.0  # 0 = off (no PIO masks computed)
+    c.generator.ablation = "mean"  # "mean" | "zero": what a closed gate leaves (METHOD.md §2)
+    c.generator.steps = 1000  # int > 0: training steps
+    c.generator.learning_rate = 3e-3  # float > 0: Adam peak rate (warm-up, cosine decay)
+    c.generator.warmup_steps = 50  # int >= 0
+    c.generator.stats_examples = 5000  # int > 0: training images of the channel evidence's stats
+    c.generator.model = ml_collections.ConfigDict()  # Generator(..., **c.generator.model)
+    c.generator.model.hidden = 128  # int > 0: D, every embedding and state
+    c.generator.model.cell = "gru"  # "gru" | "lstm" | "mlp": RFE and RPD's recurrent cell
+    c.generator.model.pooling = ("avg", "max")  # subset of ("avg", "max"): each site's pools
+    c.generator.model.init_open = 0.7  # float in (0, 1): every gate's initial score
+    c.generator.model.head_kernel_scale = 1.0  # float > 0: variance scale of the score heads
+    c.generator.daq = ml_collections.ConfigDict()  # distance-aware quantization (METHOD.md §3)
+    c.generator.daq.temperature = 2.0  # float > 0: T
+    c.generator.daq.sigma = 2.0  # float > 0: the Gaussian kernel's width
+    c.generator.loss = ml_collections.ConfigDict()  # METHOD.md §4: a weight 0 removes the term
+    c.generator.loss.tau = 2.0  # float > 0: distillation temperature
+    c.generator.loss.w_kd = 1.0  # float >= 0: KL(p || p~) (faithfulness)
+    c.generator.loss.w_hinge = 5.0  # float >= 0: top-1 hinge, capped at the full model's margin
+    c.generator.loss.hinge_margin = 1.0  # float >= 0
+    c.generator.loss.w_sparsity = 12.0  # float >= 0: mean of DAQ's soft gates (the density)
+    c.generator.loss.sparsity_ramp_steps = 200  # int >= 0: linear ramp of w_sparsity from 0
+    c.generator.loss.w_pdn = 0.1  # float >= 0: PDN head distilled from the classifier
+    c.generator.loss.w_leak = 8.0  # float >= 0: leakage hinge on another class's image
+    c.generator.loss.leak_margin = 1.0  # float >= 0: also the PIO targets' leakage margin
+    c.generator.loss.w_distill = 20.0  # float >= 0: BCE to the PIO targets (0: none computed)
+    # Fixed-density faithfulness of the score ranking (off; configs/resnet_ranked.py): x gated
+    # with the top fraction of its own scores, the fraction spread over `ranked_density`
+    c.generator.loss.w_ranked = 0.0  # float >= 0: KL of those masks
+    c.generator.loss.w_ranked_leak = 0.0  # float >= 0: their leakage hinge
+    c.generator.loss.ranked_density = (0.05, 0.4)  # (low, high), 0 < low <= high < 1
+    # Per-instance optimised (PIO) masks of training images, the `w_distill` targets
+    # (method/pio.py; cached in WORKDIR/generator/pio_targets)
     c.generator.pio = ml_collections.ConfigDict()
-    c.generator.pio.num_images = 1024
-    c.generator.pio.per_step = 64  # target images per generator step (a multiple of devices)
-    c.generator.pio.batch_size = 256  # images optimised together (a multiple of devices)
-    c.generator.pio.steps = 150  # Adam steps per image
-    c.generator.pio.learning_rate = 0.1
-    c.generator.pio.density_weight = 2.0  # sparsity against KL(p(x) || p(x; mask))
-    c.generator.pio.leak_weight = 1.0  # rank leakage hinge on a different-class image
-    c.generator.pio.init_logit = 3.0  # gates start open: sigmoid(3) = 0.95
-    # > 0: each mask trimmed to the sparsest prefix of its logit ranking that keeps the
-    # prediction with KL <= trim_kl_budget (densities on a grid of step trim_step); 0 = off
+    c.generator.pio.num_images = 1024  # int >= 0: training images given a PIO mask
+    c.generator.pio.per_step = 64  # int > 0, a multiple of the devices: targets per step
+    c.generator.pio.batch_size = 256  # int > 0, a multiple of the devices: images optimised
+    c.generator.pio.steps = 150  # int > 0: Adam steps per image
+    c.generator.pio.learning_rate = 0.1  # float > 0
+    c.generator.pio.density_weight = 2.0  # float >= 0: mean gate against KL(p || p(x; mask))
+    c.generator.pio.leak_weight = 1.0  # float >= 0: leakage hinge on another class's image
+    # float >= 0: each mask trimmed to the sparsest faithful prefix of its ranking
+    # (KL <= budget, no leak); 0 = off
     c.generator.pio.trim_kl_budget = 0.2
-    c.generator.pio.trim_step = 0.02
-    # 0: learn the 0/1 masks; T > 0: learn sigmoid(optimised logit / T), the teacher's ranking
-    c.generator.pio.target_temperature = 1.0
-    c.generator.opt = ml_collections.ConfigDict()  # Adam, warmup + cosine, global-norm clipping
-    c.generator.opt.learning_rate = 3e-3
-    c.generator.opt.warmup_steps = 50
-    c.generator.opt.grad_clip = 1.0
+    c.generator.pio.target_temperature = 1.0  # float >= 0: 0 = 0/1 targets, T: sigmoid(logit/T)
 
-    c.bank = ml_collections.ConfigDict()
-    c.bank.samples_per_class = 50  # j
-    c.bank.threshold = 0.5  # rho
-    c.bank.class_source = "prediction"  # "prediction" | "label"
+    c.bank = ml_collections.ConfigDict()  # class pathways (METHOD.md §5)
+    c.bank.samples_per_class = 50  # int > 0: j
+    c.bank.threshold = 0.5  # float in [0, 1]: rho, F_c >= rho keeps a neuron
+    c.bank.class_source = "prediction"  # "prediction" | "label": a sample's class
 
-    c.eval = ml_collections.ConfigDict()
-    c.eval.num_examples = 1000  # one common test subset for every method (0 = the full split)
-    c.eval.densities = (0.05, 0.1, 0.2, 0.3)  # fixed densities, beside each method's own
-    c.eval.ablations = ("mean", "zero")  # closed channel -> training mean | 0; first = headline
-    c.eval.control_examples = 2000  # training images for the constant / class_constant masks
-    c.eval.sanity_steps = 300  # generator steps on the weight-randomised classifier
-    c.eval.sanity_pio_images = 256  # its PIO masks (at most; the trained run's pio settings)
-    c.eval.batch_size = 250
-    c.eval.cdrp_steps = 30  # cdrp-detect: 30 SGD steps, lr 0.1, momentum 0.9, lambda 0.05
-    c.eval.cdrp_gamma = 0.05
-    c.eval.cdrp_lr = 0.1
-    c.eval.cdrp_threshold = 0.5
-    c.eval.cdrp_momentum = 0.9
-    c.eval.intgrad_steps = 11  # PathwayGrad: 11 points 0, 0.1, ..., 1 per site
-    c.eval.auc_examples = 500  # deletion / insertion AUCs on the first N (0 = all)
-    c.eval.auc_points = 11
-    c.eval.gradcam_site = ""  # "" = the last gate site
+    c.eval = ml_collections.ConfigDict()  # METHOD.md §6-7
+    c.eval.num_examples = 1000  # int >= 0: the common test subset (0 = the whole split)
+    c.eval.densities = (0.05, 0.1, 0.2, 0.3)  # floats in (0, 1): fixed densities
+    c.eval.ablations = ("mean", "zero")  # subset of ("mean", "zero"); the first: headline
+    c.eval.batch_size = 250  # int > 0, a multiple of the devices
+    c.eval.control_examples = 2000  # int > 0: training images of the controls' mean scores
+    c.eval.sanity_steps = 300  # int > 0: generator steps on the weight-randomised classifier
+    c.eval.sanity_pio_images = 256  # int >= 0: its PIO masks (at most)
+    c.eval.cdrp_steps = 30  # int >= 0: CDRP's SGD steps (cdrp-detect: 30)
+    c.eval.cdrp_gamma = 0.05  # float >= 0: CDRP's L1 weight (cdrp-detect: 0.05)
+    c.eval.cdrp_lr = 0.1  # float > 0: CDRP's SGD rate (cdrp-detect: 0.1)
+    c.eval.intgrad_steps = 11  # int >= 2: NeuronIntGrad's points (PathwayGrad: 11)
+    c.eval.auc_examples = 500  # int >= 0: deletion / insertion AUCs on the first N (0 = all)
+    c.eval.gradcam_site = ""  # a gate site, or "" = the deepest: the report's Grad-CAM
 
-    # --mode=headroom (eval/oracle.py): on the first num_examples evaluation images, the best
-    # top-d masks per predicted class and per image, optimised directly; their mDC ratio bounds
-    # the specificity gain any explainer can show on this classifier.
+    # --mode=headroom (eval/oracle.py): fixed-density masks optimised directly, per class and
+    # per image, on the first num_examples evaluation images (yardsticks, not bounds)
     c.headroom = ml_collections.ConfigDict()
-    c.headroom.num_examples = 256
-    c.headroom.densities = (0.1, 0.2, 0.3)
-    c.headroom.steps = 150  # Adam steps per optimum
-    c.headroom.learning_rate = 0.05  # on scores standardised per row
+    c.headroom.num_examples = 256  # int > 0
+    c.headroom.steps = 150  # int >= 0: Adam steps per mask (0: the starts themselves)
+    c.headroom.learning_rate = 0.05  # float > 0: on scores standardised per row
 
-    c.bench = ml_collections.ConfigDict()
-    c.bench.repeats = 5
-    c.bench.batch_size = 128
-    c.bench.device_counts = (1, 2)
+    c.bench = ml_collections.ConfigDict()  # --mode=bench
+    c.bench.repeats = 5  # int > 0: timed calls per number (batches of eval.batch_size)
 
-    c.explain = ml_collections.ConfigDict()  # --mode=explain: pathways and figures of images
-    c.explain.images = ""  # "npz:FILE" | "folder:DIR" | a path; "" = the first num_images tests
-    c.explain.num_images = 16
-    c.explain.out_dir = ""  # "" = WORKDIR/explain
+    c.explain = ml_collections.ConfigDict()  # --mode=explain
+    c.explain.images = ""  # "npz:FILE" | "folder:DIR" | a path; "" = the first 16 test images
     return c

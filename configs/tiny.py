@@ -1,6 +1,6 @@
 """Tiny config for tests and smoke runs: small widths, few steps, capped data.
 
-python launch.py --config=configs/tiny.py --workdir=/tmp/tiny --mode=all
+    python launch.py --config=configs/tiny.py --workdir=/tmp/tiny --mode=all
 """
 
 from configs import default
@@ -10,22 +10,18 @@ def get_config():
     c = default.get_config()
     c.data.train_limit = 512
     c.data.test_limit = 128
+    c.train.batch_size = 32
+    c.train.eval_batch_size = 64
+    c.train.checkpoint_every = 8
+    c.train.log_every = 4
     c.classifier.widths = (8, 16, 16, 16)
-    c.classifier.batch_size = 32
     c.classifier.epochs = 2.0
     c.classifier.warmup_steps = 4
-    c.classifier.checkpoint_every = 8
-    c.classifier.log_every = 4
-    c.classifier.eval_batch_size = 64
     c.generator.model.hidden = 16
-    c.generator.batch_size = 32
     c.generator.steps = 24
-    c.generator.opt.warmup_steps = 4
-    c.generator.opt.learning_rate = 2e-2  # few steps: move fast enough to sparsify
+    c.generator.warmup_steps = 4
+    c.generator.learning_rate = 2e-2  # few steps: move fast enough to sparsify
     c.generator.loss.sparsity_ramp_steps = 8
-    c.generator.checkpoint_every = 8
-    c.generator.log_every = 4
-    c.generator.eval_batch_size = 64
     c.generator.pio.num_images = 64
     c.generator.pio.per_step = 16
     c.generator.pio.batch_size = 32
@@ -39,7 +35,7 @@ def get_config():
     c.eval.batch_size = 32
     c.eval.cdrp_steps = 5
     c.eval.intgrad_steps = 4
-    c.eval.auc_points = 5
+    c.headroom.num_examples = 32
+    c.headroom.steps = 4
     c.bench.repeats = 2
-    c.bench.batch_size = 32
     return c

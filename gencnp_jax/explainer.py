@@ -1,13 +1,16 @@
-"""A trained classifier and generator from a workdir, ready to explain images (notebooks).
+"""A trained classifier and generator, ready to explain images (notebooks, the explain mode).
 
-explainer = Explainer.from_workdir("runs/default")   # the config the run saved, or pass one
-pathway = explainer(images_uint8)                    # Pathway: gates, scores, logits
+    explainer = Explainer.from_workdir("runs/default")   # a run's models and settings
+    pathway = explainer(images_uint8)                    # Pathway: gates, scores, logits
+
+`Explainer(...)` takes its parts explicitly; only `from_workdir` reads a config (the one the run
+recorded in ``WORKDIR/config.json``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -18,51 +21,75 @@ from gencnp_jax.eval import saliency as saliency_lib
 from gencnp_jax.io import batched, data, sharding, writers
 from gencnp_jax.method.explain import jit_explain
 from gencnp_jax.method.pathway import Pathway
+from gencnp_jax.models import daq
+from gencnp_jax.models.frozen import FrozenClassifier, FrozenGenerator
 
 
 class Explainer:
     """A trained classifier + generator, ready to explain images.
 
-    The states are replicated over the config's device mesh once; every call feeds the jitted
-    explain padded batches of one size, so it compiles once per batch size, never per number
-    of images.
+    The models are replicated over the device mesh once; every call feeds the jitted explain
+    padded batches of one size, so it compiles once per batch size, never per number of
+    images.
     """
 
-    def __init__(self, config, classifier, gen_graphdef, gen_state, fills):
-        self.config = config
-        self.mesh = inputs.make_mesh(config)
-        gen_state, cls_state, fills = sharding.replicate(
-            self.mesh, (gen_state, classifier.state, fills)
-        )
-        self.classifier = dataclasses.replace(classifier, state=cls_state)
-        self.gen_graphdef, self.gen_state, self.fills = gen_graphdef, gen_state, fills
-        daq = config.generator.daq
-        self._temperature, self._sigma = jnp.float32(daq.temperature), jnp.float32(daq.sigma)
-        self._explain = jit_explain(gen_graphdef, classifier.graphdef)
+    def __init__(
+        self,
+        generator: FrozenGenerator,
+        classifier: FrozenClassifier,
+        *,
+        normalize: Callable[[np.ndarray], np.ndarray],
+        image_shape: tuple[int, int, int],
+        settings: daq.Settings,
+        batch_size: int = 256,
+        mesh: jax.sharding.Mesh | None = None,
+    ):
+        """
+        Args:
+          generator: the trained generator.
+          classifier: the classifier it explains, with the fills of its closed gates.
+          normalize: uint8 ``N x H x W x C`` pixels -> the float images the classifier takes.
+          image_shape: ``(H, W, C)`` of the classifier's input.
+          settings: DAQ's temperature and kernel width (the generator's training values).
+          batch_size: images per call (rounded up to the mesh size).
+          mesh: the device mesh; None = every local device.
+        """
+        self.mesh = mesh if mesh is not None else sharding.make_mesh(None)
+        self.generator, self.classifier = sharding.replicate(self.mesh, (generator, classifier))
+        self.normalize, self.image_shape = normalize, tuple(image_shape)
+        self.settings, self.default_batch_size = settings, int(batch_size)
         self._saliency_fns = {}  # site -> jitted saliency, compiled on first use
 
     @classmethod
     def from_workdir(cls, workdir: str | os.PathLike, config=None) -> Explainer:
-        """The trained classifier and generator of `workdir`.
+        """The trained classifier and generator of `workdir`, with the run's settings.
 
         Args:
           workdir: the run's folder.
-          config: the run's config; None reads the one the run saved, ``WORKDIR/config.json``.
-            The older order ``from_workdir(config, workdir)`` works too.
+          config: the run's config; None reads the one the run recorded, ``WORKDIR/config.json``.
 
         Raises:
           FileNotFoundError: no config given and none saved in `workdir`.
           workdir_lib.StageOrderError: no trained classifier or generator in `workdir`.
         """
-        if not isinstance(workdir, str | os.PathLike) and isinstance(config, str | os.PathLike):
-            workdir, config = config, workdir  # the older order
         if not isinstance(workdir, str | os.PathLike):
             raise TypeError(f"workdir must be a path, got {type(workdir).__name__}")
         workdir = os.fspath(workdir)
         config = record.saved_config(workdir) if config is None else config
-        classifier = loading.load_classifier(config, workdir)
-        gd, state, fills, _ = loading.load_generator(config, workdir, classifier)
-        return cls(config, classifier, gd, state, fills)
+        generator, classifier, _ = loading.load_generator(
+            config, workdir, loading.load_classifier(config, workdir)
+        )
+        d, g = config.data, config.generator
+        hwc, _ = data.dataset_info(d.dataset, os.path.expanduser(d.data_dir))
+        return cls(
+            generator,
+            classifier,
+            normalize=lambda images: inputs.normalize(config, images),
+            image_shape=hwc,
+            settings=daq.Settings.create(g.daq.temperature, g.daq.sigma),
+            batch_size=config.eval.batch_size,
+            mesh=inputs.make_mesh(config),
+        )
 
     def prepare(self, images) -> np.ndarray:
         """Images as the classifier takes them: uint8 ones normalised, float ones as they are.
@@ -73,22 +100,20 @@ class Explainer:
         """
         images = np.asarray(images)
         if images.dtype == np.uint8:
-            images = inputs.normalize(self.config, images)
+            images = self.normalize(images)
         elif not np.issubdtype(images.dtype, np.floating):
             raise ValueError(
                 f"images of dtype {images.dtype}: pass uint8 pixels (0..255, normalised here) "
-                f"or float images normalised with data.normalize"
+                f"or float images normalised as the classifier was trained"
             )
-        d = self.config.data
-        hwc, _ = data.dataset_info(d.dataset, os.path.expanduser(d.data_dir))
-        data.validate_images(images, hwc)
+        data.validate_images(images, self.image_shape)
         if not len(images):
             raise ValueError(f"no images to explain: got shape {tuple(images.shape)}")
         return images
 
     def batch_size(self, batch_size: int | None = None) -> int:
-        """`batch_size` (default ``config.eval.batch_size``) rounded up to the mesh size."""
-        size = int(batch_size or self.config.eval.batch_size)
+        """`batch_size` (default: the explainer's) rounded up to the mesh size."""
+        size = int(batch_size or self.default_batch_size)
         if size <= 0:
             raise ValueError(f"batch_size must be positive, got {size}")
         return -(-size // self.mesh.size) * self.mesh.size
@@ -98,7 +123,7 @@ class Explainer:
 
         Args:
           fn: a sharded batch -> a pytree with the batch on axis 0; a jitted function that
-            reads this explainer's (replicated) states.
+            reads this explainer's (replicated) models.
           images: ``f32[N, H, W, C]`` from `prepare`.
           batch_size: rows per call (see `batch_size`); the last batch repeats its last row.
           desc: label of the progress bar, shown when there are several batches.
@@ -113,8 +138,7 @@ class Explainer:
             )
 
     def __call__(self, images, batch_size: int | None = None) -> Pathway:
-        """Explains images, in padded batches of `batch_size` (default
-        ``config.eval.batch_size``): the same result as one batch of them all.
+        """Explains images in padded batches: the same result as one batch of them all.
 
         Returns:
           The Pathway of every image (sites in the classifier's order).
@@ -123,15 +147,27 @@ class Explainer:
           ValueError: see `prepare`.
         """
         images = self.prepare(images)
-        t, sigma = self._temperature, self._sigma
 
         def fn(batch):
-            return self._explain(self.gen_state, self.classifier.state, batch, t, sigma, self.fills)
+            return jit_explain(self.generator, self.classifier, batch, self.settings)
 
         p = self.map_batches(fn, images, batch_size, desc="explain")
         sites = list(self.classifier.site_channels)  # jit returns them sorted by name
         p = p.replace(gates={s: p.gates[s] for s in sites}, scores={s: p.scores[s] for s in sites})
         return jax.tree.map(jnp.asarray, p)
+
+    def saliency_fn(self, site: str) -> Callable:
+        """A jitted ``fn(images) -> (cam_full, cam_pathway, grad)`` at gate site `site`
+        (`saliency.pathway_saliency`), compiled once per site."""
+        sites = self.classifier.site_channels
+        if site not in sites:
+            raise ValueError(f"site {site!r} is not a gate site of this classifier: {list(sites)}")
+        if site not in self._saliency_fns:
+            jitted = jax.jit(saliency_lib.pathway_saliency, static_argnums=4)
+            self._saliency_fns[site] = lambda images: jitted(
+                self.generator, self.classifier, images, self.settings, site
+            )
+        return self._saliency_fns[site]
 
     def saliency(
         self, images, site: str | None = None, batch_size: int | None = None
@@ -140,10 +176,11 @@ class Explainer:
         pathway gradient (`gencnp_jax.eval.saliency`), in padded batches as `__call__`.
 
         Args:
-          images: as for `__call__` (uint8 pixels, or floats normalised with data.normalize).
-          site: the gate site whose activation Grad-CAM weighs (4-D, NxHxWxC); None takes
-            ``config.eval.gradcam_site``, or the deepest site when that is ``""``.
-          batch_size: rows per call; default ``config.eval.batch_size``.
+          images: as for `__call__` (uint8 pixels, or floats normalised as the classifier was
+            trained).
+          site: the gate site whose activation Grad-CAM weighs (4-D, NxHxWxC, or a square grid
+            of tokens); None takes the deepest site.
+          batch_size: rows per call; default the explainer's.
 
         Returns:
           ``(cam_full f32[N, H, W], cam_pathway f32[N, H, W], grad f32[N, H, W, C])`` as host
@@ -154,23 +191,5 @@ class Explainer:
         Raises:
           ValueError: `site` is not a gate site of the classifier; images as in `prepare`.
         """
-        sites = self.classifier.site_channels
-        site = site or self.config.eval.get("gradcam_site", "") or list(sites)[-1]
-        if site not in sites:
-            raise ValueError(f"site {site!r} is not a gate site of this classifier: {list(sites)}")
-        images = self.prepare(images)
-        if site not in self._saliency_fns:
-            gen_gd, cls_gd = self.gen_graphdef, self.classifier.graphdef
-
-            def fn(gen_state, cls_state, fills, batch, temperature, sigma):
-                return saliency_lib.pathway_saliency(
-                    gen_gd, gen_state, cls_gd, cls_state, batch, temperature, sigma, fills, site
-                )
-
-            self._saliency_fns[site] = jax.jit(fn)
-        jitted, t, sigma = self._saliency_fns[site], self._temperature, self._sigma
-
-        def run(batch):
-            return jitted(self.gen_state, self.classifier.state, self.fills, batch, t, sigma)
-
-        return self.map_batches(run, images, batch_size, desc="saliency")
+        fn = self.saliency_fn(site or list(self.classifier.site_channels)[-1])
+        return self.map_batches(fn, self.prepare(images), batch_size, desc="saliency")

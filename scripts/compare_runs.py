@@ -67,15 +67,24 @@ def compare_json(a, b, path: str, out: list, tol: tuple[float, float], ignore) -
 
 
 def _arrays(folder: str) -> dict[str, np.ndarray]:
-    """The leaves of the newest orbax step in `folder`, by key path."""
+    """The leaves of the newest orbax step in `folder`, by key path (no template needed: the
+    checkpoint's own metadata gives every shape and dtype)."""
     import jax
     import orbax.checkpoint as ocp
 
     steps = sorted(int(s) for s in os.listdir(folder) if s.isdigit())
     state = os.path.join(folder, str(steps[-1]), "state")
-    with ocp.PyTreeCheckpointer() as ckpt:
-        tree = ckpt.restore(state)
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    ckpt = ocp.StandardCheckpointer()
+    meta = ckpt.metadata(state)
+    tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        tree,
+        is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"),
+    )
+    flat = jax.tree_util.tree_flatten_with_path(ckpt.restore(state, abstract))[0]
+    ckpt.close()
     return {jax.tree_util.keystr(p): np.asarray(v) for p, v in flat}
 
 

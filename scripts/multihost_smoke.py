@@ -79,14 +79,15 @@ def generator_steps_on_meshes(config, counts, steps: int, sgd_lr: float = 0.0) -
     from flax import nnx
 
     from gencnp_jax.io import data, sharding
+    from gencnp_jax.models.frozen import FrozenClassifier
     from gencnp_jax.train import generator as train_generator
 
     hwc, num_classes = data.dataset_info(config.data.dataset)
     model = loading.new_classifier(config, num_classes, hwc[-1])
     cls_graphdef, cls_state = nnx.split(model)
-    classifier = loading.Classifier(cls_graphdef, cls_state, dict(model.site_channels), num_classes)
+    classifier = FrozenClassifier(cls_graphdef, cls_state, model.site_channels, num_classes)
     rng = np.random.default_rng(config.seed)
-    batches = rng.normal(0, 1.5, (steps, config.generator.batch_size, *hwc)).astype(np.float32)
+    batches = rng.normal(0, 1.5, (steps, config.train.batch_size, *hwc)).astype(np.float32)
     results = {}
     for n in counts:
         mesh = sharding.make_mesh(n)
@@ -94,15 +95,15 @@ def generator_steps_on_meshes(config, counts, steps: int, sgd_lr: float = 0.0) -
         if sgd_lr > 0:
             tx = optax.sgd(sgd_lr)
             state = state.replace(opt_state=tx.init(state.params))
-        state, cls_dev = sharding.replicate(mesh, (state, classifier.state))
+        state, cls_dev = sharding.replicate(mesh, (state, classifier))
         hp, weights = train_generator.hparams_from_config(config.generator)
         terms = weights.active()
         hp, weights = sharding.replicate(mesh, (hp, weights))
-        step_fn = train_generator.make_train_step(gen_graphdef, cls_graphdef, tx, terms)
+        step_fn = train_generator.make_train_step(gen_graphdef, tx, terms)
         metrics = []
         for step in range(steps):
             images = sharding.shard_batch(mesh, batches[step])
-            state, out = step_fn(state, images, jnp.int32(step), cls_dev, None, weights, hp)
+            state, out = step_fn(state, images, jnp.int32(step), cls_dev, weights, hp)
             metrics.append({k: float(v) for k, v in out.items()})
         results[n] = {
             "params": _flatten(sharding.to_host(state.params)),
@@ -159,7 +160,7 @@ def _task_worker():
     result = pipeline.run("train_generator", config, _WORKDIR.value)
     pid = jax.process_index()
     local = {}  # every local device's copy of every (replicated) parameter
-    for path, leaf in jax.tree_util.tree_leaves_with_path(captured["state"].gen.params):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(captured["state"].params):
         for j, shard in enumerate(leaf.addressable_shards):
             local[f"{j}|{jax.tree_util.keystr(path)}"] = np.asarray(shard.data)
     os.makedirs(_OUT.value, exist_ok=True)

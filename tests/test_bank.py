@@ -12,21 +12,21 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from gencnp_jax.context import loading
 from gencnp_jax.eval import perturbation
 from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.method import class_bank as bank
 from gencnp_jax.models import classifiers
 from gencnp_jax.models import gates as gates_lib
+from gencnp_jax.models.frozen import FrozenClassifier
 from gencnp_jax.stages import build_bank
 
 K = 10
 
 
-def _classifier(widths=(4, 8), seed=0) -> loading.Classifier:
+def _classifier(widths=(4, 8), seed=0) -> FrozenClassifier:
     model = classifiers.make_classifier("vgg", widths, K, 1, seed=seed)
     graphdef, state = classifiers.split(model)
-    return loading.Classifier(graphdef, state, dict(model.site_channels), K)
+    return FrozenClassifier(graphdef, state, model.site_channels, K)
 
 
 def _bank(classifier, config, seed=0, with_scores=True) -> bank.ClassBank:
@@ -140,12 +140,7 @@ def test_ranking_orders_by_frequency_then_breaks_ties_by_mean_score():
 def test_mismatch_errors(config, tmp_path):
     classifier = _classifier()
     build_bank.save_bank(_bank(classifier, config), str(tmp_path), list(classifier.site_channels))
-    other_weights = loading.Classifier(
-        classifier.graphdef,
-        perturbation.randomize_weights(classifier.state, 3),
-        classifier.site_channels,
-        K,
-    )
+    other_weights = classifier.with_state(perturbation.randomize_weights(classifier.state, 3))
     with pytest.raises(build_bank.BankMismatchError, match="built for another classifier") as err:
         build_bank.load_bank(config, str(tmp_path), other_weights)
     assert "--mode=build_bank" in str(err.value) and "weights differ" in str(err.value)

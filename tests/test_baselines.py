@@ -1,4 +1,5 @@
-"""Baselines: exact binarisation counts, NeuronMCT against a hand gradient, CDRP's objective."""
+"""Baselines: exact binarisation counts; NeuronMCT and NeuronIntGrad against hand-computed
+gradients under both ablations; CDRP's objective and steps."""
 
 import chex
 import jax
@@ -10,6 +11,7 @@ from flax import nnx
 from gencnp_jax.eval import baselines
 from gencnp_jax.models import classifiers
 from gencnp_jax.models import gates as gates_lib
+from gencnp_jax.models.frozen import FrozenClassifier
 
 B = 4
 
@@ -19,7 +21,24 @@ def tiny():
     model = classifiers.make_classifier("vgg", (8, 16, 16, 16), 3, 1, seed=0)
     graphdef, state = nnx.split(model)
     images = jax.random.normal(jax.random.key(1), (B, 8, 8, 1))
-    return graphdef, state, images, dict(model.site_channels)
+    classifier = FrozenClassifier(graphdef, state, model.site_channels, 3)
+    return classifier, images, dict(model.site_channels), model
+
+
+def _tail_logit(model, classes):
+    """What VGG does after its last gate site, to the summed class logit."""
+
+    def tail(a_BxHxWxC):
+        if min(a_BxHxWxC.shape[1:3]) >= 2:
+            a_BxHxWxC = nnx.max_pool(a_BxHxWxC, (2, 2), strides=(2, 2))
+        out = model.head(jnp.mean(a_BxHxWxC, axis=(1, 2)))
+        return jnp.take_along_axis(out, classes[:, None], -1).sum()
+
+    return tail
+
+
+def _cdrp(steps, gamma=0.05):
+    return baselines.CdrpSettings(steps=steps, gamma=gamma, lr=0.1, momentum=0.9, threshold=0.5)
 
 
 def _scores(site_channels, batch=B, seed=0):
@@ -73,66 +92,92 @@ def test_gates_at_site_density_exact_per_site():
         assert scores[site].shape == (B, site_channels[site])
 
 
-def test_neuron_mct_equals_hand_gradient_at_last_site(tiny):
-    graphdef, state, images, site_channels = tiny
-    scores, gates = jax.jit(lambda st, x: baselines.neuron_mct(graphdef, st, x, density=0.25))(
-        state, images
-    )
-    model = nnx.merge(graphdef, state)
-    logits, features = model(images)
-    classes = jnp.argmax(logits, -1)
+@pytest.mark.parametrize("ablation", ["zero", "mean"])
+def test_neuron_mct_equals_hand_gradient_at_last_site(tiny, ablation):
+    classifier, images, site_channels, model = tiny
     last = list(site_channels)[-1]
-
-    def tail(a_BxHxWxC):  # what VGG does after its last gate site
-        if min(a_BxHxWxC.shape[1:3]) >= 2:
-            a_BxHxWxC = nnx.max_pool(a_BxHxWxC, (2, 2), strides=(2, 2))
-        out = model.head(jnp.mean(a_BxHxWxC, axis=(1, 2)))
-        return jnp.take_along_axis(out, classes[:, None], -1).sum()
-
+    logits, features = model(images)
     a = features[last]
-    by_hand = jnp.sum(jnp.abs(a * jax.grad(tail)(a)), axis=(1, 2))  # sum_hw |a dy/da|
+    fills = None
+    if ablation == "mean":  # the channel means of this batch: one channel sits at its mean
+        fills = {s: f.mean(axis=(0, 1, 2)) for s, f in features.items()}
+    classifier = classifier.with_fills(fills)
+    scores, gates = jax.jit(lambda c, x: baselines.neuron_mct(c, x, density=0.25))(
+        classifier, images
+    )
+    grad = jax.grad(_tail_logit(model, jnp.argmax(logits, -1)))(a)
+    fill = 0.0 if fills is None else fills[last]
+    by_hand = jnp.sum(jnp.abs((a - fill) * grad), axis=(1, 2))  # sum_hw |(a - fill) dy/da|
     chex.assert_trees_all_close(scores[last], by_hand, rtol=1e-4, atol=1e-6)
     total = sum(site_channels.values())
     np.testing.assert_array_equal(gates_lib.flatten(gates).sum(-1), np.full(B, round(0.25 * total)))
 
 
+def test_zero_and_mean_ablation_scores_differ_where_they_must(tiny):
+    """Closing a channel to the value it already has costs nothing: with fills equal to image
+    0's own activations at the last site (1x1 there), mean ablation scores image 0's channels
+    0 at that site, while zero ablation scores them by |a dy/da|."""
+    classifier, images, site_channels, model = tiny
+    last = list(site_channels)[-1]
+    _, features = model(images)
+    assert features[last].shape[1:3] == (1, 1)
+    fills = {s: f.mean(axis=(0, 1, 2)) for s, f in features.items()}
+    fills[last] = features[last][0, 0, 0]  # image 0's activation
+    zero = baselines.neuron_mct(classifier, images)[0][last]
+    mean = baselines.neuron_mct(classifier.with_fills(fills), images)[0][last]
+    np.testing.assert_array_equal(mean[0], np.zeros_like(mean[0]))
+    assert float(jnp.sum(zero[0])) > 0.0
+    assert not np.allclose(zero[1:], mean[1:])  # other images: both nonzero, and different
+
+
+def test_neuron_intgrad_equals_hand_integral_at_last_site(tiny):
+    classifier, images, site_channels, model = tiny
+    last = list(site_channels)[-1]
+    logits, features = model(images)
+    a = features[last]
+    fills = {s: f.mean(axis=(0, 1, 2)) for s, f in features.items()}
+    steps = 5
+    run = jax.jit(lambda c, x: baselines.neuron_intgrad(c, x, steps=steps, density=0.5))
+    scores, gates = run(classifier.with_fills(fills), images)
+    tail = _tail_logit(model, jnp.argmax(logits, -1))
+    fill = fills[last]
+    # a~(alpha) = fill + alpha (a - fill) at the last site only; the element score is
+    # |(a - fill) * mean_alpha dy/da~(alpha)|, a channel's the sum over space
+    grads = [jax.grad(tail)(fill + alpha * (a - fill)) for alpha in np.linspace(0, 1, steps)]
+    by_hand = jnp.sum(jnp.abs((a - fill) * jnp.mean(jnp.stack(grads), 0)), axis=(1, 2))
+    chex.assert_trees_all_close(scores[last], by_hand, rtol=1e-4, atol=1e-6)
+    for site, c in site_channels.items():
+        chex.assert_shape([scores[site], gates[site]], (B, c))
+    # at a shallower site the path to the logit is not linear: the integral is not the end
+    # point's gradient, IntGrad is not NeuronMCT
+    first = list(site_channels)[0]
+    mct = baselines.neuron_mct(classifier.with_fills(fills), images)[0][first]
+    assert not np.allclose(scores[first], mct, rtol=1e-3)
+
+
 def test_neuron_mct_signed_is_the_abs_of_the_signed_sum(tiny):
-    graphdef, state, images, site_channels = tiny
-    signed = baselines.neuron_mct_signed(graphdef, state, images)[0]
-    unsigned = baselines.neuron_mct(graphdef, state, images)[0]
+    classifier, images, site_channels, _ = tiny
+    signed = baselines.neuron_mct_signed(classifier, images)[0]
+    unsigned = baselines.neuron_mct(classifier, images)[0]
     for site in site_channels:  # |sum x| <= sum |x|
         assert bool(jnp.all(signed[site] <= unsigned[site] + 1e-5))
 
 
-def test_fills_reach_the_scores(tiny):
-    graphdef, state, images, site_channels = tiny
-    fills = {s: jnp.full((c,), 0.5) for s, c in site_channels.items()}
-    fn = jax.jit(lambda st, x, f: baselines.neuron_mct(graphdef, st, x, fills=f)[0])
-    last = list(site_channels)[-1]
-    assert not np.allclose(fn(state, images, fills)[last], fn(state, images, None)[last])
-
-
-def test_intgrad_and_topk_shapes(tiny):
-    graphdef, state, images, site_channels = tiny
-    run = jax.jit(lambda st, x: baselines.neuron_intgrad(graphdef, st, x, steps=4, density=0.5))
-    scores, gates = run(state, images)
-    chex.assert_tree_all_finite(scores)
-    for site, c in site_channels.items():
-        chex.assert_shape([scores[site], gates[site]], (B, c))
-        assert float(scores[site].min()) >= 0.0
-    scores, _ = baselines.topk_activation(graphdef, state, images)
-    _, features = classifiers.forward(graphdef, state, images)
+def test_topk_activation_is_the_mean_activation(tiny):
+    classifier, images, site_channels, _ = tiny
+    scores, _ = baselines.topk_activation(classifier, images)
+    _, features = classifier.classify(images)
     last = list(site_channels)[-1]
     chex.assert_trees_all_close(scores[last], features[last].mean(axis=(1, 2)), rtol=1e-5)
 
 
 def test_cdrp_lowers_objective_and_keeps_prediction(tiny):
-    graphdef, state, images, site_channels = tiny
+    classifier, images, site_channels, _ = tiny
     gamma = 0.05
-    run = jax.jit(lambda st, x: baselines.cdrp(graphdef, st, x, steps=6, gamma=gamma))
-    scores, gates = run(state, images)
-    full_logits, _ = classifiers.forward(graphdef, state, images)
-    kept_logits, _ = classifiers.forward(graphdef, state, images, scores)
+    run = jax.jit(lambda c, x: baselines.cdrp(c, x, _cdrp(6, gamma)))
+    scores, gates = run(classifier, images)
+    full_logits = classifier.logits(images)
+    kept_logits = classifier.logits(images, scores)
     np.testing.assert_array_equal(jnp.argmax(kept_logits, -1), jnp.argmax(full_logits, -1))
 
     def objective_B(logits_BxK, lam):
@@ -161,7 +206,7 @@ def test_cdrp_subgradient_leaves_a_closed_gate_closed():
 
 
 def test_cdrp_takes_exactly_the_given_steps(tiny):
-    graphdef, state, images, _ = tiny
+    classifier, images, _, _ = tiny
     for steps in (0, 1):  # iterate 0 (the full model) is the only one evaluated: all ones
-        scores, _ = baselines.cdrp(graphdef, state, images[:1], steps=steps)
+        scores, _ = baselines.cdrp(classifier, images[:1], _cdrp(steps))
         assert all(bool(jnp.all(v == 1.0)) for v in jax.tree.leaves(scores))

@@ -16,6 +16,7 @@ from gencnp_jax.context import loading
 from gencnp_jax.eval import methods as eval_methods
 from gencnp_jax.models import classifiers
 from gencnp_jax.models import gates as gates_lib
+from gencnp_jax.models.frozen import FrozenClassifier
 from gencnp_jax.stages import build_bank, evaluate
 
 METHODS = (
@@ -50,7 +51,7 @@ def fixture_evaluated(tiny_config, generator_workdir, tmp_path_factory):
         shutil.copytree(os.path.join(generator_workdir, stage), os.path.join(workdir, stage))
     config = copy.deepcopy(tiny_config)
     config.eval.update(
-        num_examples=40, batch_size=16, cdrp_steps=2, intgrad_steps=2, auc_points=3
+        num_examples=40, batch_size=16, cdrp_steps=2, intgrad_steps=2
     )  # 40 = 16 + 16 + 8: the last batch is padded
     config.eval.update(auc_examples=24, densities=DENSITIES, control_examples=32, sanity_steps=2)
     build_bank.build_bank(config, workdir)
@@ -126,23 +127,22 @@ def test_bank_of_the_trained_workdir(evaluated):
 def _tiny_classifier():
     model = classifiers.make_classifier("vgg", (4, 8), 10, 1)
     graphdef, state = classifiers.split(model)
-    return graphdef, state, dict(model.site_channels)
+    sites = dict(model.site_channels)
+    zeros = {s: jnp.zeros((c,)) for s, c in sites.items()}
+    return FrozenClassifier(graphdef, state, sites, 10, zeros), sites
 
 
 def test_metric_pass_on_the_full_model_is_exact():
-    graphdef, state, sites = _tiny_classifier()
+    classifier, sites = _tiny_classifier()
     images = jax.random.normal(jax.random.key(0), (8, 28, 28, 1))
-    classes_B = jnp.argmax(classifiers.forward(graphdef, state, images)[0], -1)
+    classes_B = jnp.argmax(classifier.logits(images), -1)
     ones_BxN = jnp.ones((8, sum(sites.values())))
-    zeros = {s: jnp.zeros((c,)) for s, c in sites.items()}
-    per = eval_methods.make_metric_fn(graphdef, sites, extra=True)(
-        state, zeros, images, classes_B, ones_BxN
-    )
+    per = eval_methods.make_metric_fn(extra=True)(classifier, images, classes_B, ones_BxN)
     mean = lambda k: float(jnp.sum(per[k][0] * per[k][1]) / jnp.sum(per[k][1]))
     assert mean("mIC") == 0.0 and mean("mDC") == 0.0 and mean("agreement") == 1.0
     assert mean("density") == 1.0 and "necessity_drop" in per and "null_confidence" in per
-    aucs = eval_methods.make_auc_fn(graphdef, sites, 3)(
-        state, zeros, images, classes_B, ones_BxN, jnp.arange(8), jax.random.key(0)
+    aucs = eval_methods.make_auc_fn(3)(
+        classifier, images, classes_B, ones_BxN, jnp.arange(8), jax.random.key(0)
     )
     assert all(bool(jnp.all((v >= 0) & (v <= 1))) for v in aucs.values())
     assert gates_lib.flatten(gates_lib.all_ones(sites, 8)).shape == ones_BxN.shape

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from gencnp_jax import explainer as explainer_lib
-from gencnp_jax.context import inputs
+from gencnp_jax.context import inputs, record
+from gencnp_jax.method.explain import jit_explain
 from gencnp_jax.method.pathway import Pathway
 from gencnp_jax.stages import explain_images, pipeline
 
@@ -31,7 +32,7 @@ def _host(tree):
 
 @pytest.fixture(scope="module")
 def explainer(tiny_config, generator_workdir):
-    return explainer_lib.Explainer.from_workdir(tiny_config, generator_workdir)  # older order
+    return explainer_lib.Explainer.from_workdir(generator_workdir, tiny_config)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def test_batches_match_one_batch_and_compile_once(explainer, tiny_config):
     images = inputs.load_data(tiny_config, "test").images[:37]
     one = _host(explainer(images, batch_size=37))  # every image in one call
     batched = _host(explainer(images, batch_size=16))  # 16 + 16 + 5 padded to 16
-    compiled = explainer._explain._cache_size()
+    compiled = jit_explain._cache_size()
     assert list(batched.gates) == list(explainer.classifier.site_channels)
     chex.assert_shape(batched.full_logits, (37, 10))
     chex.assert_trees_all_equal(batched.gates, one.gates)
@@ -64,14 +65,15 @@ def test_batches_match_one_batch_and_compile_once(explainer, tiny_config):
         part = _host(explainer(images[rows], batch_size=16))
         chex.assert_trees_all_equal(part, batched.take(rows))
     explainer(images[:3])  # config.eval.batch_size (32): one padded batch
-    assert explainer._explain._cache_size() == compiled + 1  # per batch size, not per length
+    assert jit_explain._cache_size() == compiled + 1  # per batch size, not per length
 
 
 def test_from_workdir_reads_the_saved_config(explain_run, explainer):
     workdir, config, _ = explain_run
     loaded = explainer_lib.Explainer.from_workdir(workdir)
-    assert loaded.config.to_dict() == config.to_dict()  # lists back to tuples
-    assert loaded.config.generator.model.pooling == ("avg", "max")
+    recorded = record.saved_config(workdir)
+    assert recorded.to_dict() == config.to_dict()  # lists back to tuples
+    assert recorded.generator.model.pooling == ("avg", "max")
     images = inputs.load_data(config, "test").images[:4]
     chex.assert_trees_all_equal(_host(loaded(images)), _host(explainer(images)))
 
@@ -116,11 +118,10 @@ def test_explain_mode_writes_pathways_figures_and_page(explain_run, explainer):
 
 
 def test_explain_mode_default_images_are_the_first_test_images(tiny_config):
-    config = copy.deepcopy(tiny_config)
-    config.explain.num_images = 3
-    images, names = explain_images.load_images(config)
-    np.testing.assert_array_equal(images, inputs.load_data(config, "test").images[:3])
-    assert names == ["test #0", "test #1", "test #2"]
+    images, names = explain_images.load_images(tiny_config)
+    n = explain_images.TEST_IMAGES
+    np.testing.assert_array_equal(images, inputs.load_data(tiny_config, "test").images[:n])
+    assert names == [f"test #{i}" for i in range(n)]
 
 
 def test_explain_mode_refuses_wrong_size_images(tiny_config, tmp_path, capsys):

@@ -13,7 +13,8 @@ from helpers import GENERATOR
 
 from gencnp_jax.method import losses
 from gencnp_jax.models import classifiers, daq
-from gencnp_jax.models.generator import Generator, explain_scores
+from gencnp_jax.models.frozen import FrozenGenerator
+from gencnp_jax.models.generator import Generator
 
 IMAGES = jax.random.normal(jax.random.key(0), (4, 16, 16, 1))
 
@@ -44,7 +45,8 @@ def test_one_score_vector_per_site(name, widths, cell):
         chex.assert_shape(scores[site], (4, c))
     chex.assert_shape(q_logits, (4, 10))
     graphdef, state = nnx.split(generator)
-    scores, gates, _ = jax.jit(explain_scores)(graphdef, state, features, 2.0, 2.0)
+    pathway = jax.jit(lambda g, f: g.pathway(f, daq.Settings.create(2.0, 2.0)))
+    scores, gates, _ = pathway(FrozenGenerator(graphdef, state), features)
     assert set(gates) == set(classifier.site_channels)
     for site, c in classifier.site_channels.items():
         chex.assert_shape(gates[site], (4, c))

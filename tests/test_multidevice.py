@@ -29,7 +29,7 @@ from gencnp_jax.io import sharding
 from gencnp_jax.train import classifier as train_classifier
 from gencnp_jax.train import generator as train_generator
 from gencnp_jax.train import loop as train_loop
-from gencnp_jax.context import loading
+from gencnp_jax.models.frozen import FrozenClassifier
 
 out_path, steps = sys.argv[1], int(sys.argv[2])
 config = tiny.get_config()
@@ -46,7 +46,7 @@ model = classifiers.make_classifier("vgg", (8, 16), 10, 1, 1, seed=0)
 site_channels = dict(model.site_channels)
 tx = train_classifier.make_optimizer(1e-2, 1e-4, 1, 100, 1.0)
 graphdef, cls_state0 = train_loop.TrainState.create(model, tx)
-classifier = loading.Classifier(graphdef, nnx.state(model), site_channels, 10)
+classifier = FrozenClassifier(graphdef, nnx.state(model), site_channels, 10)
 gen_graphdef, gen_tx, gen0 = train_generator.init_state(config, classifier)
 hp, weights = train_generator.hparams_from_config(config.generator)
 
@@ -70,13 +70,13 @@ for n in (1, 2):
     results[f"classifier_{n}"] = sharding.to_host(
         {"params": state.params, "rest": state.rest, "loss": jnp.stack(losses)})
 
-    gen_step = train_generator.make_train_step(gen_graphdef, graphdef, gen_tx, weights.active())
-    gen, cls_state = sharding.replicate(mesh, (jax.tree.map(jnp.copy, gen0), classifier.state))
+    gen_step = train_generator.make_train_step(gen_graphdef, gen_tx, weights.active())
+    gen, cls_n = sharding.replicate(mesh, (jax.tree.map(jnp.copy, gen0), classifier))
     hp_n, weights_n = sharding.replicate(mesh, (hp, weights))
     totals = []
     for i in range(steps):
         x = sharding.shard_batch(mesh, images[i])
-        gen, out = gen_step(gen, x, jnp.int32(i), cls_state, None, weights_n, hp_n)
+        gen, out = gen_step(gen, x, jnp.int32(i), cls_n, weights_n, hp_n)
         totals.append(out["loss/total"])
     info[f"generator_{n}"] = {
         "gen_replicated": all(a.sharding.is_fully_replicated for a in jax.tree.leaves(gen)),

@@ -113,8 +113,8 @@ def test_two_processes_train_generator_as_one_mesh(tiny_config, trained_workdir,
         *_data_flags(tiny_config),
         "--config.cpu_devices=1",
         f"--config.generator.steps={steps}",
-        "--config.generator.checkpoint_every=2",
-        "--config.generator.log_every=2",
+        "--config.train.checkpoint_every=2",
+        "--config.train.log_every=2",
     ]
     procs = multihost_smoke.start_workers(flags, 2, out, out, env=FAST_COMPILE)
     codes = multihost_smoke.wait_all(procs, timeout=300)
@@ -147,7 +147,7 @@ def test_two_processes_train_generator_as_one_mesh(tiny_config, trained_workdir,
     assert sorted(os.listdir(os.path.join(gen_dir, "checkpoints"))) == ["2", "4"]
     assert os.listdir(os.path.join(gen_dir, "final")) == [str(steps)]
     classifier = loading.load_classifier(tiny_config, workdir)
-    _, gen_state, _, _ = loading.load_generator(tiny_config, workdir, classifier)
+    gen_state = loading.load_generator(tiny_config, workdir, classifier)[0].state
     restored = multihost_smoke._flatten(gen_state)
     matched = 0
     for key in params[0].files:

@@ -36,7 +36,10 @@ def _toy():
 
 def _optimise(theta, expand, steps):
     logits_fn, full = _toy()
-    return oracle.optimise_ranking(logits_fn, full, theta, expand, 1 / N, steps, 0.1, 1.0)
+    settings = oracle.OracleSettings(
+        steps=jnp.int32(steps), learning_rate=jnp.float32(0.1), rel_temperature=jnp.float32(1.0)
+    )
+    return oracle.optimise_ranking(logits_fn, full, theta, expand, 1 / N, settings)
 
 
 def test_no_steps_returns_the_start():
@@ -81,7 +84,7 @@ def fixture_headroom_result(tiny_config, generator_workdir, tmp_path):
     shutil.copytree(generator_workdir, workdir)
     config = copy.deepcopy(tiny_config)
     config.headroom.num_examples = 32
-    config.headroom.densities = (0.2, 0.4)
+    config.eval.densities = (0.2, 0.4)
     config.headroom.steps = 15
     return workdir, headroom.headroom(config, workdir)
 
@@ -119,7 +122,7 @@ def test_headroom_without_steps_scores_the_starts_and_claims_no_gain(
     workdir = str(tmp_path / "run")
     shutil.copytree(generator_workdir, workdir)
     config = copy.deepcopy(tiny_config)
-    config.headroom.num_examples, config.headroom.densities = 16, (0.3,)
+    config.headroom.num_examples, config.eval.densities = 16, (0.3,)
     config.headroom.steps = 0
     row = headroom.headroom(config, workdir)["at_density"]["0.3"]
     assert row["headroom_gain"] is None

@@ -14,6 +14,7 @@ import pytest
 from gencnp_jax.eval import saliency
 from gencnp_jax.models import classifiers
 from gencnp_jax.models import gates as gates_lib
+from gencnp_jax.models.frozen import FrozenClassifier
 from gencnp_jax.viz import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -30,10 +31,11 @@ def _assert_png(path):
 def toy():
     model = classifiers.make_classifier("vgg", (4, 8, 8, 8), 10, 1)
     graphdef, state = classifiers.split(model)
+    classifier = FrozenClassifier(graphdef, state, model.site_channels, 10)
     images = jax.random.normal(jax.random.key(0), (2, 16, 16, 1))
     # Jitted once per module: eager first calls compile every op, which is slower on CPU.
-    cam = jax.jit(functools.partial(saliency.grad_cam, graphdef, site=SITE))
-    return graphdef, state, model.site_channels, images, jnp.array([3, 7]), cam
+    cam = jax.jit(functools.partial(saliency.grad_cam, site=SITE))
+    return graphdef, classifier, model.site_channels, images, jnp.array([3, 7]), cam
 
 
 def _gates(site_channels, batch, closed_site=None):
@@ -65,12 +67,12 @@ def test_grad_cam_sees_the_gates(toy):
 def test_site_gradient_matches_multiplicative_element_gate(toy):
     # With zero fill, d y_c / d e at e = 1 for an element gate e equals (d y_c / d act) * act.
     graphdef, state, site_channels, images, classes, _ = toy
-    act_and_grad = functools.partial(saliency.site_activation_and_grad, graphdef, site=SITE)
+    act_and_grad = functools.partial(saliency.site_activation_and_grad, site=SITE)
     act, grad = jax.jit(act_and_grad)(state, images, classes)
 
     def logit_sum(e):
         gates = {**gates_lib.all_ones(site_channels, 2), SITE: e}
-        logits, _ = classifiers.forward(graphdef, state, images, gates)
+        logits = state.logits(images, gates)
         return jnp.sum(logits[jnp.arange(2), classes])
 
     grad_e = jax.jit(jax.grad(logit_sum))(jnp.ones(act.shape))
@@ -81,13 +83,13 @@ def test_site_gradient_matches_multiplicative_element_gate(toy):
 def test_pathway_gradient_is_grad_of_gated_logit(toy):
     graphdef, state, site_channels, images, classes, _ = toy
     gates = _gates(site_channels, 2, closed_site="block2/conv1")
-    pathway_gradient = jax.jit(functools.partial(saliency.pathway_gradient, graphdef))
+    pathway_gradient = jax.jit(saliency.pathway_gradient)
     got = pathway_gradient(state, images, classes, gates)
     chex.assert_shape(got, images.shape)
 
     @jax.jit
     def one_logit_grad(x_1xHxWxC, gates_1, c):
-        logit = lambda x: classifiers.forward(graphdef, state, x, gates_1)[0][0, c]
+        logit = lambda x: state.logits(x, gates_1)[0, c]
         return jax.grad(logit)(x_1xHxWxC)[0]
 
     for i in range(2):

@@ -28,7 +28,7 @@ from gencnp_jax.context import loading
 from gencnp_jax.io import checkpointing, preemption
 from gencnp_jax.io import workdir as workdir_lib
 
-GRACE_S = 30.0  # configs/default.py's preemption_grace_s
+GRACE_S = preemption.GRACE_S
 STOPPED = re.compile(r"^error: stopped by SIGTERM at step (\d+), checkpoint saved in (\S+); "
                      r"resume with: \S*python\S* \S+launch\.py .*--mode=(\w+)")  # fmt: skip
 
@@ -138,8 +138,8 @@ def test_sigterm_generator_then_rerun_is_bit_identical(tiny_config, generator_wo
     metrics = _metrics(stage_dir)
     assert metrics["resumed_from_step"] == step
     classifier = loading.load_classifier(tiny_config, workdir)
-    _, resumed, _, _ = loading.load_generator(tiny_config, workdir, classifier)
-    _, full, _, _ = loading.load_generator(tiny_config, generator_workdir, classifier)
+    resumed = loading.load_generator(tiny_config, workdir, classifier)[0].state
+    full = loading.load_generator(tiny_config, generator_workdir, classifier)[0].state
     chex.assert_trees_all_equal(resumed, full)
     ref_ckpt = os.path.join(workdir_lib.generator_dir(generator_workdir), "checkpoints")
     assert _checkpoint_sum(ckpt_dir, total) == _checkpoint_sum(ref_ckpt, total)

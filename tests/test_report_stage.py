@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from gencnp_jax import explainer as explainer_lib
+from gencnp_jax.context import inputs, loading
 from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.stages import build_bank, validation
 from gencnp_jax.stages import report as report_stage
@@ -111,7 +112,7 @@ def test_failed_report_leaves_no_marker(tiny_config, run, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(report_stage.context, "load_classifier", broken)
+    monkeypatch.setattr(loading, "load_classifier", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         report_stage.make_report(tiny_config, run)
     assert not workdir_lib.is_done("report", run)  # an old page must not mark the stage done
@@ -144,8 +145,8 @@ def test_select_gallery_mixes_correct_and_wrong():
 
 
 def test_explain_split_matches_the_explainer(tiny_config, generator_workdir):
-    explainer = explainer_lib.Explainer.from_workdir(tiny_config, generator_workdir)
-    images = report_stage.context.load_data(tiny_config, "test").images[:37]
+    explainer = explainer_lib.Explainer.from_workdir(generator_workdir, tiny_config)
+    images = inputs.load_data(tiny_config, "test").images[:37]
     gates, pred, pathway_pred = report_stage.explain_split(explainer, images, batch_size=16)
     p = explainer(images)  # one batch, no padding
     assert list(gates) == list(explainer.classifier.site_channels)  # the classifier's order

@@ -95,8 +95,10 @@ def test_same_parameters_and_pathways(tiny_config, two_runs):
     classifier_a = loading.load_classifier(tiny_config, a)
     classifier_b = loading.load_classifier(tiny_config, b)
     chex.assert_trees_all_equal(classifier_a.state, classifier_b.state)
-    _, gen_a, _, means_a = loading.load_generator(tiny_config, a, classifier_a)
-    _, gen_b, _, means_b = loading.load_generator(tiny_config, b, classifier_b)
+    gen_a, _, means_a = loading.load_generator(tiny_config, a, classifier_a)
+    gen_a = gen_a.state
+    gen_b, _, means_b = loading.load_generator(tiny_config, b, classifier_b)
+    gen_b = gen_b.state
     chex.assert_trees_all_equal(gen_a, gen_b)
     chex.assert_trees_all_equal(means_a, means_b)
     bank_a = build_bank.load_bank(tiny_config, a, classifier_a)

@@ -114,8 +114,10 @@ def test_killed_generator_run_resumes_to_identical_parameters(
     metrics = _metrics(workdir_lib.generator_dir(resumed))
     assert metrics["resumed_from_step"] == killed_at
     classifier = loading.load_classifier(tiny_config, full)
-    _, state_full, _, means_full = loading.load_generator(tiny_config, full, classifier)
-    _, state_resumed, _, means_resumed = loading.load_generator(tiny_config, resumed, classifier)
+    gen_full, _, means_full = loading.load_generator(tiny_config, full, classifier)
+    state_full = gen_full.state
+    gen_resumed, _, means_resumed = loading.load_generator(tiny_config, resumed, classifier)
+    state_resumed = gen_resumed.state
     chex.assert_trees_all_equal(state_resumed, state_full)
     chex.assert_trees_all_equal(means_resumed, means_full)
     # generator, optimizer state and the class-score bank of the pull loss

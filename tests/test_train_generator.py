@@ -18,7 +18,8 @@ from gencnp_jax.context import inputs, loading
 from gencnp_jax.io import checkpointing
 from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.method import explain, losses
-from gencnp_jax.models import classifiers
+from gencnp_jax.models import classifiers, daq
+from gencnp_jax.models.frozen import FrozenClassifier
 from gencnp_jax.train import classifier as train_classifier_lib
 from gencnp_jax.train import generator as train_generator
 from gencnp_jax.train import generator_metrics
@@ -39,7 +40,7 @@ def scenario(tiny_config):
     config = copy.deepcopy(tiny_config)
     model = classifiers.make_classifier("vgg", (8, 16), 10, 1, 1, seed=0)
     graphdef, state = classifiers.split(model)
-    classifier = loading.Classifier(graphdef, state, dict(model.site_channels), 10)
+    classifier = FrozenClassifier(graphdef, state, model.site_channels, 10)
     cls_before = jax.tree.map(np.array, classifier.state)  # host copies
     gen_graphdef, _, state = train_generator.init_state(config, classifier)
     base = train_classifier_lib.make_optimizer(1e-2, 0.0, 1, 100, 1.0)
@@ -55,7 +56,7 @@ def scenario(tiny_config):
     config.generator.loss.sparsity_ramp_steps = 0
     config.generator.loss.w_sparsity = 2.0
     hp, weights = train_generator.hparams_from_config(config.generator)
-    step = train_generator.make_train_step(gen_graphdef, classifier.graphdef, tx, weights.active())
+    step = train_generator.make_train_step(gen_graphdef, tx, weights.active())
     step_fn = jax.jit(chex.assert_max_traces(step.__wrapped__, n=1), donate_argnums=0)
     train = inputs.load_data(config, "train")
 
@@ -65,7 +66,7 @@ def scenario(tiny_config):
     images = batch(0)
     learn = []
     for i in range(NUM_LEARN_STEPS):
-        state, out = step_fn(state, images, jnp.int32(i), classifier.state, None, weights, hp)
+        state, out = step_fn(state, images, jnp.int32(i), classifier, weights, hp)
         learn.append(jax.tree.map(float, out))
     traces_after_learning = len(traces)
     other_weights = weights.replace(
@@ -75,9 +76,7 @@ def scenario(tiny_config):
     for i, (w, h) in enumerate(
         [(other_weights, hp), (weights, other_hp), (other_weights, other_hp)]
     ):
-        state, out = step_fn(
-            state, batch(i + 1), jnp.int32(100 * i + 7), classifier.state, None, w, h
-        )
+        state, out = step_fn(state, batch(i + 1), jnp.int32(100 * i + 7), classifier, w, h)
         chex.assert_tree_all_finite(out)
     return {
         "classifier": classifier,
@@ -127,7 +126,7 @@ def test_train_generator_needs_a_trained_classifier(tiny_config, tmp_path):
 
 def test_explainer_needs_a_trained_generator(tiny_config, trained_workdir):
     with pytest.raises(workdir_lib.StageOrderError, match="--mode=train_generator"):
-        explainer.Explainer.from_workdir(tiny_config, trained_workdir)
+        explainer.Explainer.from_workdir(trained_workdir, tiny_config)
 
 
 def test_generator_metrics_json(generator_workdir):
@@ -143,17 +142,17 @@ def test_generator_metrics_json(generator_workdir):
 
 def test_final_checkpoint_round_trip(tiny_config, generator_workdir, tmp_path):
     classifier = loading.load_classifier(tiny_config, generator_workdir)
-    gd, state, fills, means = loading.load_generator(tiny_config, generator_workdir, classifier)
+    generator, with_fills, means = loading.load_generator(
+        tiny_config, generator_workdir, classifier
+    )
+    state, fills = generator.state, with_fills.fills
     assert tiny_config.generator.ablation == "mean"  # the default: closed gates take the means
     assert fills is not None and set(fills) == set(means)
     for site in means:
         np.testing.assert_array_equal(fills[site], means[site])
     train = inputs.load_data(tiny_config, "train")
     expected_means = explain.channel_means(
-        classifier.graphdef,
-        classifier.state,
-        train.images,
-        lambda x: inputs.normalize(tiny_config, x),
+        classifier, train.images, lambda x: inputs.normalize(tiny_config, x)
     )
     assert set(means) == set(classifier.site_channels)
     for site, c in classifier.site_channels.items():
@@ -168,7 +167,7 @@ def test_final_checkpoint_round_trip(tiny_config, generator_workdir, tmp_path):
     # The checkpoint is the generator that was evaluated: its metrics come out again.
     test = inputs.load_data(tiny_config, "test")
     mesh = inputs.make_mesh(tiny_config)
-    again = generator_metrics.evaluate_split(tiny_config, classifier, gd, state, fills, test, mesh)
+    again = generator_metrics.evaluate_split(tiny_config, generator, with_fills, test, mesh)
     with open(os.path.join(workdir_lib.generator_dir(generator_workdir), "metrics.json")) as f:
         saved = json.load(f)
     for key, value in again.items():
@@ -185,7 +184,8 @@ def test_final_checkpoint_round_trip(tiny_config, generator_workdir, tmp_path):
     ckpt.close()
     mean_config = copy.deepcopy(tiny_config)
     mean_config.generator.ablation = "mean"
-    _, loaded, fills, means = loading.load_generator(mean_config, str(tmp_path), classifier)
+    loaded, with_fills, means = loading.load_generator(mean_config, str(tmp_path), classifier)
+    loaded, fills = loaded.state, with_fills.fills
     chex.assert_trees_all_equal(
         jax.tree.map(np.asarray, loaded), jax.tree.map(np.asarray, perturbed)
     )
@@ -193,7 +193,7 @@ def test_final_checkpoint_round_trip(tiny_config, generator_workdir, tmp_path):
 
 
 def test_explainer_returns_binary_pathways(tiny_config, generator_workdir):
-    explain_fn = explainer.Explainer.from_workdir(tiny_config, generator_workdir)
+    explain_fn = explainer.Explainer.from_workdir(generator_workdir, tiny_config)
     test = inputs.load_data(tiny_config, "test")
     images = test.images[:16]
     pathway = explain_fn(images)
@@ -207,10 +207,10 @@ def test_explainer_returns_binary_pathways(tiny_config, generator_workdir):
         assert np.all((scores >= 0.0) & (scores <= 1.0))
     chex.assert_shape([pathway.full_logits, pathway.pathway_logits], (16, 10))
     normalized = jnp.asarray(inputs.normalize(tiny_config, images))
-    cls = explain_fn.classifier
+    cls = explain_fn.classifier  # its fills: the ablation value the generator trained with
     full, _ = classifiers.forward(cls.graphdef, cls.state, normalized)
-    fills = explain_fn.fills  # closed gates take the ablation value the generator trained with
-    gated, _ = classifiers.forward(cls.graphdef, cls.state, normalized, pathway.gates, fills)
+    gated, _ = classifiers.forward(cls.graphdef, cls.state, normalized, pathway.gates, cls.fills)
+    assert cls.fills is not None
     chex.assert_trees_all_close(pathway.full_logits, full, rtol=1e-5, atol=1e-5)
     chex.assert_trees_all_close(pathway.pathway_logits, gated, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(pathway.explained_class, np.argmax(full, -1))
@@ -231,14 +231,16 @@ def test_fit_generator_trains_in_memory(tiny_config, trained_workdir, tmp_path, 
     monkeypatch.setattr(
         train_loop, "log_metrics", lambda w, b, step, m: (logged.append(m), log(w, b, step, m))
     )
-    gd, state = train_generator.fit_generator(tiny_config, classifier, train, mesh, 16, seed=5)
+    generator = train_generator.fit_generator(tiny_config, classifier, train, mesh, 16, seed=5)
+    state = generator.state
     assert os.listdir(tmp_path) == []
     sparsity = [float(m["loss/sparsity"]) for m in logged]
     assert len(sparsity) == 4 and sparsity[-1] < sparsity[0], sparsity
     fresh = nnx.state(loading.new_generator(tiny_config, classifier.site_channels, 10))
     assert jax.tree.structure(state) == jax.tree.structure(fresh)
     images = jnp.asarray(inputs.normalize(tiny_config, train.images[:32]))
-    p = explain.explain(gd, state, classifier.graphdef, classifier.state, images)
+    settings = daq.Settings.create(2.0, 2.0)
+    p = explain.explain(generator, classifier, images, settings)
     for gates in jax.tree.leaves(p.gates):
         assert np.all((np.asarray(gates) == 0.0) | (np.asarray(gates) == 1.0))
 
@@ -252,13 +254,11 @@ def test_ranked_term_is_learned_by_the_step(scenario, tiny_config):
     hp = hp.replace(ranked_low=jnp.float32(0.2), ranked_high=jnp.float32(0.2))
     zero = {t: 0.0 for t in losses.TERMS}
     weights = losses.LossWeights.create(**{**zero, "ranked": 1.0})
-    step_fn = train_generator.make_train_step(
-        gen_graphdef, classifier.graphdef, tx, weights.active()
-    )
+    step_fn = train_generator.make_train_step(gen_graphdef, tx, weights.active())
     train = inputs.load_data(tiny_config, "train")
     images = jnp.asarray(inputs.normalize(tiny_config, train.images[:32]))
     ranked = []
     for i in range(12):
-        state, out = step_fn(state, images, jnp.int32(i), classifier.state, None, weights, hp)
+        state, out = step_fn(state, images, jnp.int32(i), classifier, weights, hp)
         ranked.append(float(out["loss/ranked"]))
     assert np.all(np.isfinite(ranked)) and ranked[-1] < 0.8 * ranked[0], ranked

@@ -134,10 +134,10 @@ def test_token_and_linen_models_through_the_stages(tiny_config, test_images, tmp
     config.generator.loss.sparsity_ramp_steps = 0
     gen_graphdef, tx, state = train_generator.init_state(config, cls)
     hp, weights = train_generator.hparams_from_config(config.generator)
-    step = train_generator.make_train_step(gen_graphdef, cls.graphdef, tx, weights.active())
+    step = train_generator.make_train_step(gen_graphdef, tx, weights.active())
     totals = []
     for i in range(6):
-        state, out = step(state, test_images, jnp.int32(i), cls.state, None, weights, hp)
+        state, out = step(state, test_images, jnp.int32(i), cls, weights, hp)
         totals.append(float(out["loss/total"]))
     assert totals[-1] < totals[0], totals
     for mode in ("train_generator", "build_bank", "evaluate", "report"):

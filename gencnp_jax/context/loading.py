@@ -4,7 +4,6 @@ model of `context/user_model.py`) and the generator, fresh or restored from the 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import jax
@@ -15,18 +14,7 @@ from gencnp_jax.context import user_model
 from gencnp_jax.io import checkpointing, data
 from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.models import classifiers, generator
-
-
-@dataclasses.dataclass
-class Classifier:
-    """A trained (or fresh) classifier as it crosses jit: `(graphdef, state)`; `graphdef` is
-    a built-in model's NNX GraphDef or a user's model gated by `attach` (`classifiers.forward`
-    runs either)."""
-
-    graphdef: classifiers.Definition
-    state: nnx.State
-    site_channels: dict[str, int]
-    num_classes: int
+from gencnp_jax.models.frozen import FrozenClassifier, FrozenGenerator
 
 
 def new_classifier(config, num_classes: int, in_channels: int) -> nnx.Module:
@@ -34,9 +22,6 @@ def new_classifier(config, num_classes: int, in_channels: int) -> nnx.Module:
     return classifiers.make_classifier(
         c.name, tuple(c.widths), num_classes, in_channels, c.depth, seed=config.seed
     )
-
-
-classifier_dir = workdir_lib.classifier_dir
 
 
 def classifier_template(config, abstract: bool = False) -> tuple[nnx.Module, dict]:
@@ -52,32 +37,33 @@ def classifier_template(config, abstract: bool = False) -> tuple[nnx.Module, dic
 
 
 def _restore_classifier(workdir: str, template):
-    ckpt = checkpointing.Checkpointer(os.path.join(classifier_dir(workdir), "final"))
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir_lib.classifier_dir(workdir), "final"))
     restored = ckpt.restore(template)
     ckpt.close()
     if restored is None:
         raise workdir_lib.StageOrderError(
-            f"no trained classifier in {classifier_dir(workdir)}: run "
+            f"no trained classifier in {workdir_lib.classifier_dir(workdir)}: run "
             f"`python launch.py --config=... --workdir={workdir} --mode=train_classifier` first"
         )
     return restored[1]
 
 
-def load_classifier(config, workdir: str) -> Classifier:
-    """The trained (or, for a factory model, imported) classifier of `workdir` (an error
-    naming the missing stage if absent)."""
+def load_classifier(config, workdir: str) -> FrozenClassifier:
+    """The trained (or, for a factory model, imported) classifier of `workdir`, without
+    fills (zero ablation: `load_generator` gives the run's); an error naming the missing
+    stage if absent."""
     if user_model.uses_factory(config):
         hwc, num_classes = data.dataset_info(config.data.dataset)
         gated = user_model.build_gated(config, hwc, num_classes, load_weights=False)
         saved = _restore_classifier(workdir, {"state": user_model.saved_part(gated.state)})
         gated = user_model.with_saved(gated, saved["state"])
-        return Classifier(gated, gated.state, dict(gated.site_channels), num_classes)
+        return FrozenClassifier(gated, gated.state, gated.site_channels, num_classes)
     model, template = classifier_template(config, abstract=True)
     state = _restore_classifier(workdir, template)
     model = nnx.merge(nnx.graphdef(model), state["params"], state["rest"])
     graphdef, full_state = nnx.split(model)
     _, num_classes = data.dataset_info(config.data.dataset)
-    return Classifier(graphdef, full_state, dict(model.site_channels), num_classes)
+    return FrozenClassifier(graphdef, full_state, model.site_channels, num_classes)
 
 
 def new_generator(config, site_channels, num_classes) -> generator.Generator:
@@ -86,11 +72,15 @@ def new_generator(config, site_channels, num_classes) -> generator.Generator:
     return generator.Generator(site_channels, num_classes, **model, rngs=nnx.Rngs(config.seed + 1))
 
 
-def load_generator(config, workdir: str, classifier: Classifier):
-    """`(graphdef, state, fills, means)` of the trained generator of `workdir`.
+def load_generator(
+    config, workdir: str, classifier: FrozenClassifier
+) -> tuple[FrozenGenerator, FrozenClassifier, dict]:
+    """The trained generator of `workdir`, with the classifier it explains.
 
-    `means` are the training-set channel means; `fills` is `means` under mean ablation,
-    else None (zero ablation).
+    Returns:
+      ``(generator, classifier, means)``: `classifier` with the run's fills (the
+      training-set channel `means` under mean ablation, none under zero ablation) and the
+      means themselves (what mean ablation would take, whatever the run's).
 
     Raises:
       workdir_lib.StageOrderError: no trained generator in `workdir`.
@@ -113,4 +103,4 @@ def load_generator(config, workdir: str, classifier: Classifier):
         )
     _, tree, _ = restored
     fills = tree["means"] if config.generator.ablation == "mean" else None
-    return graphdef, tree["generator"], fills, tree["means"]
+    return FrozenGenerator(graphdef, tree["generator"]), classifier.with_fills(fills), tree["means"]

@@ -32,7 +32,7 @@ class UserModelError(ValueError):
 
 
 def uses_factory(config) -> bool:
-    return bool(config.classifier.get("factory", ""))
+    return bool(config.classifier.factory)
 
 
 def import_factory(spec: str) -> Callable:
@@ -60,8 +60,10 @@ def import_factory(spec: str) -> Callable:
 def _build(config):
     """``(model, variables)``: an NNX module and None, or a Linen module and its variables."""
     c = config.classifier
-    kwargs = c.get("factory_kwargs", {})
-    built = import_factory(c.factory)(**(kwargs.to_dict() if hasattr(kwargs, "to_dict") else {}))
+    kwargs = c.factory_kwargs
+    built = import_factory(c.factory)(
+        **(kwargs.to_dict() if hasattr(kwargs, "to_dict") else kwargs)
+    )
     if isinstance(built, nnx.Module):
         return built, None
     if isinstance(built, tuple) and len(built) == 2 and isinstance(built[0], nn.Module):
@@ -74,7 +76,7 @@ def _build(config):
 
 def _load_checkpoint(config, model, variables):
     """`model` (NNX, updated in place) or `variables` (Linen) with the checkpoint's weights."""
-    path = config.classifier.get("checkpoint", "")
+    path = config.classifier.checkpoint
     if not path:
         return variables
     flat = weights_lib.load_weights(path)
@@ -96,7 +98,7 @@ def build_gated(config, hwc, num_classes: int, load_weights: bool = True) -> Gat
     model, variables = _build(config)
     if load_weights:
         variables = _load_checkpoint(config, model, variables)
-    sites = config.classifier.get("sites", ())
+    sites = config.classifier.sites
     sites = [sites] if isinstance(sites, str) else list(sites)
     if not sites:
         raise UserModelError(

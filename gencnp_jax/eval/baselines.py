@@ -1,25 +1,29 @@
-"""Baseline pathway finders (docs/METHOD.md §6) as their authors wrote them, and top-k
-binarisation.
+"""Baseline pathway finders (docs/METHOD.md §6), channel-level adaptations of their reference
+code, and top-k binarisation.
 
 NeuronMCT and NeuronIntGrad follow CAMP-eXplain-AI/PathwayGrad (``src/Pruner.py``), CDRP
-follows frankwang345/cdrp-detect (``get_critical_path``). Each finder returns ``(scores,
-gates)`` as ``site -> f32[B, C]`` and is a pure, jit-able function. Binarisation keeps the top
-``round(d * N)`` channels of all N channels (one global threshold across sites), ties broken
-at random by a seeded key, never by position.
+follows frankwang345/cdrp-detect (``get_critical_path``). Each finder takes a
+`FrozenClassifier` (whose fills are the ablation the scores assume) and returns ``(scores,
+gates)`` as ``site -> f32[B, C]``; each is a pure, jit-able function. Binarisation keeps the
+top ``round(d * N)`` channels of all N channels (one global threshold across sites), ties
+broken at random by a seeded key, never by position.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
-from gencnp_jax.models import classifiers
 from gencnp_jax.models import gates as gates_lib
+from gencnp_jax.models.frozen import FrozenClassifier
 
 Gates = gates_lib.Gates
 CDRP_MAX_GATE = 5.0  # the reference clamps every gate to [0, 5] after each step
+CDRP_MOMENTUM = 0.9  # the reference's SGD momentum
+CDRP_THRESHOLD = 0.5  # own gates: lambda > 0.5 (the reference's binarisation)
 
 
 def _per_instance(value, batch: int) -> jax.Array:
@@ -83,23 +87,23 @@ def gates_at_site_density(scores: Mapping[str, jax.Array], site_density: Mapping
     return out
 
 
-def _classes(graphdef, state, images, classes_B, fills):
+def _classes(classifier: FrozenClassifier, images, classes_B):
     if classes_B is not None:
         return classes_B.astype(jnp.int32)
-    return jnp.argmax(classifiers.forward(graphdef, state, images, None, fills)[0], -1)
+    return jnp.argmax(classifier.logits(images), -1)
 
 
-def _element_grads(graphdef, state, images, classes_B, fills, alpha_site=None, alpha=1.0):
+def _element_grads(classifier: FrozenClassifier, images, classes_B, alpha_site=None, alpha=1.0):
     """``d y_c / d g`` of per-element gates ``g`` (``f32[B, H, W, C]`` per site), all open, or
     with `alpha_site` at ``alpha``. With ``a~ = g a + (1 - g) fill``, the element gradient is
     ``(a - fill) * dy_c/da~``: at ``g = 1`` NeuronMCT's ``a * dy_c/da`` (fill 0)."""
-    _, features = classifiers.forward(graphdef, state, images)
+    _, features = classifier.classify(images)
     gates = {s: jnp.ones(f.shape, jnp.float32) for s, f in features.items()}
     if alpha_site is not None:
         gates[alpha_site] = gates[alpha_site] * alpha
 
     def class_logit(g):
-        logits_BxK, _ = classifiers.forward(graphdef, state, images, g, fills)
+        logits_BxK = classifier.logits(images, g)
         # inference mode: instances are independent, so the grad of the sum is per instance
         return jnp.take_along_axis(logits_BxK, classes_B[:, None], -1).sum()
 
@@ -110,29 +114,33 @@ def _sum_space(x_BxHxWxC: jax.Array) -> jax.Array:
     return x_BxHxWxC.reshape(x_BxHxWxC.shape[0], -1, x_BxHxWxC.shape[-1]).sum(1)
 
 
-def neuron_mct(graphdef, state, images, classes_B=None, density=0.5, fills=None, key=None):
+def neuron_mct(classifier: FrozenClassifier, images, classes_B=None, density=0.5, key=None):
     """NeuronMCT (Khakzar et al. 2021, PathwayGrad ``_compute_taylor_scores``).
 
     Each element scores ``|(a - fill) * dy_c/da|`` (``|a * dy_c/da|`` under zero ablation), a
     channel the sum over space: ``score_c = sum_hw |(a - fill) dy_c/da|``. Gates: one global
     threshold at `density` (float or ``f32[B]``). ``c`` = the prediction by default.
+
+    Deviation from the reference: PathwayGrad scores and gates *elements* (every position of
+    every channel) and ablates to zero; here the element scores are summed over space into a
+    channel score (gates are channels) and closed channels take the classifier's fills.
     """
-    classes_B = _classes(graphdef, state, images, classes_B, fills)
-    grads = _element_grads(graphdef, state, images, classes_B, fills)
+    classes_B = _classes(classifier, images, classes_B)
+    grads = _element_grads(classifier, images, classes_B)
     scores = {s: _sum_space(jnp.abs(g)) for s, g in grads.items()}
     return scores, gates_at_density(scores, density, key)
 
 
-def neuron_mct_signed(graphdef, state, images, classes_B=None, density=0.5, fills=None, key=None):
+def neuron_mct_signed(classifier: FrozenClassifier, images, classes_B=None, density=0.5, key=None):
     """NeuronMCT on channel gates: ``score_c = |sum_hw (a - fill) dy_c/da|`` (signs cancel)."""
-    classes_B = _classes(graphdef, state, images, classes_B, fills)
-    grads = _element_grads(graphdef, state, images, classes_B, fills)
+    classes_B = _classes(classifier, images, classes_B)
+    grads = _element_grads(classifier, images, classes_B)
     scores = {s: jnp.abs(_sum_space(g)) for s, g in grads.items()}
     return scores, gates_at_density(scores, density, key)
 
 
 def neuron_intgrad(
-    graphdef, state, images, classes_B=None, density=0.5, steps=11, fills=None, key=None
+    classifier: FrozenClassifier, images, classes_B=None, steps=11, density=0.5, key=None
 ):
     """NeuronIntGrad (PathwayGrad ``_calc_integrad_scores``): one site at a time.
 
@@ -140,14 +148,18 @@ def neuron_intgrad(
     ``a~(alpha) = fill + alpha (a - fill)``, ``alpha = 0, 1/(T-1), ..., 1`` (`steps` = T
     points), every other site intact. Per element ``|(a - fill) mean_alpha dy_c/da~(alpha)|``,
     per channel the sum over space. Gates: one global threshold at `density`.
+
+    Deviations from the reference: element scores summed over space into channel scores,
+    the baseline is the classifier's fill (the reference integrates from zero), and the
+    mean over the T points is a plain mean (the reference's Riemann sum, same ranking).
     """
-    classes_B = _classes(graphdef, state, images, classes_B, fills)
+    classes_B = _classes(classifier, images, classes_B)
     alphas_T = jnp.linspace(0.0, 1.0, steps)
-    _, features = classifiers.forward(graphdef, state, images)
+    _, features = classifier.classify(images)
     scores = {}
     for site in features:
         grads_T = jax.lax.map(
-            lambda a, s=site: _element_grads(graphdef, state, images, classes_B, fills, s, a)[s],
+            lambda a, s=site: _element_grads(classifier, images, classes_B, s, a)[s],
             alphas_T,
         )
         scores[site] = _sum_space(jnp.abs(grads_T.mean(0)))
@@ -170,13 +182,13 @@ def random_pathway(key, site_channels, site_density: Mapping) -> tuple[Gates, Ga
     return scores, gates_at_site_density(scores, site_density, jax.random.fold_in(key, 1))
 
 
-def topk_activation(graphdef, state, images, density=0.5, fills=None, key=None):
+def topk_activation(classifier: FrozenClassifier, images, density=0.5, key=None):
     """Top-k activation: ``score = mean_hw a`` (clean pass); one global threshold at `density`.
 
     Raw activations are compared across sites, so sites with large activations dominate; this
     is the naive baseline as named.
     """
-    _, features = classifiers.forward(graphdef, state, images, None, fills)
+    _, features = classifier.classify(images)
     scores = {s: a.reshape(a.shape[0], -1, a.shape[-1]).mean(1) for s, a in features.items()}
     return scores, gates_at_density(scores, density, key)
 
@@ -194,17 +206,23 @@ def cdrp_update(lam, vel, ce_grad, gamma: float, lr: float, momentum: float):
     return lam, vel
 
 
-def cdrp(
-    graphdef,
-    state,
-    images,
-    steps: int = 30,
-    gamma: float = 0.05,
-    lr: float = 0.1,
-    momentum: float = 0.9,
-    threshold: float = 0.5,
-    fills=None,
-):
+@flax.struct.dataclass
+class CdrpSettings:
+    """CDRP's optimisation (cdrp-detect's values are the config's defaults).
+
+    Attributes:
+      steps: SGD steps per image (static: a Python int).
+      gamma: weight of the L1 term; lr, momentum: SGD's; threshold: own gates ``lambda >``.
+    """
+
+    steps: int = flax.struct.field(pytree_node=False)
+    gamma: float
+    lr: float
+    momentum: float
+    threshold: float
+
+
+def cdrp(classifier: FrozenClassifier, images, settings: CdrpSettings):
     """CDRP / distillation guided routing (Wang et al. 2018, cdrp-detect), vmapped over instances.
 
     Per instance, channel gates ``lambda`` start at 1 and minimise
@@ -214,32 +232,38 @@ def cdrp(
     ``0..steps-1``); the kept one has the lowest ``J`` among those whose prediction is still
     ``argmax p`` (iterate 0, the full model, always qualifies). Scores are the kept lambdas,
     gates ``lambda > threshold``.
-    """
-    site_channels = classifiers.site_channels(graphdef, state)
 
-    def one(state, image_HxWxC):
+    Deviations from the reference: cdrp-detect gates the conv outputs of a torchvision model
+    one image at a time and a closed gate leaves zero; here the gates sit at the classifier's
+    gate sites, images are vmapped, and a closed gate leaves the classifier's fill (the
+    evaluation's ablation).
+    """
+    site_channels = classifier.site_channels
+    s = settings
+
+    def one(classifier, image_HxWxC):
         images_1 = image_HxWxC[None]
-        p_1xK = jax.nn.softmax(classifiers.forward(graphdef, state, images_1, None, fills)[0])
+        p_1xK = jax.nn.softmax(classifier.logits(images_1))
         target = jnp.argmax(p_1xK, -1)
 
         def cross_entropy(lam):
-            logits_1xK, _ = classifiers.forward(graphdef, state, images_1, lam, fills)
+            logits_1xK = classifier.logits(images_1, lam)
             return -jnp.sum(p_1xK * jax.nn.log_softmax(logits_1xK)), jnp.argmax(logits_1xK, -1)
 
         def body(_, carry):
             lam, vel, best, best_obj = carry
             (ce, pred), ce_grad = jax.value_and_grad(cross_entropy, has_aux=True)(lam)
-            obj = ce + gamma * sum(jnp.sum(jnp.abs(v)) for v in jax.tree.leaves(lam))
+            obj = ce + s.gamma * sum(jnp.sum(jnp.abs(v)) for v in jax.tree.leaves(lam))
             better = (obj < best_obj) & (pred == target)[0]
             best = jax.tree.map(lambda b, x: jnp.where(better, x, b), best, lam)
-            lam, vel = cdrp_update(lam, vel, ce_grad, gamma, lr, momentum)
+            lam, vel = cdrp_update(lam, vel, ce_grad, s.gamma, s.lr, s.momentum)
             return lam, vel, best, jnp.where(better, obj, best_obj)
 
         ones = gates_lib.all_ones(site_channels, 1)
         zeros = jax.tree.map(jnp.zeros_like, ones)
         carry = (ones, zeros, ones, jnp.asarray(jnp.inf, jnp.float32))
-        best = jax.lax.fori_loop(0, steps, body, carry)[2]
+        best = jax.lax.fori_loop(0, s.steps, body, carry)[2]
         return jax.tree.map(lambda x: x[0], best)
 
-    scores = jax.vmap(one, in_axes=(None, 0))(state, images)
-    return scores, jax.tree.map(lambda s: (s > threshold).astype(jnp.float32), scores)
+    scores = jax.vmap(one, in_axes=(None, 0))(classifier, images)
+    return scores, jax.tree.map(lambda x: (x > s.threshold).astype(jnp.float32), scores)

@@ -8,76 +8,59 @@ fixed densities (`baselines.top_k_at_density`) and feeds every mask through one 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from gencnp_jax.eval import accumulator as metric_accumulator
 from gencnp_jax.eval import baselines, metrics, perturbation
-from gencnp_jax.models import classifiers, generator
+from gencnp_jax.models import daq
 from gencnp_jax.models import gates as gates_lib
 
-ScoreFn = Callable[[dict, jax.Array], dict]  # (params, images) -> {"scores": f32[B, N], ...}
+ScoreFn = Callable[..., dict]  # (generator, classifier, images) -> {"scores": f32[B, N], ...}
 # per-instance methods whose scores come from a score pass over the test images
 SCORED = ("gencnp", "cdrp", "neuron_mct", "neuron_mct_signed", "neuron_intgrad", "topk_activation")
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Plain values the methods need (read from the config by `evaluate`)."""
+    """Plain values the methods need (read from the config by `evaluate`); no defaults here:
+    the config holds them."""
 
-    daq_temperature: float = 2.0
-    daq_sigma: float = 2.0
-    cdrp_steps: int = 30
-    cdrp_gamma: float = 0.05
-    cdrp_lr: float = 0.1
-    cdrp_momentum: float = 0.9
-    cdrp_threshold: float = 0.5
-    intgrad_steps: int = 11
-    auc_points: int = 11
+    daq: daq.Settings
+    cdrp: baselines.CdrpSettings
+    intgrad_steps: int
+    auc_points: int
 
 
-def make_score_fns(
-    cls_graphdef: nnx.GraphDef, gen_graphdef: nnx.GraphDef, s: Settings
-) -> dict[str, ScoreFn]:
-    """``name -> fn(params, images) -> {"scores": f32[B, N], ...}`` for every name in `SCORED`.
+def make_score_fns(s: Settings) -> dict[str, ScoreFn]:
+    """``name -> fn(generator, classifier, images) -> {"scores": f32[B, N], ...}`` for every
+    name in `SCORED`.
 
-    `params` holds ``cls`` (classifier state), ``gen`` (generator state) and ``fills`` (the
-    headline ablation's fills, which the gradient baselines use as their baseline). GEN-CNP
-    also returns its own ``gates`` and the ``full_logits``; CDRP its own ``gates``
-    (``lambda > cdrp_threshold``).
+    The classifier's fills are the ablation the gradient baselines take as their baseline and
+    CDRP optimises under. GEN-CNP also returns its own ``gates`` and the ``full_logits``; CDRP
+    its own ``gates`` (``lambda > cdrp threshold``).
     """
 
-    def gencnp(params, images):
-        full_logits_BxK, features = classifiers.forward(cls_graphdef, params["cls"], images)
-        scores, gates, _ = generator.explain_scores(
-            gen_graphdef, params["gen"], features, s.daq_temperature, s.daq_sigma
-        )
+    def gencnp(generator, classifier, images):
+        full_logits_BxK, features = classifier.classify(images)
+        scores, gates, _ = generator.pathway(features, s.daq)
         return {
             "scores": gates_lib.flatten(scores),
             "gates": gates_lib.flatten(gates),
             "full_logits": full_logits_BxK,
         }
 
-    def cdrp(params, images):
-        scores, gates = baselines.cdrp(
-            cls_graphdef,
-            params["cls"],
-            images,
-            s.cdrp_steps,
-            s.cdrp_gamma,
-            s.cdrp_lr,
-            s.cdrp_momentum,
-            s.cdrp_threshold,
-            params["fills"],
-        )
+    def cdrp(generator, classifier, images):
+        del generator
+        scores, gates = baselines.cdrp(classifier, images, s.cdrp)
         return {"scores": gates_lib.flatten(scores), "gates": gates_lib.flatten(gates)}
 
     def gradient(fn, **kw):
-        def run(params, images):
-            scores, _ = fn(cls_graphdef, params["cls"], images, fills=params["fills"], **kw)
+        def run(generator, classifier, images):
+            del generator
+            scores, _ = fn(classifier, images, **kw)
             return {"scores": gates_lib.flatten(scores)}
 
         return run
@@ -92,11 +75,11 @@ def make_score_fns(
     }
 
 
-def make_metric_fn(cls_graphdef: nnx.GraphDef, site_channels: Mapping[str, int], extra: bool):
+def make_metric_fn(extra: bool):
     """The jitted metric pass shared by every method, density and ablation.
 
-    ``fn(cls_state, fills, images, classes, gates_BxN, wrong=None, full_logits=None) ->
-    per_instance`` with
+    ``fn(classifier, images, classes, gates_BxN, wrong=None, full_logits=None) ->
+    per_instance`` (the classifier's fills: the ablation) with
     ``classes`` the explained (predicted) classes and ``per_instance`` as
     `accumulator.instance_metrics`. One gated forward over ``[x; x; x']`` with gates
     ``[1; P; P]`` gives the full, pathway and partner (leakage; ``x'`` the next sample of another
@@ -107,9 +90,9 @@ def make_metric_fn(cls_graphdef: nnx.GraphDef, site_channels: Mapping[str, int],
     wrong class's mask per sample, for ``class_leakage`` and ``other_class_drop`` (one more
     block).
     """
-    sites = dict(site_channels)
 
-    def fn(cls_state, fills, images, classes_B, gates_BxN, wrong=None, full_logits_BxK=None):
+    def fn(classifier, images, classes_B, gates_BxN, wrong=None, full_logits_BxK=None):
+        sites = classifier.site_channels
         gates = gates_lib.unflatten(gates_BxN, sites)
         partner_B, has_partner_B = metrics.different_class_partners(classes_B)
         image_blocks = [images, images[partner_B]]
@@ -123,13 +106,10 @@ def make_metric_fn(cls_graphdef: nnx.GraphDef, site_channels: Mapping[str, int],
         if wrong is not None:
             image_blocks.append(images)
             gate_blocks.append(wrong[0])
-        logits = classifiers.forward(
-            cls_graphdef,
-            cls_state,
+        logits = classifier.logits(
             jnp.concatenate(image_blocks),
             gates_lib.unflatten(jnp.concatenate(gate_blocks), sites),
-            fills,
-        )[0]
+        )
         path, part, *rest = jnp.split(logits, len(image_blocks))
         full = rest.pop(0) if full_logits_BxK is None else full_logits_BxK
         per = metric_accumulator.instance_metrics(
@@ -152,15 +132,14 @@ def make_metric_fn(cls_graphdef: nnx.GraphDef, site_channels: Mapping[str, int],
     return jax.jit(fn)
 
 
-def make_auc_fn(cls_graphdef: nnx.GraphDef, site_channels: Mapping[str, int], num_points: int):
-    """``fn(cls_state, fills, images, classes, scores_BxN, rows_B, key) -> {deletion_auc,
+def make_auc_fn(num_points: int):
+    """``fn(classifier, images, classes, scores_BxN, rows_B, key) -> {deletion_auc,
     insertion_auc}`` (``f32[B]`` each): neuron deletion / insertion curves by the scores,
     ties broken at random per row (``fold_in(key, rows_B[b])``)."""
-    sites = dict(site_channels)
 
-    def fn(cls_state, fills, images, classes_B, scores_BxN, rows_B, key):
-        scores = gates_lib.unflatten(scores_BxN, sites)
-        logits_fn = lambda g: classifiers.forward(cls_graphdef, cls_state, images, g, fills)[0]
+    def fn(classifier, images, classes_B, scores_BxN, rows_B, key):
+        scores = gates_lib.unflatten(scores_BxN, classifier.site_channels)
+        logits_fn = lambda g: classifier.logits(images, g)
         curves = {
             mode: perturbation.perturbation_curve(
                 logits_fn, scores, classes_B, mode, num_points, key, rows_B
@@ -172,17 +151,15 @@ def make_auc_fn(cls_graphdef: nnx.GraphDef, site_channels: Mapping[str, int], nu
     return jax.jit(fn)
 
 
-def make_sanity_fn(cls_graphdef: nnx.GraphDef, gen_graphdef: nnx.GraphDef, s: Settings):
-    """``fn(gen_state, random_cls_state, images, gates_BxN) -> f32[B]``: per-instance IoU
+def make_sanity_fn(s: Settings):
+    """``fn(generator, random_classifier, images, gates_BxN) -> f32[B]``: per-instance IoU
     (`metrics.paired_iou_B`) of the trained generator's pathways read from the features of a
     weight-randomised classifier and the trained pathways ``gates_BxN`` (feature swap: the
     generator sees out-of-distribution features)."""
 
-    def fn(gen_state, random_cls_state, images, gates_BxN):
-        _, features = classifiers.forward(cls_graphdef, random_cls_state, images)
-        _, random_gates, _ = generator.explain_scores(
-            gen_graphdef, gen_state, features, s.daq_temperature, s.daq_sigma
-        )
+    def fn(generator, random_classifier, images, gates_BxN):
+        _, features = random_classifier.classify(images)
+        _, random_gates, _ = generator.pathway(features, s.daq)
         return metrics.paired_iou_B(gates_BxN, gates_lib.flatten(random_gates))
 
     return jax.jit(fn)

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
+from gencnp_jax.method import losses
 from gencnp_jax.models import gates as gates_lib
 
 MAX_PAIR_ROWS = 512  # pairwise IoU metrics use the first 512 rows: O(B^2) memory otherwise
@@ -23,11 +24,7 @@ def _mask(valid_B: jax.Array | None, batch: int) -> jax.Array:
     return jnp.ones((batch,), jnp.float32) if valid_B is None else valid_B.astype(jnp.float32)
 
 
-def masked_mean(values_B: jax.Array, valid_B: jax.Array | None = None) -> jax.Array:
-    """``sum(v * w) / sum(w)``; rows with ``w = 0`` are ignored (even NaN); NaN if none is valid."""
-    w_B = _mask(valid_B, values_B.shape[0])
-    total = jnp.sum(w_B)
-    return jnp.sum(jnp.where(w_B > 0, values_B * w_B, 0.0)) / jnp.where(total > 0, total, jnp.nan)
+masked_mean = losses.masked_mean  # one home (method.losses): NaN when no row is valid
 
 
 def explained_classes(full_logits_BxK: jax.Array, classes_B: jax.Array | None = None) -> jax.Array:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
@@ -43,15 +44,28 @@ def top_fraction_kl(
     return losses.distillation_kl(full_logits_BxK, logits_fn(masks_BxN), 1.0)
 
 
+@flax.struct.dataclass
+class OracleSettings:
+    """The optimisation of `optimise_ranking`, as pytree leaves.
+
+    Attributes:
+      steps: Adam steps (traced: a while loop; nothing differentiates through it).
+      learning_rate: Adam's step size (scores standardised per row make 0.05 a fair scale).
+      rel_temperature: `daq.top_fraction`'s gradient width.
+    """
+
+    steps: jax.Array
+    learning_rate: jax.Array
+    rel_temperature: jax.Array
+
+
 def optimise_ranking(
     logits_fn: Callable[[jax.Array], jax.Array],
     full_logits_BxK: jax.Array,
     theta: jax.Array,
     expand: Callable[[jax.Array], jax.Array],
     density: float | jax.Array,
-    steps: int | jax.Array,
-    learning_rate: float | jax.Array,
-    rel_temperature: float | jax.Array = daq.TOP_FRACTION_WIDTH,
+    settings: OracleSettings,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Adam on free scores ``theta`` for the top-`density` masks of the batch.
 
@@ -62,18 +76,16 @@ def optimise_ranking(
         ``expand = identity`` (instance optimum), or ``f32[K, N]`` with
         ``expand = lambda t: onehot_BxK @ t`` (class optimum).
       density: the fraction of channels kept.
-      steps: Adam steps (traced: a while loop; nothing differentiates through it).
-      learning_rate: Adam's step size (scores standardised per row make 0.05 a fair scale).
-      rel_temperature: `daq.top_fraction`'s gradient width.
+      settings: Adam's steps and step size, the cut's gradient width.
 
     Returns:
       ``(best_theta, start_loss, best_loss)``: the scores of the lowest loss seen (the start
       included, so the result is never worse than `theta`), and the two losses.
     """
     loss_fn = lambda t: top_fraction_kl(
-        logits_fn, full_logits_BxK, expand(t), density, rel_temperature
+        logits_fn, full_logits_BxK, expand(t), density, settings.rel_temperature
     )
-    tx = optax.adam(learning_rate)
+    tx = optax.adam(settings.learning_rate)
 
     def body(_, carry):
         theta, opt_state, best, best_loss = carry
@@ -86,7 +98,7 @@ def optimise_ranking(
 
     start_loss = loss_fn(theta)
     carry = (theta, tx.init(theta), theta, start_loss)
-    theta, _, best, best_loss = jax.lax.fori_loop(0, steps, body, carry)
+    theta, _, best, best_loss = jax.lax.fori_loop(0, settings.steps, body, carry)
     last_loss = loss_fn(theta)  # the last update is scored too
     best = jnp.where(last_loss < best_loss, theta, best)
     return best, start_loss, jnp.minimum(last_loss, best_loss)

@@ -15,6 +15,7 @@ from gencnp_jax.models import gates as gates_lib
 
 LogitsFn = Callable[[gates_lib.Gates], jax.Array]  # gates -> f32[B, K]
 CURVE_MODES = ("deletion", "insertion")
+AUC_POINTS = 11  # evenly spaced fractions f = 0, 0.1, ..., 1 of every deletion / insertion curve
 
 
 def perturbation_curve(

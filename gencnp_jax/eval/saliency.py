@@ -1,6 +1,7 @@
 """Input-space explanations of a (gated) classifier: Grad-CAM and the pathway gradient.
 
-Pure jnp functions; jit them with `graphdef` and `site` bound (e.g. `functools.partial`).
+Pure jnp functions of a `FrozenClassifier` (its fills: what the pathway's closed gates
+leave); jit them with `site` bound (e.g. `functools.partial`).
 """
 
 from __future__ import annotations
@@ -10,11 +11,11 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from gencnp_jax.method import explain
-from gencnp_jax.models import classifiers
+from gencnp_jax.models import daq
 from gencnp_jax.models import gates as gates_lib
+from gencnp_jax.models.frozen import FrozenClassifier, FrozenGenerator
 
 
 def _class_logit(logits_BxK: jax.Array, classes_B: jax.Array) -> jax.Array:
@@ -30,13 +31,11 @@ def _full_gates(features: Mapping[str, jax.Array], gates: Mapping[str, jax.Array
 
 
 def site_activation_and_grad(
-    graphdef: nnx.GraphDef,
-    state: nnx.State,
+    classifier: FrozenClassifier,
     images_BxHxWxC: jax.Array,
     classes_B: jax.Array,
     site: str,
     gates: Mapping[str, jax.Array] | None = None,
-    fills: Mapping[str, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """The gated activation at `site` and the gradient of the class logit w.r.t. it.
 
@@ -50,7 +49,8 @@ def site_activation_and_grad(
     Returns:
       ``(act_Bxhxwxc, grad_Bxhxwxc)``.
     """
-    _, features = classifiers.forward(graphdef, state, images_BxHxWxC, gates, fills)
+    fills = classifier.fills
+    _, features = classifier.classify(images_BxHxWxC, gates)
     if site not in features:
         raise KeyError(f"unknown gate site {site!r}; the classifier's sites: {list(features)}")
     gates = _full_gates(features, gates)
@@ -60,7 +60,7 @@ def site_activation_and_grad(
     def logit_sum(act_in):
         site_gates = {**gates, site: jnp.zeros(act_in.shape, jnp.float32)}
         site_fills = {**(fills or {}), site: act_in}
-        logits, _ = classifiers.forward(graphdef, state, images_BxHxWxC, site_gates, site_fills)
+        logits = classifier.with_fills(site_fills).logits(images_BxHxWxC, site_gates)
         # Instances are independent at inference, so the sum's gradient is per-instance.
         return jnp.sum(_class_logit(logits, classes_B))
 
@@ -83,13 +83,11 @@ def _as_grid(x: jax.Array, site: str) -> jax.Array:
 
 
 def grad_cam(
-    graphdef: nnx.GraphDef,
-    state: nnx.State,
+    classifier: FrozenClassifier,
     images_BxHxWxC: jax.Array,
     classes_B: jax.Array,
     site: str,
     gates: Mapping[str, jax.Array] | None = None,
-    fills: Mapping[str, jax.Array] | None = None,
 ) -> jax.Array:
     """Grad-CAM (Selvaraju et al. 2017) of the class logit at a gate site.
 
@@ -99,13 +97,11 @@ def grad_cam(
     size and divided by its per-image maximum (an all-zero map stays zero).
 
     Args:
-      graphdef: the classifier's graph definition.
-      state: the classifier's state.
+      classifier: the classifier, with the fills of its closed gates.
       images_BxHxWxC: input images.
       classes_B: the class to explain per image (int).
       site: the gate site whose activation is used (often the deepest).
       gates: the pathway's gates (``site -> f32[B, C]``); None = full model.
-      fills: ablation value of closed gates (``site -> f32[C]``); None = zero.
 
     Returns:
       ``f32[B, H, W]`` in ``[0, 1]``.
@@ -113,9 +109,7 @@ def grad_cam(
     Raises:
       ValueError: a site whose activations are not a spatial or square token grid.
     """
-    act, grad = site_activation_and_grad(
-        graphdef, state, images_BxHxWxC, classes_B, site, gates, fills
-    )
+    act, grad = site_activation_and_grad(classifier, images_BxHxWxC, classes_B, site, gates)
     act, grad = _as_grid(act, site), _as_grid(grad, site)
     alpha_BxC = jnp.mean(grad, axis=(1, 2))
     cam_Bxhxw = jax.nn.relu(jnp.einsum("bhwc,bc->bhw", act, alpha_BxC))
@@ -126,47 +120,42 @@ def grad_cam(
 
 
 def pathway_gradient(
-    graphdef: nnx.GraphDef,
-    state: nnx.State,
+    classifier: FrozenClassifier,
     images_BxHxWxC: jax.Array,
     classes_B: jax.Array,
     gates: Mapping[str, jax.Array] | None,
-    fills: Mapping[str, jax.Array] | None = None,
 ) -> jax.Array:
     """Pathway gradient (Khakzar et al. 2021): ``d y_c / d x`` through the gated model.
 
     Args:
-      graphdef: the classifier's graph definition.
-      state: the classifier's state.
+      classifier: the classifier, with the fills of its closed gates.
       images_BxHxWxC: input images.
       classes_B: the class whose logit ``y_c`` is differentiated, per image.
       gates: the pathway's gates; None gives the plain input gradient.
-      fills: ablation value of closed gates; None = zero.
 
     Returns:
       ``f32[B, H, W, C]``, the same shape as the images.
     """
 
     def logit_sum(x):
-        logits, _ = classifiers.forward(graphdef, state, x, gates, fills)
-        return jnp.sum(_class_logit(logits, classes_B))
+        return jnp.sum(_class_logit(classifier.logits(x, gates), classes_B))
 
     return jax.grad(logit_sum)(images_BxHxWxC)
 
 
 def pathway_saliency(
-    gen_graphdef, gen_state, cls_graphdef, cls_state, images_BxHxWxC, temperature, sigma, fills,
+    generator: FrozenGenerator,
+    classifier: FrozenClassifier,
+    images_BxHxWxC: jax.Array,
+    settings: daq.Settings,
     site: str,
-) -> tuple[jax.Array, jax.Array, jax.Array]:  # fmt: skip
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Explains `images` (GEN-CNP) and maps the explained class: ``(Grad-CAM of the full
     model f32[B, H, W], Grad-CAM of the pathway model f32[B, H, W], pathway gradient
     f32[B, H, W, C])`` (`grad_cam` at `site`, `pathway_gradient`)."""
-    p = explain.explain(
-        gen_graphdef, gen_state, cls_graphdef, cls_state, images_BxHxWxC, temperature, sigma,
-        fills,
-    )  # fmt: skip
+    p = explain.explain(generator, classifier, images_BxHxWxC, settings)
     c = p.explained_class
-    cam_full = grad_cam(cls_graphdef, cls_state, images_BxHxWxC, c, site)
-    cam_pathway = grad_cam(cls_graphdef, cls_state, images_BxHxWxC, c, site, p.gates, fills)
-    grad = pathway_gradient(cls_graphdef, cls_state, images_BxHxWxC, c, p.gates, fills)
+    cam_full = grad_cam(classifier, images_BxHxWxC, c, site)
+    cam_pathway = grad_cam(classifier, images_BxHxWxC, c, site, p.gates)
+    grad = pathway_gradient(classifier, images_BxHxWxC, c, p.gates)
     return cam_full, cam_pathway, grad

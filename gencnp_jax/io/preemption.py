@@ -50,6 +50,9 @@ def signal_name(signum: int | None) -> str:
     return signal.Signals(signum).name if signum else "a stop request of another process"
 
 
+GRACE_S = 30.0  # SIGTERM / SIGINT of a training stage: checkpoint and exit within 30 s
+
+
 class StopGuard:
     """Signal handlers for one training stage (see the module docstring).
 

@@ -9,8 +9,6 @@ computed at all, and its gated passes are not made.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -18,6 +16,7 @@ import jax.numpy as jnp
 from gencnp_jax.method import losses
 from gencnp_jax.models import daq
 from gencnp_jax.models import gates as gates_lib
+from gencnp_jax.models.frozen import FrozenClassifier
 
 # The terms that need x' (the partner of another class) gated with x's pathway.
 PARTNER_TERMS = ("leak",)
@@ -62,13 +61,14 @@ def ranked_densities(batch: int, step: jax.Array, hp: StepHParams) -> jax.Array:
     return hp.ranked_low + (hp.ranked_high - hp.ranked_low) * u
 
 
-def loss_terms(model, classify: Callable, batch: dict, hp: StepHParams, terms: tuple[str, ...]):
+def loss_terms(
+    model, classifier: FrozenClassifier, batch: dict, hp: StepHParams, terms: tuple[str, ...]
+):
     """The loss terms named in `terms` for one batch; one gated pass covers every gating.
 
     Args:
       model: the generator (``features -> (scores, q_logits)``).
-      classify: ``(images, gates=None) -> (logits, features)``, the frozen classifier, closed
-        gates taking the run's ablation fills.
+      classifier: the frozen classifier, closed gates taking the run's ablation fills.
       batch: ``images`` and what the full classifier says of them: ``full_logits``, ``pred``,
         the different-class ``partner`` and ``has_partner``; for ``distill``,
         ``target_images`` and ``target_masks`` (PIO masks, `method/pio.py`); for the
@@ -84,7 +84,7 @@ def loss_terms(model, classify: Callable, batch: dict, hp: StepHParams, terms: t
     """
     images, full_logits, pred = batch["images"], batch["full_logits"], batch["pred"]
     partner, has_partner = batch["partner"], batch["has_partner"]
-    features = classify(images)[1]
+    features = classifier.classify(images)[1]
     scores, q_logits_BxK = model(features)
     gates = {site: daq.binarize(s, hp.temperature, hp.sigma) for site, s in scores.items()}
     scores_flat = gates_lib.flatten(scores)
@@ -96,7 +96,7 @@ def loss_terms(model, classify: Callable, batch: dict, hp: StepHParams, terms: t
         top = gates_lib.unflatten(top, {s: v.shape[-1] for s, v in scores.items()})
         passes["ranked"] = (images, top)
         passes["ranked_partner"] = (images[partner], top)
-    all_logits, _ = classify(
+    all_logits, _ = classifier.classify(
         jnp.concatenate([x for x, _ in passes.values()]),
         jax.tree.map(lambda *g: jnp.concatenate(g), *[g for _, g in passes.values()]),
     )
@@ -115,7 +115,7 @@ def loss_terms(model, classify: Callable, batch: dict, hp: StepHParams, terms: t
             logits["ranked_partner"], pred, has_partner, hp.leak_margin
         ),
         "distill": lambda: losses.mask_bce(
-            gates_lib.flatten(model(classify(batch["target_images"])[1])[0]),
+            gates_lib.flatten(model(classifier.classify(batch["target_images"])[1])[0]),
             batch["target_masks"],
         ),
     }

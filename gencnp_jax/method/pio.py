@@ -16,8 +16,6 @@ why the generator learns it instead of running it at explanation time.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -25,6 +23,10 @@ import optax
 
 from gencnp_jax.method import losses
 from gencnp_jax.models import gates as gates_lib
+from gencnp_jax.models.frozen import FrozenClassifier
+
+INIT_LOGIT = 3.0  # every gate logit's start: sigmoid(3) = 0.95, every gate open
+TRIM_STEP = 0.02  # `sparsest_cuts`' density grid: 0.02, 0.04, ..., 1
 
 
 @flax.struct.dataclass
@@ -36,7 +38,7 @@ class PioHParams:
       learning_rate: Adam's step size on the gate logits.
       density_weight: weight of the mean gate (sparsity).
       leak_weight, leak_margin: weight and margin of the rank leakage hinge.
-      init_logit: the gate logits' start (3.0: sigmoid 0.95, every gate open).
+      init_logit: the gate logits' start (`INIT_LOGIT`).
     """
 
     steps: jax.Array
@@ -52,12 +54,11 @@ class PioHParams:
         return cls(steps=steps, **{k: jnp.asarray(v, jnp.float32) for k, v in values.items()})
 
 
-def optimise_masks(classify: Callable, images: jax.Array, hp: PioHParams) -> dict:
+def optimise_masks(classifier: FrozenClassifier, images: jax.Array, hp: PioHParams) -> dict:
     """PIO masks of a batch and how the full model and the masks answer.
 
     Args:
-      classify: ``(images, gates=None) -> (logits, features)``, the frozen classifier with the
-        run's ablation fills bound.
+      classifier: the frozen classifier with the run's ablation fills.
       images: ``f32[B, H, W, C]`` normalised images.
       hp: the optimiser's numbers.
 
@@ -67,7 +68,7 @@ def optimise_masks(classify: Callable, images: jax.Array, hp: PioHParams) -> dic
       ``pathway_logits`` (x under its mask), ``partner_logits`` (x' under x's mask),
       ``classes``, ``partner_classes``, ``has_partner``.
     """
-    full_logits, features = classify(images)
+    full_logits, features = classifier.classify(images)
     full_logits = jax.lax.stop_gradient(full_logits)
     pred = jnp.argmax(full_logits, -1)
     partner, has_partner = losses.partner_indices(pred)
@@ -76,7 +77,7 @@ def optimise_masks(classify: Callable, images: jax.Array, hp: PioHParams) -> dic
 
     def objective(theta):
         gates = jax.tree.map(jax.nn.sigmoid, theta)
-        pathway, partner_logits = jnp.split(classify(both_images, doubled(gates))[0], 2)
+        pathway, partner_logits = jnp.split(classifier.classify(both_images, doubled(gates))[0], 2)
         kl = losses.distillation_kl(full_logits, pathway, 1.0)
         leak = losses.leakage_hinge(partner_logits, pred, has_partner, hp.leak_margin)
         density = jnp.mean(gates_lib.flatten(gates))
@@ -92,7 +93,7 @@ def optimise_masks(classify: Callable, images: jax.Array, hp: PioHParams) -> dic
 
     theta, _ = jax.lax.fori_loop(0, hp.steps, body, (theta, tx.init(theta)))
     masks = jax.tree.map(lambda t: (t > 0).astype(jnp.float32), theta)
-    pathway, partner_logits = jnp.split(classify(both_images, doubled(masks))[0], 2)
+    pathway, partner_logits = jnp.split(classifier.classify(both_images, doubled(masks))[0], 2)
     return {
         "masks_flat": gates_lib.flatten(masks),
         "logits_flat": gates_lib.flatten(theta),
@@ -106,10 +107,9 @@ def optimise_masks(classify: Callable, images: jax.Array, hp: PioHParams) -> dic
 
 
 def sparsest_cuts(
-    classify: Callable,
+    classifier: FrozenClassifier,
     images: jax.Array,
     logits_flat: jax.Array,
-    site_channels: dict[str, int],
     densities_G: jax.Array,
     kl_budget: jax.Array,
 ) -> dict:
@@ -127,7 +127,8 @@ def sparsest_cuts(
       ``cuts`` f32[B], ``masks_flat``, ``pathway_logits`` and ``partner_logits`` of the trimmed
       masks (the partners of `optimise_masks`).
     """
-    full_logits = classify(images)[0]
+    full_logits = classifier.logits(images)
+    site_channels = classifier.site_channels
     pred = jnp.argmax(full_logits, -1)
     partner, has_partner = losses.partner_indices(pred)
     both_images = jnp.concatenate([images, images[partner]])
@@ -138,7 +139,9 @@ def sparsest_cuts(
 
     def pathways(kept_BxN):  # (x, x') under x's mask
         doubled = jnp.concatenate([kept_BxN, kept_BxN])
-        return jnp.split(classify(both_images, gates_lib.unflatten(doubled, site_channels))[0], 2)
+        return jnp.split(
+            classifier.classify(both_images, gates_lib.unflatten(doubled, site_channels))[0], 2
+        )
 
     def faithful_at(d):
         k = jnp.clip(jnp.round(d * n).astype(jnp.int32), 1, n)

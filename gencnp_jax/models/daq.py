@@ -6,6 +6,9 @@ Forward values are exact 0/1 (no train/test gap); gradients flow to the scores t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -88,6 +91,26 @@ def binarize(
     soft = daq_soft(scores, temperature, sigma)
     hard = (jnp.asarray(scores, jnp.float32) > 0.5).astype(jnp.float32)
     return hard + (soft - jax.lax.stop_gradient(soft))
+
+
+@flax.struct.dataclass
+class Settings:
+    """DAQ's ``T`` and kernel width ``sigma`` as pytree leaves (new values never recompile)."""
+
+    temperature: jax.Array
+    sigma: jax.Array
+
+    @classmethod
+    def create(cls, temperature: float, sigma: float) -> Settings:
+        return cls(jnp.float32(temperature), jnp.float32(sigma))
+
+    def binarize(self, scores: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """`binarize` of every site of ``site -> f32[B, C]`` scores: the gates (order kept)."""
+        return {site: binarize(s, self.temperature, self.sigma) for site, s in scores.items()}
+
+    def soft(self, scores: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """`daq_soft` of every site (order kept): numerically the gates, with DAQ's gradient."""
+        return {site: daq_soft(s, self.temperature, self.sigma) for site, s in scores.items()}
 
 
 # `top_fraction`'s gradient width, in units of a row's score std (the ranked loss terms and the

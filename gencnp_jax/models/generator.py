@@ -13,8 +13,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gencnp_jax.models import daq
-
 CELLS = ("gru", "lstm", "mlp")
 POOLINGS = ("avg", "max")
 
@@ -185,17 +183,3 @@ class Generator(nnx.Module):
             logits_BxC = self.score_heads[i](h_BxD) + self._evidence(i, pooled[i])
             scores[self.sites[i]] = jax.nn.sigmoid(logits_BxC)
         return {site: scores[site] for site in self.sites}, q_logits_BxK
-
-
-def explain_scores(
-    gen_graphdef: nnx.GraphDef,
-    gen_state: nnx.State,
-    features: Mapping[str, jax.Array],
-    temperature: float | jax.Array = 2.0,
-    sigma: float | jax.Array = 2.0,
-) -> tuple[dict[str, jax.Array], dict[str, jax.Array], jax.Array]:
-    """Pure generator pass: ``(scores, gates, q_logits_BxK)``; gates are exact 0/1 (DAQ)."""
-    generator = nnx.merge(gen_graphdef, gen_state)
-    scores, q_logits_BxK = generator(features)
-    gates = {site: daq.binarize(s, temperature, sigma) for site, s in scores.items()}
-    return scores, gates, q_logits_BxK

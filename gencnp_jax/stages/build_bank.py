@@ -5,7 +5,6 @@ beside a fingerprint of the classifier, and loaded back only for that classifier
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import shutil
@@ -28,8 +27,9 @@ from gencnp_jax.method.class_bank import (
     class_means,
     first_per_class,
 )
-from gencnp_jax.models import classifiers
+from gencnp_jax.models import daq
 from gencnp_jax.models import gates as gates_lib
+from gencnp_jax.models.frozen import FrozenClassifier
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +68,9 @@ def _select(config, classifier, train: data.ArraySplit, mesh) -> tuple[np.ndarra
     if config.bank.class_source == "label":
         idx = first_per_class(train.labels, num_classes, j)
         return idx, train.labels[idx].astype(np.int32), len(train.labels)
-    predict = jax.jit(
-        lambda s, x: jnp.argmax(classifiers.forward(classifier.graphdef, s, x)[0], -1)
-    )
+    predict = jax.jit(lambda c, x: jnp.argmax(c.logits(x), -1))
     preds_N = batched.map_batches(
-        lambda images: predict(classifier.state, images),
+        lambda images: predict(classifier, images),
         lambda idx: inputs.normalize(config, train.images[idx]),
         len(train.labels),
         config.eval.batch_size,
@@ -137,7 +135,7 @@ def _mismatch(workdir: str, why: str) -> BankMismatchError:
     )
 
 
-def load_bank(config, workdir: str, classifier: loading.Classifier) -> ClassBank:
+def load_bank(config, workdir: str, classifier: FrozenClassifier) -> ClassBank:
     """Restores the bank of `workdir` and checks it belongs to `classifier` and `config.bank`.
 
     Raises:
@@ -221,19 +219,17 @@ def build_bank(config, workdir: str) -> dict:
     _check_source(config.bank.class_source)
     t0 = time.time()
     classifier = loading.load_classifier(config, workdir)
-    gen_graphdef, gen_state, fills, _ = loading.load_generator(config, workdir, classifier)
+    generator, classifier, _ = loading.load_generator(config, workdir, classifier)
     train = inputs.load_data(config, "train")
     mesh = inputs.make_mesh(config)
     sharding.check_batch_size(mesh, config.eval.batch_size)
-    cls_state, gen_state, fills = sharding.replicate(mesh, (classifier.state, gen_state, fills))
-    classifier = dataclasses.replace(classifier, state=cls_state)
+    generator, classifier = sharding.replicate(mesh, (generator, classifier))
     idx_M, classes_M, scanned = _select(config, classifier, train, mesh)
-    explain_fn = explain.jit_explain(gen_graphdef, classifier.graphdef)
     g = config.generator.daq
-    temperature, sigma = jnp.float32(g.temperature), jnp.float32(g.sigma)
+    settings = daq.Settings.create(g.temperature, g.sigma)
 
     def gates_and_scores(x):
-        pathway = explain_fn(gen_state, classifier.state, x, temperature, sigma, fills)
+        pathway = explain.jit_explain(generator, classifier, x, settings)
         return pathway.gates, pathway.scores
 
     gates_M, scores_M = batched.map_batches(

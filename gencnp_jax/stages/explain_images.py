@@ -1,8 +1,8 @@
 """The explain mode: pathways, figures and a page for given images (or the first test images).
 
 Reads ``config.explain.images`` (``npz:FILE``, ``folder:DIR`` or a plain path; ``""`` = the
-first ``config.explain.num_images`` test images) and writes, under ``config.explain.out_dir``
-(``""`` = ``WORKDIR/explain``): ``pathways.npz``, one PNG per image and ``explain.html``.
+first `TEST_IMAGES` test images) and writes, under ``WORKDIR/explain``: ``pathways.npz``, one
+PNG per image and ``explain.html``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from gencnp_jax.viz import explain_figure, plots
 from gencnp_jax.viz import html as html_lib
 
 PAGE, PATHWAYS = "explain.html", "pathways.npz"
+TEST_IMAGES = 16  # explained when no images are named (the first test images)
 _FIGURE = re.compile(r"explain_\d+\.png")  # this mode's figure names (stale ones are removed)
 
 
@@ -44,13 +45,8 @@ def load_images(config) -> tuple[np.ndarray, list[str]]:
         except (custom_data.DatasetError, data.DatasetError, OSError, ValueError) as err:
             raise validation.ConfigError(f"{where}: {err}") from None
     else:
-        if not isinstance(e.num_images, int) or e.num_images <= 0:
-            raise validation.ConfigError(
-                f"config.explain.num_images={e.num_images!r} must be a positive int (or name "
-                f"images in config.explain.images)"
-            )
         where = f"the test split of {d.dataset!r}"
-        images = inputs.load_data(config, "test").images[: e.num_images]
+        images = inputs.load_data(config, "test").images[:TEST_IMAGES]
         names = [f"test #{i}" for i in range(len(images))]
     images = np.asarray(images)
     hwc, _ = data.dataset_info(d.dataset, os.path.expanduser(d.data_dir))
@@ -68,10 +64,9 @@ def load_images(config) -> tuple[np.ndarray, list[str]]:
     return images, [str(n) for n in names]
 
 
-def out_dir(config, workdir: str) -> str:
-    """``config.explain.out_dir``, or ``WORKDIR/explain`` when it is ``""``."""
-    folder = config.explain.out_dir or os.path.join(workdir, "explain")
-    return os.path.abspath(os.path.expanduser(folder))
+def out_dir(workdir: str) -> str:
+    """``WORKDIR/explain``: where the explain mode writes."""
+    return os.path.join(os.path.abspath(os.path.expanduser(workdir)), "explain")
 
 
 def save_pathways(path: str, pathway: Pathway, names: list[str], class_names: list[str]):
@@ -124,7 +119,7 @@ def explain_images(config, workdir: str) -> dict:
     (last) into `out_dir`.
 
     Each figure shows the input, Grad-CAM of the full and of the pathway model and the
-    pathway gradient for the predicted class (`report.make_gallery_fn`), and the channels
+    pathway gradient for the predicted class (`Explainer.saliency_fn`), and the channels
     kept at each site.
 
     Returns:
@@ -145,12 +140,12 @@ def explain_images(config, workdir: str) -> dict:
     classes = report_stage.class_names(config.data.dataset, cls.num_classes)
     pathway = explainer(images)
     normalized = explainer.prepare(images)
-    saliency_fn = report_stage.make_gallery_fn(explainer, site)
+    saliency_fn = explainer.saliency_fn(site)
     cam_full, cam_pathway, grad = explainer.map_batches(saliency_fn, normalized, desc="saliency")
     pred = np.asarray(pathway.explained_class)
     pathway_pred = np.argmax(np.asarray(pathway.pathway_logits), -1)
     density = np.asarray(pathway.density())
-    folder = out_dir(config, workdir)
+    folder = out_dir(workdir)
     summary = {
         "num_images": len(images),
         "out_dir": folder,

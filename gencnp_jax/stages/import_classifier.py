@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 
-from gencnp_jax.context import inputs, loading, user_model
+from gencnp_jax.context import inputs, user_model
 from gencnp_jax.io import checkpointing, data
 from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.io import writers as logging_utils
+from gencnp_jax.models.frozen import FrozenClassifier
 from gencnp_jax.train import classifier as train_classifier
 
 
@@ -32,7 +33,7 @@ def import_classifier(config, workdir: str) -> dict:
         built-in classifiers), or a factory / sites / output size that does not work.
     """
     c = config.classifier
-    if not c.get("checkpoint", ""):
+    if not c.checkpoint:
         raise user_model.UserModelError(
             f"config.classifier.factory={c.factory!r} needs config.classifier.checkpoint: the "
             f"pipeline trains only the built-in classifiers ('vgg', 'resnet'); train yours, "
@@ -48,7 +49,7 @@ def import_classifier(config, workdir: str) -> dict:
     final_ckpt = checkpointing.Checkpointer(os.path.join(out_dir, "final"), max_to_keep=1)
     final_ckpt.save(0, {"state": user_model.saved_part(gated.state)})
     final_ckpt.close()
-    classifier = loading.Classifier(gated, gated.state, dict(gated.site_channels), num_classes)
+    classifier = FrozenClassifier(gated, gated.state, gated.site_channels, num_classes)
     metrics = train_classifier.evaluate_classifier(
         config, classifier, {"train": train, "test": test}, mesh
     )

@@ -119,7 +119,7 @@ def run_stage(mode: str, config, workdir: str, launched_mode: str | None = None)
         f"python launch.py --config=<this run's config> --workdir={workdir} "
         f"--mode={launched_mode or mode}"
     )
-    with preemption.StopGuard(config.get("preemption_grace_s", 30.0), command):
+    with preemption.StopGuard(preemption.GRACE_S, command):
         return modes.stage_fn(mode)(config, workdir)
 
 

@@ -16,8 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gencnp_jax import explainer as explainer_lib
-from gencnp_jax.context import inputs, loading
-from gencnp_jax.eval import saliency
+from gencnp_jax.context import inputs
 from gencnp_jax.io import batched, data, sharding
 from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.io import writers as logging_utils
@@ -51,49 +50,30 @@ def gradcam_site(config, site_channels: Mapping[str, int]) -> str:
     return site
 
 
-def explain_split(
-    explainer: explainer_lib.Explainer, images_uint8: np.ndarray, batch_size: int, mesh=None
-):
+def explain_split(explainer: explainer_lib.Explainer, images_uint8: np.ndarray, batch_size: int):
     """Pathways of a whole split as host numpy: ``(gates site -> u8[N, C], pred i32[N],
     pathway_pred i32[N])``; fixed-size padded batches over the mesh, so one compilation."""
-    cls, g = explainer.classifier, explainer.config.generator
-    mesh = mesh if mesh is not None else inputs.make_mesh(explainer.config)
+    mesh = explainer.mesh
     # Never more rows than the split (rounded up to the mesh): tiny splits compile small.
     batch_size = min(batch_size, -(-len(images_uint8) // mesh.size) * mesh.size)
     sharding.check_batch_size(mesh, batch_size)
-    jitted = explain.jit_explain(explainer.gen_graphdef, cls.graphdef)
-    gen_state, cls_state, fills = sharding.replicate(
-        mesh, (explainer.gen_state, cls.state, explainer.fills)
-    )
-    temperature, sigma = jnp.float32(g.daq.temperature), jnp.float32(g.daq.sigma)
 
     def fn(images):
-        p = jitted(gen_state, cls_state, images, temperature, sigma, fills)
+        p = explain.jit_explain(
+            explainer.generator, explainer.classifier, images, explainer.settings
+        )
         gates = {s: (v >= 0.5).astype(jnp.uint8) for s, v in p.gates.items()}
         return gates, p.explained_class, jnp.argmax(p.pathway_logits, -1)
 
-    def make_batch(idx):
-        return inputs.normalize(explainer.config, images_uint8[idx])
-
     gates, pred, pathway_pred = batched.map_batches(
-        fn, make_batch, len(images_uint8), batch_size, mesh
+        fn,
+        lambda idx: explainer.normalize(images_uint8[idx]),
+        len(images_uint8),
+        batch_size,
+        mesh,
     )
-    gates = {s: gates[s] for s in cls.site_channels}  # jit returns sites sorted by name
+    gates = {s: gates[s] for s in explainer.classifier.site_channels}  # jit sorts sites by name
     return gates, pred.astype(np.int32), pathway_pred.astype(np.int32)
-
-
-def make_gallery_fn(explainer: explainer_lib.Explainer, site: str):
-    """A jitted ``fn(images) -> (cam_full, cam_pathway, pathway_grad)`` for the predicted class."""
-    cls, g = explainer.classifier, explainer.config.generator
-
-    def fn(gen_state, cls_state, fills, images):
-        return saliency.pathway_saliency(
-            explainer.gen_graphdef, gen_state, cls.graphdef, cls_state, images,
-            g.daq.temperature, g.daq.sigma, fills, site,
-        )  # fmt: skip
-
-    jitted = jax.jit(fn)
-    return lambda images: jitted(explainer.gen_state, cls.state, explainer.fills, images)
 
 
 def select_gallery(labels: np.ndarray, pred: np.ndarray, num_classes: int, per_class: int):
@@ -119,8 +99,8 @@ def _gallery(explainer, site, test, pred, pathway_pred, density, names, out_dir,
     order = [i for k in range(len(names)) for i in chosen[k]]
     if not order:
         return []
-    fn = make_gallery_fn(explainer, site)
-    images = inputs.normalize(explainer.config, test.images[np.asarray(order)])
+    fn = explainer.saliency_fn(site)
+    images = explainer.normalize(test.images[np.asarray(order)])
     cam_full, cam_pathway, grad = jax.device_get(fn(images))
     at = {i: j for j, i in enumerate(order)}
     items = []
@@ -199,9 +179,8 @@ def make_report(
     writer = jax.process_index() == 0
     if writer and os.path.exists(index):
         os.remove(index)  # the completion marker: absent until this run has written it all
-    classifier = loading.load_classifier(config, workdir)
-    gen_graphdef, gen_state, fills, _ = loading.load_generator(config, workdir, classifier)
-    explainer = explainer_lib.Explainer(config, classifier, gen_graphdef, gen_state, fills)
+    explainer = explainer_lib.Explainer.from_workdir(workdir, config)
+    classifier = explainer.classifier
     site = gradcam_site(config, classifier.site_channels)
     names = class_names(config.data.dataset, classifier.num_classes)
     test = inputs.load_data(config, "test")

@@ -12,6 +12,7 @@ from flax import nnx
 
 from gencnp_jax.context import user_model
 from gencnp_jax.io import custom_data, data, weights
+from gencnp_jax.method import pio
 from gencnp_jax.models import classifiers, generator
 
 
@@ -21,19 +22,13 @@ class ConfigError(ValueError):
 
 # Fields that must be positive integers (a zero `log_every` would divide by zero mid-run).
 _POSITIVE = {
-    "classifier": ("batch_size", "eval_batch_size", "checkpoint_every", "log_every"),
-    "generator": ("batch_size", "eval_batch_size", "steps", "checkpoint_every", "log_every"),
+    "train": ("batch_size", "eval_batch_size", "checkpoint_every", "log_every"),
+    "generator": ("steps",),
     "eval": ("batch_size",),
     "bank": ("samples_per_class",),
 }
 # Batches split over the devices of the mesh: they must be multiples of its size.
-_SHARDED_BATCHES = (
-    ("classifier", "batch_size"),
-    ("classifier", "eval_batch_size"),
-    ("generator", "batch_size"),
-    ("generator", "eval_batch_size"),
-    ("eval", "batch_size"),
-)
+_SHARDED_BATCHES = (("train", "batch_size"), ("train", "eval_batch_size"), ("eval", "batch_size"))
 _PIO_INTS = ("num_images", "per_step", "batch_size", "steps")  # config.generator.pio
 _PIO_BATCHES = ("per_step", "batch_size")
 
@@ -55,13 +50,12 @@ def check_config(config) -> None:
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"config.{section}.{field}={value!r} must be a positive int")
     limit = config.data.train_limit
-    for section in ("classifier", "generator"):
-        if 0 < limit < config[section].batch_size:
-            raise ConfigError(
-                f"config.data.train_limit={limit} is below config.{section}.batch_size="
-                f"{config[section].batch_size}: raise the limit (0 = the whole split) or lower "
-                f"the batch size"
-            )
+    if 0 < limit < config.train.batch_size:
+        raise ConfigError(
+            f"config.data.train_limit={limit} is below config.train.batch_size="
+            f"{config.train.batch_size}: raise the limit (0 = the whole split) or lower "
+            f"the batch size"
+        )
     if not c.epochs > 0:
         raise ConfigError(f"config.classifier.epochs={c.epochs!r} must be positive")
     g = config.generator
@@ -105,13 +99,10 @@ def _check_ranked(loss) -> None:
 
 
 def _check_headroom(h) -> None:
-    """`--mode=headroom`'s sizes: images, steps, densities, step size."""
+    """`--mode=headroom`'s sizes: images, steps, step size."""
     for field, least in (("num_examples", 1), ("steps", 0)):
         if not isinstance(h[field], int) or h[field] < least:
             raise ConfigError(f"config.headroom.{field}={h[field]!r} must be an int >= {least}")
-    densities = tuple(h.densities)
-    if not densities or not all(0 < d < 1 for d in densities):
-        raise ConfigError(f"config.headroom.densities={densities!r} must lie in (0, 1)")
     if not h.learning_rate > 0:
         raise ConfigError(f"config.headroom.learning_rate={h.learning_rate!r} must be > 0")
 
@@ -127,10 +118,11 @@ def _check_pio(g) -> None:
         if not isinstance(value, int) or value < (0 if field == "num_images" else 1):
             raise ConfigError(f"config.generator.pio.{field}={value!r} must be a positive int")
     p = g.pio
-    if p.steps * p.learning_rate <= p.init_logit:  # Adam moves a logit <= lr per step
+    if p.steps * p.learning_rate <= pio.INIT_LOGIT:  # Adam moves a logit <= lr per step
         raise ConfigError(
             f"config.generator.pio: steps * learning_rate = {p.steps} * {p.learning_rate} does "
-            f"not exceed init_logit={p.init_logit}: no gate could close; raise steps or "
+            f"not exceed the gates' initial logit {pio.INIT_LOGIT}: no gate could close; raise "
+            f"steps or "
             f"learning_rate"
         )
     if not p.target_temperature >= 0:
@@ -142,8 +134,6 @@ def _check_pio(g) -> None:
         raise ConfigError(
             f"config.generator.pio.trim_kl_budget={p.trim_kl_budget!r} must be >= 0 (0: off)"
         )
-    if not 0 < p.trim_step <= 1:
-        raise ConfigError(f"config.generator.pio.trim_step={p.trim_step!r} must be in (0, 1]")
     if 0 < g.pio.num_images < g.pio.per_step:
         raise ConfigError(
             f"config.generator.pio.per_step={g.pio.per_step} is above config.generator.pio."
@@ -186,7 +176,7 @@ def _dataset_info(config) -> tuple[tuple[int, int, int], int]:
 def _user_sites(config, hwc, num_classes) -> list[str]:
     """The sites of the user's model, built, loaded and gated as the stages will."""
     c = config.classifier
-    if not c.get("checkpoint", ""):
+    if not c.checkpoint:
         raise ConfigError(
             f"config.classifier.factory={c.factory!r} needs config.classifier.checkpoint (an "
             f"orbax directory, .npz or .msgpack of its weights): the pipeline trains only the "
@@ -201,7 +191,7 @@ def _user_sites(config, hwc, num_classes) -> list[str]:
 def _check_sites(config, hwc, num_classes) -> None:
     """The user's model (factory) must build, load and attach; gate sites named in the
     config must be sites of the configured classifier."""
-    site = config.eval.get("gradcam_site", "")
+    site = config.eval.gradcam_site
     if user_model.uses_factory(config):
         sites = _user_sites(config, hwc, num_classes)
     elif not site:

@@ -20,9 +20,10 @@ from gencnp_jax.eval import baselines
 from gencnp_jax.io import sharding
 from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.io import writers as logging_utils
+from gencnp_jax.method import class_bank as bank_lib
 from gencnp_jax.method import explain
-from gencnp_jax.models import classifiers, generator
-from gencnp_jax.stages import build_bank, validation
+from gencnp_jax.models import daq
+from gencnp_jax.stages import build_bank, evaluate, validation
 from gencnp_jax.tools import bench_train
 
 measure = bench_train.measure  # the timing rule of every number here
@@ -53,68 +54,50 @@ def _batch(config, batch_size: int, notes: list[str]) -> tuple[np.ndarray, np.nd
 
 def _inference(models: bench_train.Models, config, mesh, repeats: int, bank) -> dict:
     """(a) forward, (b) GEN-CNP (+ its three stages), (c) transfer, (d) CDRP, (e) NeuronMCT."""
-    cls, g, e = models.classifier, config.generator, config.eval
-    cls_gd, gen_gd = cls.graphdef, models.gen_graphdef
     batch = models.images.shape[0]
-    cls_state, gen_state, fills = sharding.replicate(
-        mesh, (cls.state, models.gen_state, models.fills)
-    )
+    generator, classifier = sharding.replicate(mesh, (models.generator, models.classifier))
     images, labels = sharding.shard_batch(mesh, models.images, models.labels)
-    temp, sigma = g.daq.temperature, g.daq.sigma
+    settings = models.settings
+    cdrp_settings = evaluate.settings_from_config(config).cdrp
 
     fns = {
-        "forward": jax.jit(lambda cs, x: classifiers.forward(cls_gd, cs, x)[0]),
-        "gencnp": explain.jit_explain(gen_gd, cls_gd),
-        "cdrp": jax.jit(
-            lambda cs, x, f: baselines.cdrp(
-                cls_gd,
-                cs,
-                x,
-                steps=e.cdrp_steps,
-                gamma=e.cdrp_gamma,
-                lr=e.cdrp_lr,
-                threshold=e.cdrp_threshold,
-                fills=f,
-            )
-        ),
-        "neuron_mct": jax.jit(
-            lambda cs, x, f: baselines.neuron_mct(cls_gd, cs, x, density=0.5, fills=f)
-        ),
+        "forward": jax.jit(lambda c, x: c.logits(x)),
+        "gencnp": explain.jit_explain,
+        "cdrp": jax.jit(lambda c, x: baselines.cdrp(c, x, cdrp_settings)),
+        "neuron_mct": jax.jit(lambda c, x: baselines.neuron_mct(c, x, density=0.5)),
     }
-    unwrapped = user_model.unwrapped_forward(config, cls_gd)
+    unwrapped = user_model.unwrapped_forward(config, classifier.graphdef)
     if unwrapped is not None:  # a user's model: its own forward, without `attach`
         fns["forward_unwrapped"] = jax.jit(unwrapped)
     calls = {
-        "forward": lambda: fns["forward"](cls_state, images),
-        "gencnp": lambda: fns["gencnp"](gen_state, cls_state, images, temp, sigma, fills),
-        "cdrp": lambda: fns["cdrp"](cls_state, images, fills),
-        "neuron_mct": lambda: fns["neuron_mct"](cls_state, images, fills),
+        "forward": lambda: fns["forward"](classifier, images),
+        "gencnp": lambda: fns["gencnp"](generator, classifier, images, settings),
+        "cdrp": lambda: fns["cdrp"](classifier, images),
+        "neuron_mct": lambda: fns["neuron_mct"](classifier, images),
     }
     # Where GEN-CNP's time goes: the three parts of `explain.explain`, each jitted alone and
     # measured in order, each on the outputs of the one before.
     stage = {}
-    fns["gencnp/clean_pass"] = jax.jit(lambda cs, x: classifiers.forward(cls_gd, cs, x))
-    fns["gencnp/generator"] = jax.jit(
-        lambda gs, feats: generator.explain_scores(gen_gd, gs, feats, temp, sigma)[1]
+    fns["gencnp/clean_pass"] = jax.jit(lambda c, x: c.classify(x))
+    fns["gencnp/generator"] = jax.jit(lambda g, feats, st: g.pathway(feats, st)[1])
+    fns["gencnp/gated_pass"] = jax.jit(lambda c, x, gates: c.logits(x, gates))
+    calls["gencnp/clean_pass"] = lambda: fns["gencnp/clean_pass"](classifier, images)
+    calls["gencnp/generator"] = lambda: fns["gencnp/generator"](
+        generator, stage["features"], settings
     )
-    fns["gencnp/gated_pass"] = jax.jit(
-        lambda cs, x, gates, f: classifiers.forward(cls_gd, cs, x, gates, f)[0]
-    )
-    calls["gencnp/clean_pass"] = lambda: fns["gencnp/clean_pass"](cls_state, images)
-    calls["gencnp/generator"] = lambda: fns["gencnp/generator"](gen_state, stage["features"])
     calls["gencnp/gated_pass"] = lambda: fns["gencnp/gated_pass"](
-        cls_state, images, stage["gates"], fills
+        classifier, images, stage["gates"]
     )
     then = {
         "gencnp/clean_pass": lambda: stage.update(features=calls["gencnp/clean_pass"]()[1]),
         "gencnp/generator": lambda: stage.update(gates=calls["gencnp/generator"]()),
     }
     if unwrapped is not None:
-        calls["forward_unwrapped"] = lambda: fns["forward_unwrapped"](cls_state, images)
+        calls["forward_unwrapped"] = lambda: fns["forward_unwrapped"](classifier.state, images)
     if bank is not None:
-        fns["transfer"] = jax.jit(_transfer_fn(cls_gd, config.bank.class_source))
+        fns["transfer"] = jax.jit(_transfer_fn(config.bank.class_source))
         bank_dev = sharding.replicate(mesh, bank)
-        calls["transfer"] = lambda: fns["transfer"](bank_dev, cls_state, images, labels, fills)
+        calls["transfer"] = lambda: fns["transfer"](bank_dev, classifier, images, labels)
     results = {}
     for name in (*INFERENCE, "gencnp/clean_pass", "gencnp/generator", "gencnp/gated_pass"):
         if name not in calls:
@@ -122,25 +105,20 @@ def _inference(models: bench_train.Models, config, mesh, repeats: int, bank) -> 
         results[name] = _per_image(measure(calls[name], repeats, fns[name]), batch)
         if name in then:
             then[name]()
-    results["cdrp"]["steps"] = int(e.cdrp_steps)
+    results["cdrp"]["steps"] = int(cdrp_settings.steps)
     results["neuron_mct"]["density"] = 0.5
     if "transfer" in results:
         results["transfer"]["class_source"] = config.bank.class_source
     return results
 
 
-def _transfer_fn(cls_graphdef, class_source: str):
+def _transfer_fn(class_source: str):
     """Class-pathway transfer: the class (H's prediction or the label), its bank gates, and
     the gated pass. No generator call."""
-    from gencnp_jax.method import class_bank as bank_lib
 
-    def fn(bank, cls_state, images, labels, fills):
-        if class_source == "label":
-            classes_B = labels
-        else:
-            classes_B = jnp.argmax(classifiers.forward(cls_graphdef, cls_state, images)[0], -1)
-        gates = bank_lib.transfer(bank, classes_B)
-        return classifiers.forward(cls_graphdef, cls_state, images, gates, fills)[0]
+    def fn(bank, classifier, images, labels):
+        classes_B = labels if class_source == "label" else jnp.argmax(classifier.logits(images), -1)
+        return classifier.logits(images, bank_lib.transfer(bank, classes_B))
 
     return fn
 
@@ -187,10 +165,10 @@ def bench(config, workdir: str) -> dict:
     """Measures everything on the trained classifier and generator of `workdir`.
 
     Each number is the median of `config.bench.repeats` timed calls on a batch of
-    `config.bench.batch_size` real test images, after warm-up (compilation excluded), with
+    `config.eval.batch_size` real test images, after warm-up (compilation excluded), with
     `jax.block_until_ready`. Inference and the headline train steps run on the config's mesh
-    (`config.num_devices`, 0 = all); `scaling` repeats the train steps and GEN-CNP over the
-    first n devices for each n of `config.bench.device_counts`.
+    (`config.num_devices`, 0 = all); `scaling` repeats the train steps and GEN-CNP over one
+    device and over all of them.
 
     Returns:
       The dict written to `WORKDIR/bench.json`: `environment`, `inference` (images/s per
@@ -198,18 +176,20 @@ def bench(config, workdir: str) -> dict:
       `cdrp_vs_gencnp` = CDRP's / GEN-CNP's), `train` (steps/s), `scaling`, `memory`, `notes`.
     """
     b = config.bench
-    repeats, batch = int(b.repeats), int(b.batch_size)
+    repeats, batch = int(b.repeats), int(config.eval.batch_size)
     mesh = inputs.make_mesh(config)
     if batch % mesh.size:
         raise validation.ConfigError(
-            f"config.bench.batch_size={batch} does not split over {mesh.size} devices: choose "
+            f"config.eval.batch_size={batch} does not split over {mesh.size} devices: choose "
             f"a multiple of {mesh.size}"
         )
     notes: list[str] = []
-    classifier = loading.load_classifier(config, workdir)
-    gen_graphdef, gen_state, fills, _ = loading.load_generator(config, workdir, classifier)
+    generator, classifier, _ = loading.load_generator(
+        config, workdir, loading.load_classifier(config, workdir)
+    )
     images, labels = _batch(config, batch, notes)
-    models = bench_train.Models(classifier, gen_graphdef, gen_state, fills, images, labels)
+    settings = daq.Settings.create(config.generator.daq.temperature, config.generator.daq.sigma)
+    models = bench_train.Models(classifier, generator, settings, images, labels)
     bank = _load_bank(config, workdir, classifier, notes)
 
     inference = _inference(models, config, mesh, repeats, bank)
@@ -222,9 +202,8 @@ def bench(config, workdir: str) -> dict:
         ratios["transfer_vs_forward"] = per_image("transfer") / per_image("forward")
     states = bench_train.train_states(models, config)
     train = bench_train.train(models, config, mesh, repeats, states)
-    scaling = bench_train.scaling(
-        models, config, mesh, train, inference["gencnp"], repeats, states, notes
-    )
+    headline = bench_train.Headline(mesh, train, inference["gencnp"])
+    scaling = bench_train.scaling(models, config, headline, repeats, states, notes)
     result = {
         "environment": _environment(mesh, batch, repeats),
         "inference": inference,

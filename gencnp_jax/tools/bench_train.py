@@ -15,9 +15,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from gencnp_jax.context import loading
 from gencnp_jax.io import sharding
 from gencnp_jax.method import explain
+from gencnp_jax.models import daq
+from gencnp_jax.models.frozen import FrozenClassifier, FrozenGenerator
 from gencnp_jax.models.gating import GatedClassifier
 from gencnp_jax.train import classifier as train_classifier
 from gencnp_jax.train import generator as train_generator
@@ -68,12 +69,12 @@ def per_step(timing: dict) -> dict:
 
 @dataclasses.dataclass
 class Models:
-    """What every measurement reads: trained classifier, trained generator, a real batch."""
+    """What every measurement reads: trained classifier (with the run's fills), trained
+    generator, DAQ's settings, a real batch."""
 
-    classifier: loading.Classifier
-    gen_graphdef: nnx.GraphDef
-    gen_state: nnx.State
-    fills: dict | None
+    classifier: FrozenClassifier
+    generator: FrozenGenerator
+    settings: daq.Settings
     images: np.ndarray  # f32[B, H, W, C], normalised
     labels: np.ndarray  # i32[B]
 
@@ -110,7 +111,7 @@ def train_states(models: Models, config) -> TrainStates:
         cls_model = nnx.merge(models.classifier.graphdef, models.classifier.state)
         cls_gd, cls_tx, cls_state = train_classifier.init_state(config, cls_model, 10_000)
         cls_train = (cls_gd, cls_tx, _host_copy(cls_state))
-    gen_model = nnx.merge(models.gen_graphdef, models.gen_state)
+    gen_model = nnx.merge(models.generator.graphdef, models.generator.state)
     steps = max(config.generator.steps, 2)
     gen_gd, gen_tx, gen_state = train_generator.init_state(
         config, models.classifier, gen_model, steps
@@ -129,9 +130,7 @@ def train(models: Models, config, mesh, repeats: int, states: TrainStates) -> di
         cls_state = sharding.replicate(mesh, _host_copy(cls_host))
         cls_loop = _Repeat(cls_bound, cls_state, {"images": images, "labels": labels})
         out["classifier"] = per_step(measure(cls_loop, repeats, cls_bound.jitted))
-    gen_bound = train_generator.bound_step(
-        config, gen_gd, models.classifier, gen_tx, models.fills, mesh
-    )
+    gen_bound = train_generator.bound_step(config, gen_gd, models.classifier, gen_tx, mesh)
     gen_batch = images
     if pio_targets.enabled(config):  # the step's distill term too, on random target masks
         n, count = sum(models.classifier.site_channels.values()), config.generator.pio.per_step
@@ -148,22 +147,29 @@ def train(models: Models, config, mesh, repeats: int, states: TrainStates) -> di
 
 def gencnp_on(models: Models, config, mesh, repeats: int) -> dict:
     """GEN-CNP images/s on `mesh` (`explain.jit_explain`)."""
-    g = config.generator
-    fn = explain.jit_explain(models.gen_graphdef, models.classifier.graphdef)
-    gen_state, cls_state, fills = sharding.replicate(
-        mesh, (models.gen_state, models.classifier.state, models.fills)
-    )
+    del config
+    fn = explain.jit_explain
+    generator, classifier = sharding.replicate(mesh, (models.generator, models.classifier))
     images = sharding.shard_batch(mesh, models.images)
-    temp, sigma = g.daq.temperature, g.daq.sigma
-    call = lambda: fn(gen_state, cls_state, images, temp, sigma, fills)
+    call = lambda: fn(generator, classifier, images, models.settings)
     return per_image(measure(call, repeats, fn), models.images.shape[0])
 
 
-def scaling(models, config, main_mesh, main_train, main_gencnp, repeats, states, notes) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Headline:
+    """The measurements already made on the main mesh (reused by `scaling` for its size)."""
+
+    mesh: jax.sharding.Mesh
+    train: dict
+    gencnp: dict
+
+
+def scaling(models, config, headline: Headline, repeats, states, notes) -> dict:
     """Steps/s of both train steps and GEN-CNP images/s on meshes over the first n devices."""
     out = {}
+    main_mesh, main_train, main_gencnp = headline.mesh, headline.train, headline.gencnp
     available, batch = jax.device_count(), models.images.shape[0]
-    for n in config.bench.device_counts:
+    for n in sorted({1, jax.device_count()}):
         n = int(n)
         reason = None
         if n > available:

@@ -1,7 +1,7 @@
 """How much instance specificity the classifier leaves to find (``--mode=headroom``).
 
 On the first ``headroom.num_examples`` images of the common evaluation subset, at each of
-``headroom.densities``, under the run's ablation, it scores (mDC, agreement, KL):
+``eval.densities``, under the run's ablation, it scores (mDC, agreement, KL):
 
 * ``gencnp``: the top-d of GEN-CNP's scores (as in `evaluate`);
 * ``class_constant``: the top-d of GEN-CNP's mean score per predicted class over these images;
@@ -39,7 +39,7 @@ from gencnp_jax.eval import baselines, controls, metrics, oracle
 from gencnp_jax.io import sharding, writers
 from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.method import losses
-from gencnp_jax.models import classifiers, daq
+from gencnp_jax.models import daq
 from gencnp_jax.models import gates as gates_lib
 
 CLASS_ROWS = ("class_constant", "class_optimum")  # one mask per predicted class
@@ -48,24 +48,25 @@ ROWS = ("gencnp", "class_constant", "class_optimum", "instance_optimum")
 ROWS += ("instance_optimum_from_gencnp",)
 
 
-def _jitted(graphdef, site_channels):
-    """``(optimise, score)``: the oracle's Adam loop and a masks' (logits, KL), compiled once."""
+def _logits_fn(classifier, images):
+    return lambda masks_BxN: classifier.logits(
+        images, gates_lib.unflatten(masks_BxN, classifier.site_channels)
+    )
 
-    def logits_fn_of(cls_state, fills, images):
-        return lambda masks_BxN: classifiers.forward(
-            graphdef, cls_state, images, gates_lib.unflatten(masks_BxN, site_channels), fills
-        )[0]
 
-    def optimise(cls_state, fills, images, full, theta, onehot, density, steps, lr, temp):
-        expand = (lambda t: t) if onehot is None else (lambda t: onehot @ t)
-        logits_fn = logits_fn_of(cls_state, fills, images)
-        return oracle.optimise_ranking(logits_fn, full, theta, expand, density, steps, lr, temp)
+@jax.jit
+def _optimise(classifier, images, full, theta, onehot, density, opt: oracle.OracleSettings):
+    """The oracle's Adam loop over free scores (`onehot` None: one row per image)."""
+    expand = (lambda t: t) if onehot is None else (lambda t: onehot @ t)
+    logits_fn = _logits_fn(classifier, images)
+    return oracle.optimise_ranking(logits_fn, full, theta, expand, density, opt)
 
-    def score(cls_state, fills, images, full, masks_BxN):
-        logits = logits_fn_of(cls_state, fills, images)(masks_BxN)
-        return logits, jnp.mean(losses.kl_rows(full, logits))
 
-    return jax.jit(optimise), jax.jit(score)
+@jax.jit
+def _score(classifier, images, full, masks_BxN):
+    """``(logits, mean KL)`` of the masks."""
+    logits = _logits_fn(classifier, images)(masks_BxN)
+    return logits, jnp.mean(losses.kl_rows(full, logits))
 
 
 def headroom(config, workdir: str) -> dict:
@@ -88,21 +89,20 @@ def headroom(config, workdir: str) -> dict:
     images, full, onehot = sharding.shard_batch(
         mesh, inputs.normalize(config, images_u8), full_BxK, onehot_BxK
     )
-    optimise, score = _jitted(classifier.graphdef, classifier.site_channels)
-    cls_state, fills = classifier.state, ex.fills
-    run_args = {
-        "steps": jnp.int32(h.steps),
-        "lr": jnp.float32(h.learning_rate),
-        "temp": jnp.float32(daq.TOP_FRACTION_WIDTH),
-    }
+    opt_settings = oracle.OracleSettings(
+        steps=jnp.int32(h.steps),
+        learning_rate=jnp.float32(h.learning_rate),
+        rel_temperature=jnp.float32(daq.TOP_FRACTION_WIDTH),
+    )
     _, class_mean_KxN = controls.class_mean_scores(gen_BxN, classes_B, k)
     key = jax.random.key(config.seed + 23)
-    bar = writers.progress(len(h.densities) * 4, desc="headroom")
+    densities = tuple(float(d) for d in config.eval.densities)
+    bar = writers.progress(len(densities) * 4, desc="headroom")
     per_density = {}
     from_gen = sharding.shard_batch(mesh, np.asarray(oracle.standardise_rows(gen_BxN)))
-    for density in (float(d) for d in h.densities):
+    for density in densities:
         opt = functools.partial(
-            optimise, cls_state, fills, images, full, density=jnp.float32(density), **run_args
+            _optimise, classifier, images, full, density=jnp.float32(density), opt=opt_settings
         )
         instance_gen_BxN = sharding.to_host(opt(from_gen, onehot=None)[0])
         bar.update(1)
@@ -135,7 +135,7 @@ def headroom(config, workdir: str) -> dict:
         for name, scores_BxN in scores.items():
             masks = baselines.top_k_at_density(jnp.asarray(scores_BxN), density, key)
             masks = sharding.shard_batch(mesh, np.asarray(masks))
-            logits, kl = sharding.to_host(score(cls_state, fills, images, full, masks))
+            logits, kl = sharding.to_host(_score(classifier, images, full, masks))
             row[name] = {
                 "mDC": float(metrics.mDC(full_BxK, logits)),
                 "agreement": float(metrics.agreement(full_BxK, logits)),

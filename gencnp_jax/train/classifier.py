@@ -21,6 +21,7 @@ from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.io import writers as logging_utils
 from gencnp_jax.method import explain
 from gencnp_jax.models import classifiers
+from gencnp_jax.models.frozen import FrozenClassifier
 from gencnp_jax.train import batchnorm
 from gencnp_jax.train import loop as train_loop
 
@@ -64,7 +65,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
 def init_state(config, model: nnx.Module, total: int):
     """`(graphdef, tx, TrainState)` of `model` with the config's optimizer over `total` steps."""
     c = config.classifier
-    tx = make_optimizer(c.learning_rate, c.weight_decay, c.warmup_steps, total, c.grad_clip)
+    tx = make_optimizer(
+        c.learning_rate, c.weight_decay, c.warmup_steps, total, config.train.grad_clip
+    )
     graphdef, state = train_loop.TrainState.create(model, tx)
     return graphdef, tx, state
 
@@ -74,52 +77,45 @@ def bound_step(graphdef: nnx.GraphDef, tx) -> train_loop.BoundStep:
     return train_loop.BoundStep(make_train_step(graphdef, tx), lambda step: ())
 
 
-def make_predict(graphdef: nnx.GraphDef):
-    """`predict(state, images, gates=None, fills=None) -> logits`, jit-compiled."""
-    return jax.jit(
-        lambda state, images, gates=None, fills=None: classifiers.forward(
-            graphdef, state, images, gates, fills
-        )[0]
-    )
+@jax.jit
+def _logits(classifier: FrozenClassifier, images, gates=None):
+    return classifier.logits(images, gates)
 
 
-def predict_split(
-    predict, state, images_uint8, config, mesh, batch_size, gates_fn=None, fills=None
-):
-    """Logits for a whole split in padded fixed-size batches (one compilation).
+def predict_split(config, classifier: FrozenClassifier, images_uint8, mesh, gates_fn=None):
+    """Logits for a whole split in padded batches of ``train.eval_batch_size`` (one
+    compilation); `classifier`'s fills take closed gates.
 
     `gates_fn(indices) -> host gates` of those rows (None: every gate open).
     """
+    placed = sharding.replicate(mesh, classifier)
     make_batch = lambda idx: {
         "images": inputs.normalize(config, images_uint8[idx]),
         "gates": None if gates_fn is None else gates_fn(idx),
     }
-    run = lambda batch: predict(state, batch["images"], batch["gates"], fills)
+    run = lambda batch: _logits(placed, batch["images"], batch["gates"])
+    batch_size = config.train.eval_batch_size
     return batched.map_batches(run, make_batch, len(images_uint8), batch_size, mesh)
 
 
 def random_drop_agreements(
-    predict, state, split, config, mesh, site_channels, full_pred, means=None, frac=0.1
+    config, classifier: FrozenClassifier, split, mesh, full_pred, means, frac=0.1
 ) -> dict[str, float]:
     """Agreement with the full model when `frac` of all channels are closed at random.
 
     Returns:
-      ``{"zero": agreement}`` with closed channels at 0, and ``"mean"`` with the same channels
-      closed to their training-set mean `means` (mean ablation) when `means` is given.
+      ``{"zero": agreement, "mean": agreement}``: the closed channels at 0, and the same
+      channels closed to their training-set mean `means` (mean ablation).
     """
     rng = np.random.default_rng(config.seed)
     masks = {
         s: (rng.random((len(split.labels), c)) >= frac).astype(np.float32)
-        for s, c in site_channels.items()
+        for s, c in classifier.site_channels.items()
     }
     gates_fn = lambda idx: {s: m[idx] for s, m in masks.items()}
-    bs = config.classifier.eval_batch_size
     out = {}
     for name, fills in (("zero", None), ("mean", means)):
-        if name == "mean" and means is None:
-            continue
-        fills = None if fills is None else sharding.replicate(mesh, fills)
-        logits = predict_split(predict, state, split.images, config, mesh, bs, gates_fn, fills)
+        logits = predict_split(config, classifier.with_fills(fills), split.images, mesh, gates_fn)
         out[name] = float(np.mean(logits.argmax(-1) == full_pred))
     return out
 
@@ -135,10 +131,11 @@ def train_classifier(config, workdir: str) -> dict:
     out_dir = workdir_lib.classifier_dir(workdir)
     train, test = inputs.load_data(config, "train"), inputs.load_data(config, "test")
     mesh = inputs.make_mesh(config)
-    sharding.check_batch_size(mesh, c.batch_size)
-    sharding.check_batch_size(mesh, c.eval_batch_size)  # fail now, not after training
+    t = config.train
+    sharding.check_batch_size(mesh, t.batch_size)
+    sharding.check_batch_size(mesh, t.eval_batch_size)  # fail now, not after training
     model, _ = loading.classifier_template(config)
-    steps_per_epoch = len(train.labels) // c.batch_size
+    steps_per_epoch = len(train.labels) // t.batch_size
     total = max(1, math.ceil(c.epochs * steps_per_epoch))
     graphdef, tx, state = init_state(config, model, total)
     norm = lambda x: inputs.normalize(config, x)
@@ -146,7 +143,7 @@ def train_classifier(config, workdir: str) -> dict:
         mesh,
         lambda idx: {"images": norm(train.images[idx]), "labels": train.labels[idx]},
         len(train.labels),
-        c.batch_size,
+        t.batch_size,
         config.seed,
     )
     writer = logging_utils.MetricWriter(out_dir)
@@ -156,24 +153,26 @@ def train_classifier(config, workdir: str) -> dict:
         batch_at,
         total,
         mesh,
-        log_every=c.log_every,
-        checkpoint_every=c.checkpoint_every,
-        desc="train_classifier",
-        ckpt_dir=os.path.join(out_dir, "checkpoints"),
-        writer=writer,
+        train_loop.LoopOptions(
+            log_every=t.log_every,
+            checkpoint_every=t.checkpoint_every,
+            desc="train_classifier",
+            ckpt_dir=os.path.join(out_dir, "checkpoints"),
+            writer=writer,
+        ),
     )
     full_model = nnx.merge(graphdef, result.state.params, result.state.rest)
     full_graphdef, full_state = nnx.split(full_model)
     full_state = batchnorm.reestimate_batchnorm(
         full_graphdef, full_state, lambda idx: norm(train.images[idx]), len(train.labels),
-        c.eval_batch_size, mesh,
+        t.eval_batch_size, mesh,
     )  # fmt: skip
     _, params, rest = nnx.split(nnx.merge(full_graphdef, full_state), nnx.Param, ...)
     final_ckpt = checkpointing.Checkpointer(os.path.join(out_dir, "final"), max_to_keep=1)
     final_ckpt.save(total, {"params": params, "rest": rest})
     final_ckpt.close()
-    classifier = loading.Classifier(
-        full_graphdef, full_state, dict(model.site_channels), inputs.num_classes(config)
+    classifier = FrozenClassifier(
+        full_graphdef, full_state, model.site_channels, inputs.num_classes(config)
     )
     metrics = evaluate_classifier(config, classifier, {"train": train, "test": test}, mesh)
     metrics.update(
@@ -190,26 +189,18 @@ def train_classifier(config, workdir: str) -> dict:
     return metrics
 
 
-def evaluate_classifier(config, classifier: loading.Classifier, splits: dict, mesh) -> dict:
+def evaluate_classifier(config, classifier: FrozenClassifier, splits: dict, mesh) -> dict:
     """Test accuracy, size and random-drop agreements (zero and mean ablation) of `classifier`.
 
     Args:
       splits: ``{"train": ArraySplit, "test": ArraySplit}``; the train split gives the
         channel means of mean ablation.
     """
-    predict = make_predict(classifier.graphdef)
-    test, bs = splits["test"], config.classifier.eval_batch_size
-    logits = predict_split(predict, classifier.state, test.images, config, mesh, bs)
-    pred = logits.argmax(-1)
-    means = explain.channel_means(
-        classifier.graphdef,
-        classifier.state,
-        splits["train"].images,
-        lambda x: inputs.normalize(config, x),
-    )
-    drops = random_drop_agreements(
-        predict, classifier.state, test, config, mesh, classifier.site_channels, pred, means
-    )
+    test = splits["test"]
+    pred = predict_split(config, classifier, test.images, mesh).argmax(-1)
+    norm = lambda x: inputs.normalize(config, x)
+    means = explain.channel_means(classifier, splits["train"].images, norm)
+    drops = random_drop_agreements(config, classifier, test, mesh, pred, means)
     return {
         "test_accuracy": float(np.mean(pred == test.labels)),
         "num_params": classifiers.num_params(classifier.state),
@@ -219,8 +210,8 @@ def evaluate_classifier(config, classifier: loading.Classifier, splits: dict, me
 
 
 def randomized_classifier(
-    config, classifier: loading.Classifier, train_split, mesh, seed: int
-) -> loading.Classifier:
+    config, classifier: FrozenClassifier, train_split, mesh, seed: int
+) -> FrozenClassifier:
     """`classifier` with every weight re-drawn and its BatchNorm statistics re-estimated.
 
     The model-randomisation sanity check's classifier: `perturbation.randomize_weights`
@@ -233,9 +224,7 @@ def randomized_classifier(
         state,
         lambda idx: inputs.normalize(config, train_split.images[idx]),
         len(train_split.labels),
-        config.classifier.eval_batch_size,
+        config.train.eval_batch_size,
         mesh,
     )
-    return loading.Classifier(
-        classifier.graphdef, state, classifier.site_channels, classifier.num_classes
-    )
+    return classifier.with_state(state)

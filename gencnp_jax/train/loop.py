@@ -69,6 +69,24 @@ class BoundStep:
         return self.jitted(state, batch, *self.step_args(step))
 
 
+@dataclasses.dataclass(frozen=True)
+class LoopOptions:
+    """How `run` reports and keeps a run.
+
+    Attributes:
+      log_every / checkpoint_every: in steps.
+      desc: the progress bar's label.
+      ckpt_dir: resume from and checkpoint to this folder; None = in memory only.
+      writer: where the logged metrics go (None: only checked, never written).
+    """
+
+    log_every: int
+    checkpoint_every: int
+    desc: str
+    ckpt_dir: str | None = None
+    writer: logging_utils.MetricWriter | None = None
+
+
 @dataclasses.dataclass
 class LoopResult:
     """What `run` leaves: the final (replicated) state, the step it resumed from, its time."""
@@ -104,12 +122,7 @@ def run(
     batch_at: Callable[[int], Any],
     total: int,
     mesh: jax.sharding.Mesh,
-    *,
-    log_every: int,
-    checkpoint_every: int,
-    desc: str,
-    ckpt_dir: str | None = None,
-    writer: logging_utils.MetricWriter | None = None,
+    options: LoopOptions,
 ) -> LoopResult:
     """Runs steps `start..total-1` of `bound` and saves the last state at `total`.
 
@@ -118,14 +131,14 @@ def run(
       state: the fresh host train state (also the restore template).
       batch_at: ``step -> sharded batch``, a function of the step alone (see `batches_at`).
       total: the number of steps of the whole run.
-      log_every / checkpoint_every: in steps.
-      desc: the progress bar's label.
-      ckpt_dir: resume from and checkpoint to this folder; None = in memory only.
-      writer: where the logged metrics go (None: only checked, never written).
+      mesh: the data mesh the state is replicated over.
+      options: logging, checkpointing and the progress bar's label.
 
     Raises:
       FloatingPointError: a logged or checkpointed step's metrics are not finite.
     """
+    log_every, checkpoint_every = options.log_every, options.checkpoint_every
+    ckpt_dir, writer, desc = options.ckpt_dir, options.writer, options.desc
     ckpt = checkpointing.Checkpointer(ckpt_dir) if ckpt_dir else None
     restored = ckpt.restore(state) if ckpt else None
     start = 0 if restored is None else restored[0]

@@ -25,12 +25,11 @@ from gencnp_jax.eval import metrics
 from gencnp_jax.io import batched, sharding
 from gencnp_jax.io import writers as logging_utils
 from gencnp_jax.method import pio
-from gencnp_jax.models import classifiers
 from gencnp_jax.train import loop as train_loop
 
 CHUNK = 256  # images per cached file
 # trimming is redone on every run (forward passes only): its settings keep the cache
-_TRIM = ("trim_kl_budget", "trim_step")
+_TRIM = ("trim_kl_budget",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +71,9 @@ def hparams(config) -> pio.PioHParams:
     p, names = config.generator.pio, [f.name for f in dataclasses.fields(pio.PioHParams)]
     # the leakage margin is the generator's own (one margin for one hinge)
     return pio.PioHParams.create(
-        **{n: p[n] for n in names if n != "leak_margin"},
+        **{n: p[n] for n in names if n not in ("leak_margin", "init_logit")},
         leak_margin=config.generator.loss.leak_margin,
+        init_logit=pio.INIT_LOGIT,
     )
 
 
@@ -84,25 +84,23 @@ def _settings(config, split) -> dict:
         **{k: p[k] for k in p.keys() if k not in ("per_step", "target_temperature", *_TRIM)},
         "format": 2,  # chunks hold logits_flat
         "ablation": config.generator.ablation,
+        "init_logit": pio.INIT_LOGIT,
         "leak_margin": config.generator.loss.leak_margin,
         "seed": config.seed,
         "train_examples": int(len(split.labels)),
     }
 
 
-def compute(config, classifier, split, fills, mesh, cache_dir: str | None = None) -> Targets:
-    """PIO masks of ``config.generator.pio.num_images`` images of `split` (see module doc)."""
+def compute(config, classifier, split, mesh, cache_dir: str | None = None) -> Targets:
+    """PIO masks of ``config.generator.pio.num_images`` images of `split` (see module doc),
+    under `classifier`'s fills (the run's ablation)."""
     p = config.generator.pio
     m = min(int(p.num_images), len(split.labels))
     indices = np.sort(np.random.default_rng(config.seed + 101).choice(len(split.labels), m, False))
     settings = _settings(config, split)
     _prepare_cache(cache_dir, settings)
-    fn = jax.jit(
-        lambda cls_state, fills, hp, x: pio.optimise_masks(
-            _classify(classifier, cls_state, fills), x, hp
-        )
-    )
-    cls_state, fills_r, hp = sharding.replicate(mesh, (classifier.state, fills, hparams(config)))
+    fn = jax.jit(pio.optimise_masks)
+    placed, hp = sharding.replicate(mesh, (classifier, hparams(config)))
     batch = min(int(p.batch_size), CHUNK)
     bar = logging_utils.progress(m, 0, "pio_targets")
     t0, chunks = time.time(), []
@@ -115,7 +113,7 @@ def compute(config, classifier, split, fills, mesh, cache_dir: str | None = None
         else:
             chunks.append(
                 batched.map_batches(
-                    lambda x: fn(cls_state, fills_r, hp, x),
+                    lambda x: fn(placed, x, hp),
                     lambda idx, rows=rows: inputs.normalize(config, split.images[rows[idx]]),
                     len(rows),
                     batch,
@@ -132,7 +130,7 @@ def compute(config, classifier, split, fills, mesh, cache_dir: str | None = None
     cuts = np.zeros(m, np.float32)
     if p.trim_kl_budget > 0:
         report["untrimmed"] = summary(outs)
-        trimmed = _trim(config, classifier, split, fills, mesh, indices, outs["logits_flat"])
+        trimmed = _trim(config, classifier, split, mesh, indices, outs["logits_flat"])
         cuts = trimmed.pop("cuts")
         outs.update(trimmed)
         report["trim"] = {k: p[k] for k in _TRIM}
@@ -141,29 +139,17 @@ def compute(config, classifier, split, fills, mesh, cache_dir: str | None = None
     return Targets(indices, as_f32("masks_flat"), as_f32("logits_flat"), cuts, report)
 
 
-def _classify(classifier, cls_state, fills):
-    """``(images, gates=None) -> (logits, features)`` of the frozen classifier, fills bound."""
-    return lambda images, g=None: classifiers.forward(
-        classifier.graphdef, cls_state, images, g, fills
-    )
-
-
-def _trim(config, classifier, split, fills, mesh, indices, logits_flat) -> dict:
-    """`pio.sparsest_cuts` of the masks on a density grid of step `pio.trim_step`."""
+def _trim(config, classifier, split, mesh, indices, logits_flat) -> dict:
+    """`pio.sparsest_cuts` of the masks on a density grid of step `pio.TRIM_STEP`."""
     p = config.generator.pio
-    densities_G = np.arange(1, int(round(1.0 / p.trim_step)) + 1) * p.trim_step
+    densities_G = np.arange(1, int(round(1.0 / pio.TRIM_STEP)) + 1) * pio.TRIM_STEP
     fn = jax.jit(
-        lambda cls_state, fills, densities, budget, b: pio.sparsest_cuts(
-            _classify(classifier, cls_state, fills),
-            b["images"],
-            b["logits"],
-            classifier.site_channels,
-            densities,
-            budget,
+        lambda classifier, densities, budget, b: pio.sparsest_cuts(
+            classifier, b["images"], b["logits"], densities, budget
         )
     )
     grid = (densities_G.astype(np.float32), np.float32(p.trim_kl_budget))
-    args = sharding.replicate(mesh, (classifier.state, fills, *grid))
+    args = sharding.replicate(mesh, (classifier, *grid))
     return batched.map_batches(
         lambda b: fn(*args, b),
         lambda idx: {
