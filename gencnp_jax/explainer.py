@@ -41,7 +41,7 @@ class Explainer:
         normalize: Callable[[np.ndarray], np.ndarray],
         image_shape: tuple[int, int, int],
         settings: daq.Settings,
-        batch_size: int = 256,
+        batch_size: int,
         mesh: jax.sharding.Mesh | None = None,
     ):
         """

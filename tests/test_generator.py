@@ -79,7 +79,7 @@ def test_optimiser_steps_lower_the_loss():
 
     def loss_fn(generator):
         scores, _ = generator(features)
-        gates = jax.tree.map(daq.binarize, scores)
+        gates = daq.Settings.create(2.0, 2.0).binarize(scores)
         pathway_logits = classifiers.forward(clf_graphdef, clf_state, IMAGES, gates)[0]
         kd = losses.distillation_kl(full_logits, pathway_logits, 1.0)
         return kd + 0.5 * losses.sparsity(scores)

@@ -122,8 +122,8 @@ def test_different_class_partners():
 
 def test_accumulator_matches_functions_and_is_exact_over_batches():
     c = jnp.array([0, 0, 1])
-    kwargs = dict(complement_logits_BxK=PATH, null_logits_BxK=PATH)
-    one = acc_lib.summarize(FULL, PATH, GATES, c, VALID2, num_classes=2, **kwargs)
+    kwargs = dict(pathway_logits_BxK=PATH, complement_logits_BxK=PATH, null_logits_BxK=PATH)
+    one = acc_lib.summarize(FULL, acc_lib.Outputs(**kwargs), GATES, c, VALID2, num_classes=2)
     assert one["mIC"] == pytest.approx(float(metrics.mIC(FULL, PATH, c, VALID2)))
     assert one["mDC"] == pytest.approx(float(metrics.mDC(FULL, PATH, c, VALID2)))
     assert one["density_std"] == pytest.approx(float(metrics.density_std(GATES, VALID2)))
@@ -137,14 +137,8 @@ def test_accumulator_matches_functions_and_is_exact_over_batches():
     flat = jnp.concatenate([GATES["a"], GATES["b"]], -1)
     for rows in (slice(0, 1), slice(1, 3)):
         g = {s: v[rows] for s, v in GATES.items()}
-        per = acc_lib.instance_metrics(
-            FULL[rows],
-            PATH[rows],
-            g,
-            c[rows],
-            VALID2[rows],
-            **{k: v[rows] for k, v in kwargs.items()},
-        )
+        outputs = acc_lib.Outputs(**{k: v[rows] for k, v in kwargs.items()})
+        per = acc_lib.instance_metrics(FULL[rows], outputs, g, c[rows], VALID2[rows])
         acc.add(per, flat[rows], c[rows], VALID2[rows])
     for key, value in acc.result().items():
         if key == "inter_class_iou":
@@ -156,7 +150,8 @@ def test_accumulator_transfer_keys():
     full = jnp.zeros((4, 2))
     transfer = jnp.array([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [2.0, 0.0]])
     y, k = jnp.array([0, 0, 1, 0]), jnp.array([0, 1, 0, 1])
-    out = acc_lib.summarize(full, transfer, None, y, pathway_classes_B=k)
+    outputs = acc_lib.Outputs(pathway_logits_BxK=transfer, pathway_classes_B=k)
+    out = acc_lib.summarize(full, outputs, None, y)
     assert out["class_leakage"] == pytest.approx(float(metrics.class_leakage(transfer, k, y)))
     assert out["other_class_drop"] == pytest.approx(
         float(metrics.other_class_drop(full, transfer, k, y)), rel=1e-6

@@ -152,7 +152,7 @@ def test_final_checkpoint_round_trip(tiny_config, generator_workdir, tmp_path):
         np.testing.assert_array_equal(fills[site], means[site])
     train = inputs.load_data(tiny_config, "train")
     expected_means = explain.channel_means(
-        classifier, train.images, lambda x: inputs.normalize(tiny_config, x)
+        classifier, train.images, lambda x: inputs.normalize(tiny_config, x), 500
     )
     assert set(means) == set(classifier.site_channels)
     for site, c in classifier.site_channels.items():

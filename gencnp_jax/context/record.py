@@ -1,13 +1,32 @@
-"""The config a run records in its workdir (``WORKDIR/config.json``), read back."""
+"""The config a run records in its workdir (``WORKDIR/config.json``), read back.
+
+A recorded config is merged once over today's defaults (`configs/default.py`, the one source
+of every default): fields added since the run take their default, fields renamed since take
+the recorded value under their new name, and fields retired since are dropped with a note.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 
 import ml_collections
 
 CONFIG_FILE = "config.json"  # written into the workdir by the pipeline's training stages
+
+# Fields renamed since they were first recorded: old dotted name -> new dotted name.
+MOVED = {
+    "classifier.batch_size": "train.batch_size",
+    "classifier.eval_batch_size": "train.eval_batch_size",
+    "classifier.checkpoint_every": "train.checkpoint_every",
+    "classifier.log_every": "train.log_every",
+    "classifier.grad_clip": "train.grad_clip",
+    "generator.opt.learning_rate": "generator.learning_rate",
+    "generator.opt.warmup_steps": "generator.warmup_steps",
+}
+# Values taken whole (a user's keyword arguments), never merged field by field.
+OPAQUE = ("classifier.factory_kwargs",)
 
 
 def _tuples(tree):
@@ -19,8 +38,44 @@ def _tuples(tree):
     return tree
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and name not in OPAQUE:
+            out.update(_flat(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def merged_over_defaults(recorded: dict) -> tuple[ml_collections.ConfigDict, list[str]]:
+    """``(config, dropped)``: `recorded` (a config as a nested dict) over today's defaults,
+    and the recorded fields that no longer exist."""
+    from configs import default  # the one source of every default
+
+    config = default.get_config()
+    dropped = []
+    for name, value in _flat(_tuples(recorded)).items():
+        name = MOVED.get(name, name)
+        *parents, leaf = name.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+            dropped.append(name)
+            continue
+        if name in OPAQUE:
+            value = ml_collections.ConfigDict(value)
+        elif isinstance(node[leaf], float) and isinstance(value, int):
+            value = float(value)
+        node[leaf] = value
+    return config, dropped
+
+
 def saved_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a run saved as ``WORKDIR/config.json`` (the pipeline writes it).
+    """The config a run saved as ``WORKDIR/config.json`` (the pipeline writes it), merged over
+    today's defaults (`merged_over_defaults`; a note names any dropped field).
 
     Raises:
       FileNotFoundError: the workdir holds no config.json.
@@ -39,4 +94,10 @@ def saved_config(workdir: str) -> ml_collections.ConfigDict:
         raise ValueError(f"{path} does not parse ({err}): pass the run's config instead") from None
     if not isinstance(tree, dict):
         raise ValueError(f"{path} is not a JSON object: pass the run's config instead")
-    return ml_collections.ConfigDict(_tuples(tree))
+    config, dropped = merged_over_defaults(tree)
+    if dropped:
+        print(
+            f"note: {path} records fields that no longer exist, left out: {', '.join(dropped)}",
+            file=sys.stderr,
+        )
+    return config

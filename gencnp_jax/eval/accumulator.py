@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,31 +17,51 @@ from gencnp_jax.models import gates as gates_lib
 PerInstance = dict[str, tuple[jax.Array, jax.Array]]  # name -> (values f32[B], weights f32[B])
 
 
+@flax.struct.dataclass
+class Outputs:
+    """What the classifier answered under a batch's masks; any field may be None (absent).
+
+    Attributes:
+      pathway_logits_BxK: ``H(x; P(x))`` (or, with `pathway_classes_B`, ``H(x; P_k)``).
+      complement_logits_BxK: ``H(x; 1 - P(x))`` (necessity).
+      partner_logits_BxK, partner_classes_B: ``H(x'; P(x))`` and ``c(x')`` (leakage).
+      null_logits_BxK: ``H(0; P(x))`` (null confidence).
+      deletion_auc_B, insertion_auc_B: per-instance AUCs (`perturbation`).
+      pathway_classes_B: the class ``k`` whose class pathway row i was explained by.
+    """
+
+    pathway_logits_BxK: jax.Array | None = None
+    complement_logits_BxK: jax.Array | None = None
+    partner_logits_BxK: jax.Array | None = None
+    partner_classes_B: jax.Array | None = None
+    null_logits_BxK: jax.Array | None = None
+    deletion_auc_B: jax.Array | None = None
+    insertion_auc_B: jax.Array | None = None
+    pathway_classes_B: jax.Array | None = None
+
+
 def instance_metrics(
     full_logits_BxK: jax.Array,
-    pathway_logits_BxK: jax.Array | None = None,
+    outputs: Outputs,
     gates: Mapping[str, jax.Array] | None = None,
     classes_B: jax.Array | None = None,
     valid_B: jax.Array | None = None,
-    *,
-    complement_logits_BxK: jax.Array | None = None,
-    partner_logits_BxK: jax.Array | None = None,
-    partner_classes_B: jax.Array | None = None,
-    null_logits_BxK: jax.Array | None = None,
-    deletion_auc_B: jax.Array | None = None,
-    insertion_auc_B: jax.Array | None = None,
-    pathway_classes_B: jax.Array | None = None,
 ) -> PerInstance:
     """Per-instance values and weights whose weighted means are the `metrics` functions (jit-able).
 
-    Keys present depend on the inputs given: ``mIC, mDC, agreement`` (pathway logits),
+    Keys present depend on the `outputs` given: ``mIC, mDC, agreement`` (pathway logits),
     ``density`` and ``density/<site>`` (gates), ``necessity_drop`` (complement logits),
     ``leakage`` (``H(x'; P(x))`` and ``c(x')``), ``null_confidence`` (``H(0; P(x))``),
     ``deletion_auc, insertion_auc`` (per-instance AUCs from `perturbation`). Transfer: with
-    `pathway_classes_B` (row i explained by class pathway ``k_i``, `pathway_logits_BxK` =
+    ``pathway_classes_B`` (row i explained by class pathway ``k_i``, the pathway logits
     ``H(x; P_k)``), ``mIC, mDC, agreement`` weigh only rows with ``k = c`` and
     ``class_leakage, other_class_drop`` only rows with ``k != c``.
     """
+    o = outputs
+    pathway_logits_BxK, pathway_classes_B = o.pathway_logits_BxK, o.pathway_classes_B
+    complement_logits_BxK, null_logits_BxK = o.complement_logits_BxK, o.null_logits_BxK
+    partner_logits_BxK, partner_classes_B = o.partner_logits_BxK, o.partner_classes_B
+    deletion_auc_B, insertion_auc_B = o.deletion_auc_B, o.insertion_auc_B
     c_B = metrics.explained_classes(full_logits_BxK, classes_B)
     w_B = jnp.ones(c_B.shape, jnp.float32) if valid_B is None else valid_B.astype(jnp.float32)
     out: PerInstance = {}
@@ -142,21 +163,19 @@ def reduce(
 
 def summarize(
     full_logits_BxK,
-    pathway_logits_BxK=None,
+    outputs: Outputs,
     gates=None,
     classes_B=None,
     valid_B=None,
     *,
     num_classes: int | None = None,
-    **extra,
 ) -> dict[str, float]:
     """One batch's metrics as a flat dict of floats (keys as in `instance_metrics`, plus
     ``density_mean, density_std``, and ``acIOU, inter_class_iou`` when `num_classes` is given).
-    `extra` takes `instance_metrics`' keyword-only inputs.
     """
     acc = MetricAccumulator(num_classes)
     c_B = metrics.explained_classes(full_logits_BxK, classes_B)
-    per = instance_metrics(full_logits_BxK, pathway_logits_BxK, gates, c_B, valid_B, **extra)
+    per = instance_metrics(full_logits_BxK, outputs, gates, c_B, valid_B)
     flat = None if gates is None else gates_lib.flatten(gates)
     acc.add(per, flat, c_B, valid_B)
     return acc.result()

@@ -140,7 +140,7 @@ def neuron_mct_signed(classifier: FrozenClassifier, images, classes_B=None, dens
 
 
 def neuron_intgrad(
-    classifier: FrozenClassifier, images, classes_B=None, steps=11, density=0.5, key=None
+    classifier: FrozenClassifier, images, classes_B=None, *, steps: int, density=0.5, key=None
 ):
     """NeuronIntGrad (PathwayGrad ``_calc_integrad_scores``): one site at a time.
 

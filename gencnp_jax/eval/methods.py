@@ -112,20 +112,19 @@ def make_metric_fn(extra: bool):
         )
         path, part, *rest = jnp.split(logits, len(image_blocks))
         full = rest.pop(0) if full_logits_BxK is None else full_logits_BxK
-        per = metric_accumulator.instance_metrics(
-            full,
-            path,
-            gates,
-            classes_B,
+        outputs = metric_accumulator.Outputs(
+            pathway_logits_BxK=path,
             partner_logits_BxK=part,
             partner_classes_B=jnp.where(has_partner_B, classes_B[partner_B], classes_B),
             complement_logits_BxK=rest[0] if extra else None,
             null_logits_BxK=rest[1] if extra else None,
         )
+        per = metric_accumulator.instance_metrics(full, outputs, gates, classes_B)
         if wrong is not None:
-            other = metric_accumulator.instance_metrics(
-                full, rest[-1], None, classes_B, pathway_classes_B=wrong[1]
+            transfer = metric_accumulator.Outputs(
+                pathway_logits_BxK=rest[-1], pathway_classes_B=wrong[1]
             )
+            other = metric_accumulator.instance_metrics(full, transfer, None, classes_B)
             per.update({k: other[k] for k in ("class_leakage", "other_class_drop")})
         return per
 

@@ -93,9 +93,11 @@ class WorkdirLock:
                     continue
                 log.warning(
                     "taking over the stale lock %s of process %s on %s (since %s): it is gone",
-                    self.path, holder.get("pid", "?"), holder.get("host", "?"),
+                    self.path,
+                    holder.get("pid", "?"),
+                    holder.get("host", "?"),
                     holder.get("since", "?"),
-                )  # fmt: skip
+                )
                 _remove(self.path)
                 continue
             with os.fdopen(fd, "w") as f:

@@ -50,8 +50,9 @@ def explain(
 jit_explain = jax.jit(explain)  # the one jitted explain of the package (pytrees: no rebinding)
 
 
-def channel_means(classifier: FrozenClassifier, images_uint8, normalize, batch_size=500):
-    """Training-set mean activation per channel of every site (mean-ablation fills)."""
+def channel_means(classifier: FrozenClassifier, images_uint8, normalize, batch_size: int):
+    """Training-set mean activation per channel of every site (mean-ablation fills), summed
+    over batches of `batch_size` images (its sums, so its float rounding, depend on it)."""
     fwd = jax.jit(
         lambda c, x: jax.tree.map(
             lambda a: jnp.sum(a, axis=tuple(range(a.ndim - 1))),  # all but channels

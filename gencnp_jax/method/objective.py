@@ -86,7 +86,8 @@ def loss_terms(
     partner, has_partner = batch["partner"], batch["has_partner"]
     features = classifier.classify(images)[1]
     scores, q_logits_BxK = model(features)
-    gates = {site: daq.binarize(s, hp.temperature, hp.sigma) for site, s in scores.items()}
+    settings = daq.Settings(hp.temperature, hp.sigma)
+    gates = settings.binarize(scores)
     scores_flat = gates_lib.flatten(scores)
     passes = {"pathway": (images, gates)}
     if any(t in terms for t in PARTNER_TERMS):
@@ -105,9 +106,7 @@ def loss_terms(
     compute = {
         "kd": lambda: losses.distillation_kl(full_logits, pathway_logits, hp.tau),
         "hinge": lambda: losses.top1_hinge(full_logits, pathway_logits, hp.hinge_margin),
-        "sparsity": lambda: losses.sparsity(
-            {site: daq.daq_soft(s, hp.temperature, hp.sigma) for site, s in scores.items()}
-        ),
+        "sparsity": lambda: losses.sparsity(settings.soft(scores)),
         "pdn": lambda: losses.pdn_kl(full_logits, q_logits_BxK),
         "leak": lambda: losses.leakage_hinge(logits["partner"], pred, has_partner, hp.leak_margin),
         "ranked": lambda: losses.distillation_kl(full_logits, logits["ranked"], hp.tau),

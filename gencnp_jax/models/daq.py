@@ -25,8 +25,8 @@ def corrected_levels(temperature: float | jax.Array) -> tuple[jax.Array, jax.Arr
 
 def daq_soft(
     s: jax.Array,
-    temperature: float | jax.Array = 2.0,
-    sigma: float | jax.Array = 2.0,
+    temperature: float | jax.Array,
+    sigma: float | jax.Array,
     eps: float = 1e-8,
 ) -> jax.Array:
     """1-bit distance-aware soft rounding (DASR) of scores ``s`` in ``[0, 1]``.
@@ -79,9 +79,7 @@ def daq_soft(
 
 
 def binarize(
-    scores: jax.Array,
-    temperature: float | jax.Array = 2.0,
-    sigma: float | jax.Array = 2.0,
+    scores: jax.Array, temperature: float | jax.Array, sigma: float | jax.Array
 ) -> jax.Array:
     """Exact 0/1 gates with DAQ gradients: ``round(s) + daq(s) - stop_gradient(daq(s))``.
 

@@ -16,9 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gencnp_jax.context import inputs, loading
-from gencnp_jax.io import batched, checkpointing, data, sharding
+from gencnp_jax.io import batched, checkpointing, data, sharding, writers
 from gencnp_jax.io import workdir as workdir_lib
-from gencnp_jax.io import writers as logging_utils
 from gencnp_jax.method import explain
 from gencnp_jax.method.class_bank import (
     CLASS_SOURCES,
@@ -123,7 +122,7 @@ def save_bank(
         },
         **(extra or {}),
     }
-    logging_utils.write_json(os.path.join(bank_dir(workdir), BANK_JSON), summary)
+    writers.write_json(os.path.join(bank_dir(workdir), BANK_JSON), summary)
     return summary
 
 
@@ -142,7 +141,7 @@ def load_bank(config, workdir: str, classifier: FrozenClassifier) -> ClassBank:
       workdir_lib.StageOrderError: no bank in `workdir`.
       BankMismatchError: other gate sites, other classifier weights, or other bank settings.
     """
-    meta = logging_utils.read_json(os.path.join(bank_dir(workdir), BANK_JSON))
+    meta = writers.read_json(os.path.join(bank_dir(workdir), BANK_JSON))
     if meta is None:
         raise workdir_lib.StageOrderError(
             f"no class-pathway bank in {bank_dir(workdir)}: run `python launch.py --config=... "

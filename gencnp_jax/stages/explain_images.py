@@ -17,8 +17,7 @@ import numpy as np
 
 from gencnp_jax import explainer as explainer_lib
 from gencnp_jax.context import inputs
-from gencnp_jax.io import custom_data, data
-from gencnp_jax.io import writers as logging_utils
+from gencnp_jax.io import custom_data, data, writers
 from gencnp_jax.method.pathway import Pathway
 from gencnp_jax.stages import report as report_stage
 from gencnp_jax.stages import validation
@@ -81,7 +80,7 @@ def save_pathways(path: str, pathway: Pathway, names: list[str], class_names: li
     flat["pathway_class"] = np.argmax(arrays["pathway_logits"], -1).astype(np.int32)
     flat["names"] = np.asarray(names, dtype=str)
     flat["class_names"] = np.asarray(class_names, dtype=str)
-    with logging_utils.atomic_file(path, "wb") as f:  # a file object: savez adds no suffix
+    with writers.atomic_file(path, "wb") as f:  # a file object: savez adds no suffix
         np.savez(f, **flat)
 
 
@@ -162,7 +161,7 @@ def explain_images(config, workdir: str) -> dict:
     save_pathways(summary["pathways"], pathway, names, classes)
     gates = {s: np.asarray(g) for s, g in pathway.gates.items()}
     rows = []
-    with logging_utils.progress(len(images), desc="explain figures") as bar:
+    with writers.progress(len(images), desc="explain figures") as bar:
         for i, name in enumerate(names):
             keeps = pred[i] == pathway_pred[i]
             title = f"{name}\n→ {classes[pred[i]]}\npathway → {classes[pathway_pred[i]]}"
@@ -176,12 +175,19 @@ def explain_images(config, workdir: str) -> dict:
                 f"density {density[i]:.3f}"
             )
             rows.append(
-                dict(name=name, predicted=classes[pred[i]], pathway=classes[pathway_pred[i]],
-                     keeps=bool(keeps), density=float(density[i]), png=png, caption=caption)
-            )  # fmt: skip
+                dict(
+                    name=name,
+                    predicted=classes[pred[i]],
+                    pathway=classes[pathway_pred[i]],
+                    keeps=bool(keeps),
+                    density=float(density[i]),
+                    png=png,
+                    caption=caption,
+                )
+            )
             bar.update()
     source = config.explain.images or f"the first {len(images)} test images"
-    logging_utils.write_text(summary["page"], _page(folder, rows, site, source))
+    writers.write_text(summary["page"], _page(folder, rows, site, source))
     summary["seconds"] = round(time.time() - t0, 1)
     print(f"[explain] {len(images)} images explained: {summary['page']}", flush=True)
     return summary

@@ -11,9 +11,8 @@ from __future__ import annotations
 import os
 
 from gencnp_jax.context import inputs, user_model
-from gencnp_jax.io import checkpointing, data
+from gencnp_jax.io import checkpointing, data, writers
 from gencnp_jax.io import workdir as workdir_lib
-from gencnp_jax.io import writers as logging_utils
 from gencnp_jax.models.frozen import FrozenClassifier
 from gencnp_jax.train import classifier as train_classifier
 
@@ -65,5 +64,5 @@ def import_classifier(config, workdir: str) -> dict:
         f"trained here): test accuracy {metrics['test_accuracy']:.4f}",
         flush=True,
     )
-    logging_utils.write_json(os.path.join(out_dir, "metrics.json"), metrics)
+    writers.write_json(os.path.join(out_dir, "metrics.json"), metrics)
     return metrics

@@ -19,10 +19,9 @@ import jax
 import numpy as np
 
 from gencnp_jax.context import record, user_model
-from gencnp_jax.io import checkpointing, data, preemption, weights
+from gencnp_jax.io import checkpointing, data, preemption, weights, writers
 from gencnp_jax.io import lock as lock_lib
 from gencnp_jax.io import workdir as workdir_lib
-from gencnp_jax.io import writers as logging_utils
 from gencnp_jax.stages import build_bank, modes, validation
 
 _CLUSTER_ENV = (
@@ -58,11 +57,17 @@ def init_distributed(coordinator: str | None, num_processes: int | None, process
 
 
 def check_workdir(workdir: str) -> str:
-    """Creates `workdir` if needed and checks that it is writable."""
+    """The absolute `workdir`, checked writable without creating anything: an existing
+    folder is probed with a temporary file, a missing one through its nearest existing
+    parent (created only once the run starts: a refused run leaves nothing behind)."""
     workdir = os.path.abspath(os.path.expanduser(workdir))
+    where = workdir
+    while not os.path.exists(where):
+        where = os.path.dirname(where)
     try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_probe_{os.getpid()}")
+        if not os.path.isdir(where):
+            raise NotADirectoryError(20, "not a directory", where)
+        probe = os.path.join(where, f".write_probe_{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -136,7 +141,7 @@ def record_config(mode: str, config, workdir: str):
     recorded = _read_record(path)
     if mode in TRAINING or recorded is None:
         os.makedirs(workdir, exist_ok=True)
-        logging_utils.write_text(path, text)
+        writers.write_text(path, text)
         return
     running = weights.flatten(json.loads(text))
     changed = sorted(
@@ -207,19 +212,35 @@ USER_ERRORS = (
 )
 
 
-def run(mode: str, config, workdir: str):
-    """Runs one mode; user-fixable errors exit with one message (status 1), a SIGTERM / SIGINT
-    of a training stage with one message saying how to resume (status 128 + signal)."""
+def run_pipeline(config, workdir: str, mode: str = modes.ALL):
+    """Runs `mode` (default: every stage, skipping those already complete) as the command
+    line does: the config checked, the workdir checked and created, its lock held.
+
+    Returns:
+      `run_all`'s timings for ``all``, else the stage's own result.
+
+    Raises:
+      One of `USER_ERRORS`, with a message that says what to change; nothing is written
+      before the config and the workdir have passed their checks.
+    """
     logging.getLogger("absl").setLevel(logging.WARNING)
+    if mode not in modes.NAMES:
+        raise UserError(f"unknown mode {mode!r}: choose one of {modes.NAMES}")
+    workdir = check_workdir(workdir)
+    validation.check_config(config)
+    os.makedirs(workdir, exist_ok=True)
+    with workdir_lock(workdir, mode):
+        if mode == modes.ALL:
+            return run_all(config, workdir)
+        return run_stage(mode, config, workdir)
+
+
+def run(mode: str, config, workdir: str):
+    """The command line's `run_pipeline`: user-fixable errors exit with one message (status
+    1), a SIGTERM / SIGINT of a training stage with one message saying how to resume (status
+    128 + signal)."""
     try:
-        workdir = check_workdir(workdir)
-        validation.check_config(config)
-        if mode not in modes.NAMES:
-            raise UserError(f"unknown mode {mode!r}: choose one of {modes.NAMES}")
-        with workdir_lock(workdir, mode):
-            if mode == modes.ALL:
-                return run_all(config, workdir)
-            return run_stage(mode, config, workdir)
+        return run_pipeline(config, workdir, mode)
     except USER_ERRORS as err:
         _fail(f"error: {err}", 1)
     except preemption.Preempted as err:

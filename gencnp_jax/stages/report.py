@@ -17,9 +17,8 @@ import numpy as np
 
 from gencnp_jax import explainer as explainer_lib
 from gencnp_jax.context import inputs
-from gencnp_jax.io import batched, data, sharding
+from gencnp_jax.io import batched, data, sharding, writers
 from gencnp_jax.io import workdir as workdir_lib
-from gencnp_jax.io import writers as logging_utils
 from gencnp_jax.method import explain
 from gencnp_jax.stages import build_bank, validation
 from gencnp_jax.viz import curves, plots
@@ -139,12 +138,12 @@ def _bank_freq(config, workdir: str, classifier) -> dict | None:
 def _results(workdir: str) -> dict:
     """``eval/results.json`` with GEN-CNP's methods first; without it, the generator's own
     test metrics as the one row (marked by a ``source`` entry)."""
-    results = logging_utils.read_json(workdir_lib.done_file("evaluate", workdir))
+    results = writers.read_json(workdir_lib.done_file("evaluate", workdir))
     if results is not None:
         methods = results.get("methods", {})
         ours = sorted(methods, key=lambda name: not name.startswith("gencnp"))  # stable: ours first
         return {**results, "methods": {name: methods[name] for name in ours}}
-    gen = logging_utils.read_json(os.path.join(workdir, "generator", "metrics.json")) or {}
+    gen = writers.read_json(os.path.join(workdir, "generator", "metrics.json")) or {}
     row = {k: gen[k] for k in _GENERATOR_METRICS if k in gen}
     return {
         "source": "generator/metrics.json (no eval/results.json: run --mode=evaluate "

@@ -17,9 +17,8 @@ import numpy as np
 
 from gencnp_jax.context import inputs, loading, user_model
 from gencnp_jax.eval import baselines
-from gencnp_jax.io import sharding
+from gencnp_jax.io import sharding, writers
 from gencnp_jax.io import workdir as workdir_lib
-from gencnp_jax.io import writers as logging_utils
 from gencnp_jax.method import class_bank as bank_lib
 from gencnp_jax.method import explain
 from gencnp_jax.models import daq
@@ -213,7 +212,7 @@ def bench(config, workdir: str) -> dict:
         "memory": _memory(),
         "notes": notes,
     }
-    logging_utils.write_json(workdir_lib.done_file("bench", workdir), result)
+    writers.write_json(workdir_lib.done_file("bench", workdir), result)
     if jax.process_index() == 0:
         print(format_table(result), flush=True)
     return result

@@ -16,9 +16,8 @@ from flax import nnx
 
 from gencnp_jax.context import inputs, loading
 from gencnp_jax.eval import perturbation
-from gencnp_jax.io import batched, checkpointing, sharding
+from gencnp_jax.io import batched, checkpointing, sharding, writers
 from gencnp_jax.io import workdir as workdir_lib
-from gencnp_jax.io import writers as logging_utils
 from gencnp_jax.method import explain
 from gencnp_jax.models import classifiers
 from gencnp_jax.models.frozen import FrozenClassifier
@@ -146,7 +145,7 @@ def train_classifier(config, workdir: str) -> dict:
         t.batch_size,
         config.seed,
     )
-    writer = logging_utils.MetricWriter(out_dir)
+    writer = writers.MetricWriter(out_dir)
     result = train_loop.run(
         bound_step(graphdef, tx),
         state,
@@ -164,9 +163,13 @@ def train_classifier(config, workdir: str) -> dict:
     full_model = nnx.merge(graphdef, result.state.params, result.state.rest)
     full_graphdef, full_state = nnx.split(full_model)
     full_state = batchnorm.reestimate_batchnorm(
-        full_graphdef, full_state, lambda idx: norm(train.images[idx]), len(train.labels),
-        t.eval_batch_size, mesh,
-    )  # fmt: skip
+        full_graphdef,
+        full_state,
+        lambda idx: norm(train.images[idx]),
+        len(train.labels),
+        t.eval_batch_size,
+        mesh,
+    )
     _, params, rest = nnx.split(nnx.merge(full_graphdef, full_state), nnx.Param, ...)
     final_ckpt = checkpointing.Checkpointer(os.path.join(out_dir, "final"), max_to_keep=1)
     final_ckpt.save(total, {"params": params, "rest": rest})
@@ -185,7 +188,7 @@ def train_classifier(config, workdir: str) -> dict:
     )
     writer.write(total, {"test/accuracy": metrics["test_accuracy"]})
     writer.close()
-    logging_utils.write_json(os.path.join(out_dir, "metrics.json"), metrics)
+    writers.write_json(os.path.join(out_dir, "metrics.json"), metrics)
     return metrics
 
 
@@ -199,7 +202,9 @@ def evaluate_classifier(config, classifier: FrozenClassifier, splits: dict, mesh
     test = splits["test"]
     pred = predict_split(config, classifier, test.images, mesh).argmax(-1)
     norm = lambda x: inputs.normalize(config, x)
-    means = explain.channel_means(classifier, splits["train"].images, norm)
+    means = explain.channel_means(
+        classifier, splits["train"].images, norm, config.train.eval_batch_size
+    )
     drops = random_drop_agreements(config, classifier, test, mesh, pred, means)
     return {
         "test_accuracy": float(np.mean(pred == test.labels)),

@@ -16,9 +16,8 @@ from flax import nnx
 
 from gencnp_jax.context import inputs, loading
 from gencnp_jax.eval import metrics
-from gencnp_jax.io import batched, checkpointing, sharding
+from gencnp_jax.io import batched, checkpointing, sharding, writers
 from gencnp_jax.io import workdir as workdir_lib
-from gencnp_jax.io import writers as logging_utils
 from gencnp_jax.method import explain, losses, objective
 from gencnp_jax.models import gates as gates_lib
 from gencnp_jax.models import generator as generator_lib
@@ -176,7 +175,7 @@ class RunOptions:
     steps: int
     seed: int
     out_dir: str | None = None
-    writer: logging_utils.MetricWriter | None = None
+    writer: writers.MetricWriter | None = None
 
 
 def fit_generator(config, classifier: FrozenClassifier, train_split, mesh, steps, seed):
@@ -212,7 +211,7 @@ def pool_stats(config, classifier: FrozenClassifier, split, mesh) -> dict:
 
 def _means(config, classifier: FrozenClassifier, split) -> dict:
     norm = lambda x: inputs.normalize(config, x)
-    return explain.channel_means(classifier, split.images, norm)
+    return explain.channel_means(classifier, split.images, norm, config.train.eval_batch_size)
 
 
 def train_generator(config, workdir: str) -> dict:
@@ -226,7 +225,7 @@ def train_generator(config, workdir: str) -> dict:
     sharding.check_batch_size(mesh, config.train.eval_batch_size)  # fail now, not after training
     means = _means(config, classifier, train)
     classifier = classifier.with_fills(means if g.ablation == "mean" else None)
-    writer = logging_utils.MetricWriter(out_dir)
+    writer = writers.MetricWriter(out_dir)
     run = RunOptions(steps=g.steps, seed=config.seed + 1, out_dir=out_dir, writer=writer)
     done = fit(config, classifier, train, mesh, run)
     generator = done.generator()
@@ -245,5 +244,5 @@ def train_generator(config, workdir: str) -> dict:
     writer.close()
     if done.targets is not None:
         out["pio_targets"] = done.targets.summary
-    logging_utils.write_json(os.path.join(out_dir, "metrics.json"), out)
+    writers.write_json(os.path.join(out_dir, "metrics.json"), out)
     return out

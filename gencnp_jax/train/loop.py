@@ -22,8 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gencnp_jax.io import checkpointing, data, preemption, sharding
-from gencnp_jax.io import writers as logging_utils
+from gencnp_jax.io import checkpointing, data, preemption, sharding, writers
 
 
 @flax.struct.dataclass
@@ -84,7 +83,7 @@ class LoopOptions:
     checkpoint_every: int
     desc: str
     ckpt_dir: str | None = None
-    writer: logging_utils.MetricWriter | None = None
+    writer: writers.MetricWriter | None = None
 
 
 @dataclasses.dataclass
@@ -150,7 +149,7 @@ def run(
     if guard is not None:
         guard.where, guard.resume_step = ckpt.directory, None if restored is None else start
     polling = guard.polling() if guard is not None else contextlib.nullcontext()
-    bar = logging_utils.progress(total, start, desc)
+    bar = writers.progress(total, start, desc)
     t0, pending, metrics = time.time(), None, None
     with polling:
         for step in range(start, total):

@@ -22,8 +22,7 @@ import numpy as np
 
 from gencnp_jax.context import inputs
 from gencnp_jax.eval import metrics
-from gencnp_jax.io import batched, sharding
-from gencnp_jax.io import writers as logging_utils
+from gencnp_jax.io import batched, sharding, writers
 from gencnp_jax.method import pio
 from gencnp_jax.train import loop as train_loop
 
@@ -102,7 +101,7 @@ def compute(config, classifier, split, mesh, cache_dir: str | None = None) -> Ta
     fn = jax.jit(pio.optimise_masks)
     placed, hp = sharding.replicate(mesh, (classifier, hparams(config)))
     batch = min(int(p.batch_size), CHUNK)
-    bar = logging_utils.progress(m, 0, "pio_targets")
+    bar = writers.progress(m, 0, "pio_targets")
     t0, chunks = time.time(), []
     for start in range(0, m, CHUNK):
         rows = indices[start : start + CHUNK]
@@ -121,7 +120,7 @@ def compute(config, classifier, split, mesh, cache_dir: str | None = None) -> Ta
                 )
             )
             if path is not None and jax.process_index() == 0:
-                with logging_utils.atomic_file(path, "wb") as f:
+                with writers.atomic_file(path, "wb") as f:
                     np.savez(f, **chunks[-1])
         bar.update(len(rows))
     bar.close()
@@ -184,14 +183,14 @@ def _prepare_cache(cache_dir: str | None, settings: dict) -> None:
     if cache_dir is None or jax.process_index() != 0:
         return
     path = os.path.join(cache_dir, "settings.json")
-    old = logging_utils.read_json(path)
+    old = writers.read_json(path)
     if old is not None and old != json.loads(json.dumps(settings)):
         print(f"pio_targets: settings changed ({old} -> {settings}): recomputing the masks")
         shutil.rmtree(cache_dir)
     elif old is None and glob.glob(os.path.join(cache_dir, "chunk_*.npz")):
         shutil.rmtree(cache_dir)
     os.makedirs(cache_dir, exist_ok=True)
-    logging_utils.write_json(path, settings)
+    writers.write_json(path, settings)
 
 
 def step_batches(config, targets: Targets, split, mesh, seed: int):

@@ -121,11 +121,28 @@ def plot_metric_vs_density(
         if x is not None and y is not None:
             err = number(get(own_density, ablation, OURS, "density_std"))
             label = f"{OURS} at its own density"
-            bar = ax.errorbar(x, y, xerr=err, fmt="*", ms=20, color="C3", mec="black", mew=1.2,
-                              capsize=4, zorder=6, label=label)  # fmt: skip
+            bar = ax.errorbar(
+                x,
+                y,
+                xerr=err,
+                fmt="*",
+                ms=20,
+                color="C3",
+                mec="black",
+                mew=1.2,
+                capsize=4,
+                zorder=6,
+                label=label,
+            )
             handles.setdefault("own", bar)
-            ax.annotate(f"own density {x:.3f}", (x, y), (10, 10), textcoords="offset points",
-                        fontsize=8, bbox=plots.LABEL_BOX)  # fmt: skip
+            ax.annotate(
+                f"own density {x:.3f}",
+                (x, y),
+                (10, 10),
+                textcoords="offset points",
+                fontsize=8,
+                bbox=plots.LABEL_BOX,
+            )
         if not ax.lines and not ax.collections:
             ax.text(0.5, 0.5, f"no {metric} in results.json", ha="center", transform=ax.transAxes)
         ax.set_title(f"{ablation} ablation")
@@ -136,8 +153,9 @@ def plot_metric_vs_density(
     axes[0].set_ylabel(ylabel or metric)
     if handles:
         labels = [h.get_label() for h in handles.values()]
-        fig.legend(list(handles.values()), labels, loc="outside right upper", frameon=False,
-                   fontsize=8)  # fmt: skip
+        fig.legend(
+            list(handles.values()), labels, loc="outside right upper", frameon=False, fontsize=8
+        )
     fig.suptitle(f"{metric} against density (thick red: GEN-CNP; dashed: fixed-mask controls)")
     return fig, axes
 

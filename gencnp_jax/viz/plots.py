@@ -142,8 +142,16 @@ def _place_labels(ax, xs: np.ndarray, ys: np.ndarray, names: Sequence[str]) -> N
                 best, best_cost = (dx, dy, kw, box), cost
         dx, dy, kw, box = best
         arrow = dict(arrowstyle="-", lw=0.6, color="0.4") if abs(dx) + abs(dy) > 8 else None
-        ax.annotate(name, (x, y), (dx, dy), textcoords="offset points", fontsize=8, bbox=LABEL_BOX,
-                    arrowprops=arrow, **kw)  # fmt: skip
+        ax.annotate(
+            name,
+            (x, y),
+            (dx, dy),
+            textcoords="offset points",
+            fontsize=8,
+            bbox=LABEL_BOX,
+            arrowprops=arrow,
+            **kw,
+        )
         taken.append(box)
 
 

@@ -115,10 +115,14 @@ def _class_relevance(results, ablation) -> list[Row]:
         return value if value is not None else _num(results, "methods", method, key)
 
     rows = [
-        Row("acIOU: IoU of same-class pathways", metric(OURS, "acIOU"),
-            [("inter_class_iou (different classes)", metric(OURS, "inter_class_iou"))], "higher",
-            "the reference is GEN-CNP's own overlap of different-class pathways"),
-    ]  # fmt: skip
+        Row(
+            "acIOU: IoU of same-class pathways",
+            metric(OURS, "acIOU"),
+            [("inter_class_iou (different classes)", metric(OURS, "inter_class_iou"))],
+            "higher",
+            "the reference is GEN-CNP's own overlap of different-class pathways",
+        ),
+    ]
     for key, better in (("agreement", "higher"), ("other_class_drop", "higher")):
         refs = [(c, metric(c, key)) for c in ("class_constant", OURS)]
         rows.append(Row(f"{TRANSFER} {key}", metric(TRANSFER, key), refs, better))
