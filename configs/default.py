@@ -24,6 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.data_dir = "~/tensorflow_datasets"  # path: TFDS data dir
     c.data.manual_dir = "/usr/share/datasets/fashion-mnist"  # path: Fashion-MNIST IDX files
     c.data.train_limit = 0  # int >= 0: first N training images only (0 = all)
+    # int >= 0: training images held out (seeded) as the validation split, never trained on:
+    # every choice is made on it, the test split only reports
+    c.data.validation_size = 5000
     c.data.test_limit = 0  # int >= 0: first N test images only (0 = all)
 
     c.train = ml_collections.ConfigDict()  # what both trainers (classifier, generator) share

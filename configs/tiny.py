@@ -8,8 +8,9 @@ from configs import default
 
 def get_config():
     c = default.get_config()
-    c.data.train_limit = 512
+    c.data.train_limit = 576  # 512 training images beside 64 validation ones
     c.data.test_limit = 128
+    c.data.validation_size = 64
     c.train.batch_size = 32
     c.train.eval_batch_size = 64
     c.train.checkpoint_every = 8

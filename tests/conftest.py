@@ -35,7 +35,7 @@ def pytest_configure(config):
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-NUM_TRAIN, NUM_TEST = 512, 128  # tiny.py's train_limit and test_limit
+NUM_TRAIN, NUM_TEST = 576, 128  # tiny.py's train_limit (512 train + 64 validation), test_limit
 
 
 def _idx_bytes(array: np.ndarray) -> bytes:

@@ -142,13 +142,13 @@ def test_idx_labels_out_of_range(tiny_config, tmp_path, capsys):
     """Real files: an IDX label file holding 11 stops the first stage with one line."""
     import gzip
 
-    from conftest import _idx_bytes, write_idx_set
+    from conftest import NUM_TRAIN, _idx_bytes, write_idx_set
 
     manual = tmp_path / "idx"
     manual.mkdir()
     write_idx_set(str(manual))
     with gzip.open(manual / "train-labels-idx1-ubyte.gz", "wb") as f:
-        f.write(_idx_bytes((np.arange(512) % 12).astype(np.uint8)))
+        f.write(_idx_bytes((np.arange(NUM_TRAIN) % 12).astype(np.uint8)))
     config = copy.deepcopy(tiny_config)
     config.data.manual_dir, config.data.data_dir = str(manual), str(tmp_path / "tfds")
     line = _run_fails(capsys, "train_classifier", config, str(tmp_path / "run"))

@@ -14,21 +14,41 @@ import numpy as np
 
 from gencnp_jax.io import data, sharding
 
+SPLITS = ("train", "validation", "test")
+
+
+def split_rows(num_train: int, validation_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(train_rows, validation_rows)``: the dataset's training split cut in two, disjoint,
+    sorted, by a seeded permutation (`seed` the run's): the validation rows are the first
+    `validation_size` of it, every other row trains."""
+    permutation = np.random.default_rng(seed + 2027).permutation(num_train)
+    size = min(validation_size, num_train)
+    return np.sort(permutation[size:]), np.sort(permutation[:size])
+
 
 def load_data(config, split: str) -> data.ArraySplit:
-    """Loads a split as uint8 numpy arrays, capped by `data.{train,test}_limit`.
+    """Loads a split as uint8 numpy arrays: ``"train"``, ``"validation"`` or ``"test"``.
+
+    The dataset's training split, capped by `data.train_limit`, is cut into the run's
+    training rows and ``data.validation_size`` validation rows (`split_rows`): nothing the run
+    trains (classifier, generator, its targets, the controls' means) sees a validation image;
+    every choice is made on them, the test split only reports. `data.test_limit` caps the test
+    split.
 
     Raises:
       data.DatasetError: files missing, images not of the dataset's shape, or labels out of
         range; the message says which split and how to fix it.
     """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}: choose one of {SPLITS}")
     d = config.data
+    source = "test" if split == "test" else "train"
     # Process 0 prepares the TFDS folder first: two hosts renaming one folder collide.
     arrays = sharding.process_0_first(
         lambda: data.load_split(
-            d.dataset, split, os.path.expanduser(d.data_dir), d.manual_dir or None
+            d.dataset, source, os.path.expanduser(d.data_dir), d.manual_dir or None
         ),
-        f"load_data/{split}",
+        f"load_data/{source}",
     )
     hwc, num_classes = data.dataset_info(d.dataset, os.path.expanduser(d.data_dir))
     where = f"split {split!r} of {d.dataset!r} (config.data.data_dir={d.data_dir!r})"
@@ -43,12 +63,18 @@ def load_data(config, split: str) -> data.ArraySplit:
         raise data.DatasetError(
             f"{where}: {err}: rebuild the prepared dataset from correct label files"
         ) from None
-    limit = d.train_limit if split == "train" else d.test_limit
+    limit = d.test_limit if split == "test" else d.train_limit
     if limit and limit < len(arrays.labels):
         arrays = dataclasses.replace(
             arrays, images=arrays.images[:limit], labels=arrays.labels[:limit]
         )
-    return arrays
+    if split == "test":
+        return arrays
+    train_rows, validation_rows = split_rows(len(arrays.labels), d.validation_size, config.seed)
+    rows = train_rows if split == "train" else validation_rows
+    return dataclasses.replace(
+        arrays, images=arrays.images[rows], labels=arrays.labels[rows], name=split
+    )
 
 
 def normalize(config, images_uint8: np.ndarray) -> np.ndarray:

@@ -49,13 +49,17 @@ def check_config(config) -> None:
             value = config[section][field]
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"config.{section}.{field}={value!r} must be a positive int")
-    limit = config.data.train_limit
-    if 0 < limit < config.train.batch_size:
+    limit, held_out = config.data.train_limit, config.data.validation_size
+    if not isinstance(held_out, int) or held_out < 0:
+        raise ConfigError(f"config.data.validation_size={held_out!r} must be an int >= 0")
+    if 0 < limit < config.train.batch_size + held_out:
         raise ConfigError(
-            f"config.data.train_limit={limit} is below config.train.batch_size="
-            f"{config.train.batch_size}: raise the limit (0 = the whole split) or lower "
-            f"the batch size"
+            f"config.data.train_limit={limit} leaves {limit - held_out} training images beside "
+            f"config.data.validation_size={held_out}, fewer than config.train.batch_size="
+            f"{config.train.batch_size}: raise the limit (0 = the whole split), or lower the "
+            f"validation size or the batch size"
         )
+    _check_eval(config.eval)
     if not c.epochs > 0:
         raise ConfigError(f"config.classifier.epochs={c.epochs!r} must be positive")
     g = config.generator
@@ -83,6 +87,19 @@ def check_config(config) -> None:
     _check_devices(config)
     hwc, num_classes = _dataset_info(config)
     _check_sites(config, hwc, num_classes)
+
+
+def _check_eval(e) -> None:
+    """The evaluation's densities and ablations."""
+    densities = tuple(e.densities)
+    if not densities or not all(0 < d < 1 for d in densities):
+        raise ConfigError(f"config.eval.densities={densities!r} must lie in (0, 1)")
+    ablations = tuple(e.ablations)
+    if not ablations or any(a not in ("mean", "zero") for a in ablations):
+        raise ConfigError(
+            f"config.eval.ablations={ablations!r}: choose one or both of ('mean', 'zero'), the "
+            f"headline first"
+        )
 
 
 def _check_ranked(loss) -> None:

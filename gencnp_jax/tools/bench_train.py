@@ -31,12 +31,14 @@ def measure(call: Callable[[], object], repeats: int, jitted=None, warmup: int =
 
     The first run includes compilation and is reported apart as `first_call_seconds`. Two
     warm-up runs by default: a train step's second call feeds the first call's outputs back
-    in, which would recompile if their shardings differed from the inputs'. `compilations` is
-    the cache size of `jitted` afterwards (1 = compiled once).
+    in, which would recompile if their shardings differed from the inputs'. With `jitted`,
+    `retraces` counts the programs `jitted` compiled after the first call (0: compiled once).
     """
+    cache_size = getattr(jitted, "_cache_size", None)
     t0 = time.perf_counter()
     jax.block_until_ready(call())
     first = time.perf_counter() - t0
+    after_first = None if cache_size is None else int(cache_size())
     for _ in range(warmup - 1):
         jax.block_until_ready(call())
     seconds = []
@@ -49,9 +51,8 @@ def measure(call: Callable[[], object], repeats: int, jitted=None, warmup: int =
         "first_call_seconds": first,
         "seconds": seconds,
     }
-    cache_size = getattr(jitted, "_cache_size", None)
     if cache_size is not None:
-        out["compilations"] = int(cache_size())
+        out["retraces"] = int(cache_size()) - after_first
     return out
 
 
