@@ -119,24 +119,28 @@ TOP_FRACTION_WIDTH = 0.3
 def top_fraction(
     scores_BxN: jax.Array, density_B: jax.Array, rel_temperature: float | jax.Array
 ) -> jax.Array:
-    """The top ``round(density_b * N)`` scores of row b as gates (ours; the ``ranked`` loss term).
+    """The top ``round(density_b * N)`` scores of row b as gates (the ranked loss terms and the
+    fixed-density searches of `eval.oracle`).
 
-    Forward: exactly the hard top-k mask the fixed-density evaluation builds from the same
-    scores (`eval.baselines.top_k_at_density`, ties aside). Backward: the straight-through
-    gradient of ``sigmoid((s - t_b) / (rel_temperature * std_b))``, ``t_b`` the midpoint
-    between the k-th and (k+1)-th score of row b and ``std_b`` the row's spread
-    (stop-gradient), so the scores near each row's cut learn which side they belong on.
-    The cut moves with the scores, as a rank does: shifting a whole row changes neither the
-    mask nor the loss, so the gradient sums to zero over each row and this term reorders the
-    scores without raising (or lowering) them, which would move the 0.5 crossing (the density).
+    Forward: exactly ``k_b = round(density_b * N)`` gates open per row, the k_b highest scores
+    (the evaluation's top-k, `eval.baselines.top_k_at_density`; tied scores at the cut are
+    taken in column order here, where the evaluation draws them at random). Backward: the
+    straight-through gradient of ``sigmoid((s - t_b) / (rel_temperature * std_b))``, ``t_b`` the
+    midpoint between the k-th and (k+1)-th score of row b and ``std_b`` the row's spread
+    (stop-gradient), so the scores near each row's cut learn which side they belong on. The
+    cut moves with the scores, as a rank does: shifting a whole row changes neither the mask
+    nor the loss, so the gradient sums to zero over each row and reorders the scores without
+    raising (or lowering) them.
     """
     n = scores_BxN.shape[-1]
     k_B = jnp.clip(jnp.round(density_B * n).astype(jnp.int32), 1, n - 1)
-    desc_BxN = -jnp.sort(-scores_BxN, axis=-1)
+    order_BxN = jnp.argsort(-scores_BxN, axis=-1, stable=True)
+    desc_BxN = jnp.take_along_axis(scores_BxN, order_BxN, -1)
     above_B = jnp.take_along_axis(desc_BxN, (k_B - 1)[:, None], -1)[:, 0]
     below_B = jnp.take_along_axis(desc_BxN, k_B[:, None], -1)[:, 0]
     cut_B = 0.5 * (above_B + below_B)
     width_B = rel_temperature * jnp.std(jax.lax.stop_gradient(scores_BxN), axis=-1) + 1e-6
     soft_BxN = jax.nn.sigmoid((scores_BxN - cut_B[:, None]) / width_B[:, None])
-    hard_BxN = (scores_BxN > cut_B[:, None]).astype(scores_BxN.dtype)
+    ranks_BxN = jnp.argsort(order_BxN, axis=-1)
+    hard_BxN = (ranks_BxN < k_B[:, None]).astype(scores_BxN.dtype)
     return hard_BxN + (soft_BxN - jax.lax.stop_gradient(soft_BxN))  # exactly 0/1 forward
