@@ -110,7 +110,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.densities = (0.05, 0.1, 0.2, 0.3)  # floats in (0, 1): fixed densities
     c.eval.ablations = ("mean", "zero")  # subset of ("mean", "zero"); the first: headline
     c.eval.batch_size = 250  # int > 0, a multiple of the devices
-    c.eval.control_examples = 2000  # int > 0: training images of the controls' mean scores
+    c.eval.control_examples = 500  # int > 0: training images of every method's class means
     c.eval.sanity_steps = 300  # int > 0: generator steps on the weight-randomised classifier
     c.eval.sanity_pio_images = 256  # int >= 0: its PIO masks (at most)
     c.eval.cdrp_steps = 30  # int >= 0: CDRP's SGD steps (cdrp-detect: 30)
@@ -119,13 +119,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.intgrad_steps = 11  # int >= 2: NeuronIntGrad's points (PathwayGrad: 11)
     c.eval.auc_examples = 500  # int >= 0: deletion / insertion AUCs on the first N (0 = all)
     c.eval.gradcam_site = ""  # a gate site, or "" = the deepest: the report's Grad-CAM
-
-    # --mode=headroom (eval/oracle.py): fixed-density masks optimised directly, per class and
-    # per image, on the first num_examples evaluation images (yardsticks, not bounds)
-    c.headroom = ml_collections.ConfigDict()
-    c.headroom.num_examples = 256  # int > 0
-    c.headroom.steps = 150  # int >= 0: Adam steps per mask (0: the starts themselves)
-    c.headroom.learning_rate = 0.05  # float > 0: on scores standardised per row
+    # The references (stages/references.py; --mode=headroom alone): the best class and
+    # per-image masks our searches find, yardsticks beside every method
+    c.eval.reference_examples = 256  # int > 0: test images of the instance reference
+    c.eval.reference_steps = 50  # int >= 0: Adam steps of each search (0: their starts)
 
     c.bench = ml_collections.ConfigDict()  # --mode=bench
     c.bench.repeats = 5  # int > 0: timed calls per number (batches of eval.batch_size)

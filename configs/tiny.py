@@ -36,7 +36,7 @@ def get_config():
     c.eval.batch_size = 32
     c.eval.cdrp_steps = 5
     c.eval.intgrad_steps = 4
-    c.headroom.num_examples = 32
-    c.headroom.steps = 4
+    c.eval.reference_examples = 32
+    c.eval.reference_steps = 4
     c.bench.repeats = 2
     return c

@@ -73,3 +73,14 @@ def test_top_fraction_is_the_evaluations_top_k_with_a_gradient_at_the_cut():
     assert g[j] > 0.0 and g[j] > 10 * abs(g[far])
     narrow = np.asarray(jax.grad(lambda s: loss(s, 0.05))(scores_BxN))
     assert np.abs(narrow[2, order[150:]]).sum() < np.abs(grad_BxN[2, order[150:]]).sum()
+
+
+def test_top_fraction_is_exact_in_count_on_ties():
+    """Tied scores at the cut: exactly round(d N) gates open (a cut between two equal scores
+    used to keep neither, fewer than k)."""
+    scores_BxN = jnp.asarray([[3.0, 2.0, 2.0, 2.0, 1.0, 0.0], [1.0] * 6])
+    density_B = jnp.asarray([0.5, 0.5])  # k = 3: row 0's cut falls inside its tie at 2.0
+    top_BxN = np.asarray(daq.top_fraction(scores_BxN, density_B, 0.3))
+    np.testing.assert_array_equal(top_BxN.sum(-1), [3, 3])
+    np.testing.assert_array_equal(top_BxN[0], [1, 1, 1, 0, 0, 0])
+    assert set(np.unique(top_BxN).tolist()) <= {0.0, 1.0}

@@ -39,15 +39,17 @@ def make_score_fns(s: Settings) -> dict[str, ScoreFn]:
     name in `SCORED`.
 
     The classifier's fills are the ablation the gradient baselines take as their baseline and
-    CDRP optimises under. GEN-CNP also returns its own ``gates`` and the ``full_logits``; CDRP
-    its own ``gates`` (``lambda > cdrp threshold``).
+    CDRP optimises under. GEN-CNP ranks by its scores before their sigmoid (sigmoids saturate
+    to exactly 1.0 and tie) and also returns its own ``gates`` and the ``full_logits``; CDRP its
+    own ``gates`` (``lambda > cdrp threshold``).
     """
 
     def gencnp(generator, classifier, images):
         full_logits_BxK, features = classifier.classify(images)
-        scores, gates, _ = generator.pathway(features, s.daq)
+        logits = generator.logits(features)
+        gates = s.daq.binarize({site: jax.nn.sigmoid(v) for site, v in logits.items()})
         return {
-            "scores": gates_lib.flatten(scores),
+            "scores": gates_lib.flatten(logits),
             "gates": gates_lib.flatten(gates),
             "full_logits": full_logits_BxK,
         }
@@ -120,6 +122,8 @@ def make_metric_fn(extra: bool):
             null_logits_BxK=rest[1] if extra else None,
         )
         per = metric_accumulator.instance_metrics(full, outputs, gates, classes_B)
+        # the pathway model's class per image (a flag: one class for every input)
+        per["pathway_class"] = (jnp.argmax(path, -1).astype(jnp.float32), per["mDC"][1])
         if wrong is not None:
             transfer = metric_accumulator.Outputs(
                 pathway_logits_BxK=rest[-1], pathway_classes_B=wrong[1]

@@ -112,6 +112,10 @@ class FrozenGenerator:
         scores, q_logits_BxK = self(features)
         return scores, settings.binarize(scores), q_logits_BxK
 
+    def logits(self, features):
+        """``site -> f32[B, C]``: the scores before their sigmoid (the generator's ranking)."""
+        return nnx.merge(self.graphdef, self.state).logits(features)[0]
+
     def tree_flatten(self):
         return (self.state,), (_Static(self.graphdef),)
 

@@ -171,6 +171,12 @@ class Generator(nnx.Module):
 
     def __call__(self, features: Mapping[str, jax.Array]) -> tuple[dict[str, jax.Array], jax.Array]:
         """Scores ``site -> f32[B, C_site]`` in ``[0, 1]`` and PDN logits ``f32[B, K]``."""
+        logits, q_logits_BxK = self.logits(features)
+        return {site: jax.nn.sigmoid(v) for site, v in logits.items()}, q_logits_BxK
+
+    def logits(self, features: Mapping[str, jax.Array]) -> tuple[dict[str, jax.Array], jax.Array]:
+        """The scores before their sigmoid, ``site -> f32[B, C_site]`` (what ranks the channels:
+        sigmoids saturate to exactly 1.0 and tie), and the PDN logits ``f32[B, K]``."""
         embeddings, pooled = self.embed(features)
         e_mean = jnp.mean(jnp.stack(embeddings), axis=0)
         z_BxD = self.pdn_2(nnx.gelu(self.pdn_1(jnp.concatenate([embeddings[-1], e_mean], -1))))
@@ -180,6 +186,5 @@ class Generator(nnx.Module):
         for i in reversed(range(len(self.sites))):
             u_BxD = self.rpd_in[i](jnp.concatenate([z_BxD, embeddings[i]], axis=-1))
             carry, h_BxD = self.rpd_cells[i](carry, u_BxD)
-            logits_BxC = self.score_heads[i](h_BxD) + self._evidence(i, pooled[i])
-            scores[self.sites[i]] = jax.nn.sigmoid(logits_BxC)
+            scores[self.sites[i]] = self.score_heads[i](h_BxD) + self._evidence(i, pooled[i])
         return {site: scores[site] for site in self.sites}, q_logits_BxK

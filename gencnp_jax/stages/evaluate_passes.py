@@ -97,11 +97,13 @@ def metric_pass(
     subset,
     masks: Masks,
     full_logits=None,
-) -> dict:
-    """Per-instance metrics of one mask per image of `subset` (its ``images`` and ``classes``),
-    reduced to a flat dict (`accumulator.reduce`, with ``acIOU`` and ``inter_class_iou`` of the
-    masks). `classifier`'s fills are the ablation. `full_logits` (host ``f32[B, K]``): the
-    full model's logits, given to skip recomputing them."""
+) -> tuple[dict, dict]:
+    """Metrics of one mask per image of `subset` (its ``images`` and ``classes``):
+    ``(reduced, per_instance)``, the flat dict of `accumulator.reduce` (with ``acIOU`` and
+    ``inter_class_iou`` of the masks, and ``top_pathway_class_share``: the largest share of the
+    images the pathway model gives one class) and the per-instance values it reduced.
+    `classifier`'s fills are the ablation. `full_logits` (host ``f32[B, K]``): the full
+    model's logits, given to skip recomputing them."""
     placed = sharding.replicate(run.mesh, classifier)
     classes_B = subset.classes
 
@@ -124,8 +126,12 @@ def metric_pass(
         )
 
     per = batched.map_batches(fn, make_batch, len(classes_B), run.batch_size, run.mesh)
+    pathway_class_B, _ = per.pop("pathway_class")
     gates_BxN = np.asarray(masks.gates_BxN)
-    return accumulator.reduce(per, gates_BxN, classes_B, run.classifier.num_classes)
+    reduced = accumulator.reduce(per, gates_BxN, classes_B, run.classifier.num_classes)
+    counts = np.bincount(pathway_class_B.astype(np.int64), minlength=run.classifier.num_classes)
+    reduced["top_pathway_class_share"] = float(counts.max() / max(len(pathway_class_B), 1))
+    return reduced, per
 
 
 def auc_pass(run: Run, auc_fn, classifier: FrozenClassifier, subset, scores_BxN, key) -> dict:
@@ -179,18 +185,39 @@ def none_for_nan(tree):
 
 
 def results_table(results: dict) -> str:
-    """Markdown: one table per density (headline ablation), then the own-density table."""
+    """Markdown: one table per density (headline ablation) with the references beside every
+    method, then the own-density table; degenerate rows marked, the choices' split named."""
     head = results["config"]["ablations"][0]
     cols = ("mDC", "mIC", "agreement", "leakage", "class_leakage", "density_mean", "acIOU")
     fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
-    lines = [f"# Evaluation ({results['num_examples']} test images, {head} ablation)", ""]
-    blocks = [(f"density {d}", rows) for d, rows in results["at_density"][head].items()]
-    blocks.append(("own density", results["own_density"][head]))
-    for title, rows in blocks:
-        lines += [f"## {title}", "", "| method | " + " | ".join(cols) + " |"]
-        lines.append("|---" * (len(cols) + 1) + "|")
+    flags = results.get("flags", {})
+    on_ref = results.get("on_reference_images", {})
+    n_ref = results.get("references", {}).get("num_examples_instance")
+    lines = [
+        f"# Evaluation ({results['num_examples']} test images, {head} ablation)",
+        "",
+        f"Choices (the controls' sources, the class reference's candidates) are made on "
+        f"{results['validation']['num_examples']} validation images; every number below is on "
+        f"the test split. References are yardsticks, not bounds. `mDC (ref. images)` is each "
+        f"row on the {n_ref} images of the instance reference.",
+        "",
+    ]
+    for d, rows in results["at_density"][head].items():
+        header = (*cols, "mDC (ref. images)")
+        lines += [f"## density {d}", "", "| method | " + " | ".join(header) + " |"]
+        lines.append("|---" * (len(header) + 1) + "|")
         for name, m in rows.items():
-            lines.append(f"| {name} | " + " | ".join(fmt(m.get(c)) for c in cols) + " |")
+            ref = on_ref.get(d, {}).get(name, {}).get("mDC")
+            cells = [fmt(m.get(c)) for c in cols] + [fmt(ref)]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines.append(f"sanity: {results['sanity']}")
+    lines += ["## own density", "", "| method | " + " | ".join(cols) + " |"]
+    lines.append("|---" * (len(cols) + 1) + "|")
+    for name, m in results["own_density"][head].items():
+        mark = " ⚠ degenerate" if name in flags else ""
+        lines.append(f"| {name}{mark} | " + " | ".join(fmt(m.get(c)) for c in cols) + " |")
+    lines.append("")
+    for name, reasons in flags.items():
+        lines.append(f"- ⚠ {name}: {'; '.join(reasons)}")
+    lines.append(f"\nsanity: {results['sanity']}")
     return "\n".join(lines) + "\n"

@@ -76,8 +76,6 @@ def check_config(config) -> None:
         )
     _check_pio(g)
     _check_ranked(g.loss)
-    if "headroom" in config:
-        _check_headroom(config.headroom)
     if config.bank.class_source not in ("prediction", "label"):
         raise ConfigError(
             f"config.bank.class_source={config.bank.class_source!r}: choose 'prediction' or 'label'"
@@ -90,7 +88,7 @@ def check_config(config) -> None:
 
 
 def _check_eval(e) -> None:
-    """The evaluation's densities and ablations."""
+    """The evaluation's densities, ablations and references."""
     densities = tuple(e.densities)
     if not densities or not all(0 < d < 1 for d in densities):
         raise ConfigError(f"config.eval.densities={densities!r} must lie in (0, 1)")
@@ -100,6 +98,13 @@ def _check_eval(e) -> None:
             f"config.eval.ablations={ablations!r}: choose one or both of ('mean', 'zero'), the "
             f"headline first"
         )
+    for field, least in (
+        ("reference_examples", 1),
+        ("reference_steps", 0),
+        ("control_examples", 1),
+    ):
+        if not isinstance(e[field], int) or e[field] < least:
+            raise ConfigError(f"config.eval.{field}={e[field]!r} must be an int >= {least}")
 
 
 def _check_ranked(loss) -> None:
@@ -113,15 +118,6 @@ def _check_ranked(loss) -> None:
             f"config.generator.loss.ranked_density={span!r} must be "
             f"(low, high) with 0 < low <= high < 1"
         )
-
-
-def _check_headroom(h) -> None:
-    """`--mode=headroom`'s sizes: images, steps, step size."""
-    for field, least in (("num_examples", 1), ("steps", 0)):
-        if not isinstance(h[field], int) or h[field] < least:
-            raise ConfigError(f"config.headroom.{field}={h[field]!r} must be an int >= {least}")
-    if not h.learning_rate > 0:
-        raise ConfigError(f"config.headroom.learning_rate={h.learning_rate!r} must be > 0")
 
 
 def _check_pio(g) -> None:

@@ -90,44 +90,21 @@ def _settings(config, split) -> dict:
     }
 
 
-def compute(config, classifier, split, mesh, cache_dir: str | None = None) -> Targets:
+def compute(
+    config, classifier, split, mesh, cache_dir: str | None = None, trim: bool = True
+) -> Targets:
     """PIO masks of ``config.generator.pio.num_images`` images of `split` (see module doc),
-    under `classifier`'s fills (the run's ablation)."""
+    under `classifier`'s fills (the run's ablation); `trim` False leaves them untrimmed."""
     p = config.generator.pio
     m = min(int(p.num_images), len(split.labels))
     indices = np.sort(np.random.default_rng(config.seed + 101).choice(len(split.labels), m, False))
     settings = _settings(config, split)
     _prepare_cache(cache_dir, settings)
-    fn = jax.jit(pio.optimise_masks)
-    placed, hp = sharding.replicate(mesh, (classifier, hparams(config)))
-    batch = min(int(p.batch_size), CHUNK)
-    bar = writers.progress(m, 0, "pio_targets")
-    t0, chunks = time.time(), []
-    for start in range(0, m, CHUNK):
-        rows = indices[start : start + CHUNK]
-        path = None if cache_dir is None else os.path.join(cache_dir, f"chunk_{start:07d}.npz")
-        if path is not None and os.path.exists(path):
-            with np.load(path) as z:
-                chunks.append({k: z[k] for k in z.files})
-        else:
-            chunks.append(
-                batched.map_batches(
-                    lambda x: fn(placed, x, hp),
-                    lambda idx, rows=rows: inputs.normalize(config, split.images[rows[idx]]),
-                    len(rows),
-                    batch,
-                    mesh,
-                )
-            )
-            if path is not None and jax.process_index() == 0:
-                with writers.atomic_file(path, "wb") as f:
-                    np.savez(f, **chunks[-1])
-        bar.update(len(rows))
-    bar.close()
-    outs = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+    t0 = time.time()
+    outs = optimise(config, classifier, split.images[indices], mesh, cache_dir)
     report = {"settings": settings}
     cuts = np.zeros(m, np.float32)
-    if p.trim_kl_budget > 0:
+    if trim and p.trim_kl_budget > 0:
         report["untrimmed"] = summary(outs)
         trimmed = _trim(config, classifier, split, mesh, indices, outs["logits_flat"])
         cuts = trimmed.pop("cuts")
@@ -136,6 +113,40 @@ def compute(config, classifier, split, mesh, cache_dir: str | None = None) -> Ta
     report.update(summary(outs), seconds=time.time() - t0)  # cached chunks: load + trim
     as_f32 = lambda k: outs[k].astype(np.float32)
     return Targets(indices, as_f32("masks_flat"), as_f32("logits_flat"), cuts, report)
+
+
+def optimise(config, classifier, images_uint8, mesh, cache_dir: str | None = None) -> dict:
+    """`pio.optimise_masks` of `images_uint8` in chunks of `CHUNK` images, each cached as
+    ``cache_dir/chunk_NNNNNNN.npz`` when `cache_dir` is given (read back on a rerun: the
+    caller keys the folder by its settings, see `_prepare_cache`)."""
+    p = config.generator.pio
+    fn = jax.jit(pio.optimise_masks)
+    placed, hp = sharding.replicate(mesh, (classifier, hparams(config)))
+    m, batch = len(images_uint8), min(int(p.batch_size), CHUNK)
+    bar = writers.progress(m, 0, "pio masks")
+    chunks = []
+    for start in range(0, m, CHUNK):
+        images = images_uint8[start : start + CHUNK]
+        path = None if cache_dir is None else os.path.join(cache_dir, f"chunk_{start:07d}.npz")
+        if path is not None and os.path.exists(path):
+            with np.load(path) as z:
+                chunks.append({k: z[k] for k in z.files})
+        else:
+            chunks.append(
+                batched.map_batches(
+                    lambda x: fn(placed, x, hp),
+                    lambda idx, images=images: inputs.normalize(config, images[idx]),
+                    len(images),
+                    batch,
+                    mesh,
+                )
+            )
+            if path is not None and jax.process_index() == 0:
+                with writers.atomic_file(path, "wb") as f:
+                    np.savez(f, **chunks[-1])
+        bar.update(len(images))
+    bar.close()
+    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
 
 
 def _trim(config, classifier, split, mesh, indices, logits_flat) -> dict:
