@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gencnp_jax.context import inputs, loading
-from gencnp_jax.io import batched, checkpointing, data, sharding, writers
+from gencnp_jax.io import batched, checkpointing, data, sharding, timings, writers
 from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.method import explain
 from gencnp_jax.method.class_bank import (
@@ -223,7 +223,8 @@ def build_bank(config, workdir: str) -> dict:
     mesh = inputs.make_mesh(config)
     sharding.check_batch_size(mesh, config.eval.batch_size)
     generator, classifier = sharding.replicate(mesh, (generator, classifier))
-    idx_M, classes_M, scanned = _select(config, classifier, train, mesh)
+    with timings.phase("select"):
+        idx_M, classes_M, scanned = _select(config, classifier, train, mesh)
     g = config.generator.daq
     settings = daq.Settings.create(g.temperature, g.sigma)
 
@@ -231,13 +232,14 @@ def build_bank(config, workdir: str) -> dict:
         pathway = explain.jit_explain(generator, classifier, x, settings)
         return pathway.gates, pathway.scores
 
-    gates_M, scores_M = batched.map_batches(
-        gates_and_scores,
-        lambda rows: inputs.normalize(config, train.images[idx_M[rows]]),
-        len(idx_M),
-        config.eval.batch_size,
-        mesh,
-    )
+    with timings.phase("explain"):
+        gates_M, scores_M = batched.map_batches(
+            gates_and_scores,
+            lambda rows: inputs.normalize(config, train.images[idx_M[rows]]),
+            len(idx_M),
+            config.eval.batch_size,
+            mesh,
+        )
     gates_M = {s: jnp.asarray(v) for s, v in gates_M.items()}
     classes_M = jnp.asarray(classes_M)
     freq, masks, counts = aggregate(

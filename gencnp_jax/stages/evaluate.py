@@ -31,7 +31,7 @@ import numpy as np
 from gencnp_jax.context import inputs, loading
 from gencnp_jax.eval import baselines, controls, metrics, perturbation
 from gencnp_jax.eval import methods as eval_methods
-from gencnp_jax.io import batched, sharding, writers
+from gencnp_jax.io import batched, sharding, timings, writers
 from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.method import explain
 from gencnp_jax.method.class_bank import ClassBank
@@ -172,7 +172,10 @@ def score(run: passes.Run, classifier, images, score_fns, names=None) -> tuple[S
         if names is not None and name not in names:
             continue
         models = (run.generator, classifier)
-        out, seconds[name] = passes.score_pass(run, fn, models, images, f"evaluate: {name} scores")
+        with timings.phase(f"score/{name}"):
+            out, seconds[name] = passes.score_pass(
+                run, fn, models, images, f"evaluate: {name} scores"
+            )
         per_method[name] = out["scores"]
         if "gates" in out:
             own_gates[name] = out["gates"]
@@ -463,12 +466,14 @@ def sanity(ev: Evaluation, config, scores: Scores) -> dict:
     """
     run, seed = ev.run, ev.run.seed
     train = inputs.load_data(config, "train")
-    rand = train_classifier.randomized_classifier(
-        config, run.classifier, train, run.mesh, seed + 13
-    )
-    rand_generator = train_generator.fit_generator(
-        _sanity_config(config), rand, train, run.mesh, config.eval.sanity_steps, seed + 17
-    )
+    with timings.phase("randomise"):
+        rand = train_classifier.randomized_classifier(
+            config, run.classifier, train, run.mesh, seed + 13
+        )
+    with timings.phase("generator"):
+        rand_generator = train_generator.fit_generator(
+            _sanity_config(config), rand, train, run.mesh, config.eval.sanity_steps, seed + 17
+        )
     rand_fills = ev.fills[ev.headline]
     if ev.headline == "mean":
         control = train.images[: config.eval.control_examples]
@@ -752,27 +757,34 @@ def evaluate(config, workdir: str) -> dict:
         )
     val_subset = make_subset(run, head, validation.images[:n_val], "validation", config.seed + 1)
     ev = Evaluation(run, subset, val_subset, fills, ablations, densities, settings, auc_n)
-    scores, _ = score_every_ablation(run, classifiers, subset.images, score_fns)
+    with timings.phase("scores"):
+        scores, _ = score_every_ablation(run, classifiers, subset.images, score_fns)
     train = inputs.load_data(config, "train")
     control_images = train.images[: e.control_examples]
-    tables = class_tables(ev, score_fns, bank, control_images)
-    val_block = validation_block(ev, score_fns, tables[ev.headline])
-    refs = reference_phase(ev, config, workdir, tables[ev.headline])
+    with timings.phase("class_tables"):
+        tables = class_tables(ev, score_fns, bank, control_images)
+    with timings.phase("validation"):
+        val_block = validation_block(ev, score_fns, tables[ev.headline])
+    with timings.phase("references"):
+        refs = reference_phase(ev, config, workdir, tables[ev.headline])
     names = ("gencnp", "gencnp_transfer", *eval_methods.SCORED[1:], "random")
     names += tuple(_control_name(kind, src) for kind in CONTROLS for src in CONTROL_SOURCES)
     others = (m for m in eval_methods.SCORED if m not in CONTROL_SOURCES)
     class_means = tuple(f"class_means_{m}" for m in others)
-    metrics_out = fixed_densities(ev, scores, tables, refs, names, class_means)
+    with timings.phase("metrics"):
+        metrics_out = fixed_densities(ev, scores, tables, refs, names, class_means)
     # p_c of the full classifier on the all-zero (normalised-mean) image, c each test prediction
     zero_image = jnp.zeros_like(normalize(test.images[:1]))
     null_logits_1xK = classifier.logits(zero_image)
     null_conf = float(np.mean(np.asarray(jax.nn.softmax(null_logits_1xK[0]))[subset.classes]))
+    with timings.phase("sanity"):
+        sanity_out = sanity(ev, config, scores[ev.headline])
     phases = {
         "metrics": metrics_out,
         "scores": scores,
         "validation": val_block,
         "references": refs,
-        "sanity": sanity(ev, config, scores[ev.headline]),
+        "sanity": sanity_out,
         "null_conf": null_conf,
         "control_examples": int(len(control_images)),
     }

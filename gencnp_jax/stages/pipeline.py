@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from gencnp_jax.context import record, user_model
-from gencnp_jax.io import checkpointing, data, preemption, weights, writers
+from gencnp_jax.io import checkpointing, data, preemption, timings, weights, writers
 from gencnp_jax.io import lock as lock_lib
 from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.stages import build_bank, modes, validation
@@ -114,18 +114,22 @@ TRAINING = ("train_classifier", "train_generator")
 def run_stage(mode: str, config, workdir: str, launched_mode: str | None = None):
     """Runs one stage; a training stage under a SIGTERM / SIGINT guard (`io/preemption.py`).
 
-    Records the run's config first (`record_config`).
+    Records the run's config first (`record_config`), and the seconds of the stage and of
+    the phases inside it in ``WORKDIR/timings.json`` (`io/timings.py`) once it is done.
     """
     if jax.process_index() == 0 and hasattr(config, "to_json_best_effort"):  # a ConfigDict
         record_config(mode, config, workdir)
-    if mode not in TRAINING:
-        return modes.stage_fn(mode)(config, workdir)
-    command = preemption.rerun_command(
-        f"python launch.py --config=<this run's config> --workdir={workdir} "
-        f"--mode={launched_mode or mode}"
-    )
-    with preemption.StopGuard(preemption.GRACE_S, command):
-        return modes.stage_fn(mode)(config, workdir)
+    guard = contextlib.nullcontext()
+    if mode in TRAINING:
+        command = preemption.rerun_command(
+            f"python launch.py --config=<this run's config> --workdir={workdir} "
+            f"--mode={launched_mode or mode}"
+        )
+        guard = preemption.StopGuard(preemption.GRACE_S, command)
+    with guard, timings.phase(mode):
+        result = modes.stage_fn(mode)(config, workdir)
+    timings.write(workdir, mode)
+    return result
 
 
 def record_config(mode: str, config, workdir: str):

@@ -31,7 +31,7 @@ import numpy as np
 
 from gencnp_jax.context import inputs
 from gencnp_jax.eval import baselines, controls, metrics, oracle
-from gencnp_jax.io import batched, checkpointing, sharding, writers
+from gencnp_jax.io import batched, checkpointing, sharding, timings, writers
 from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.models import daq
 from gencnp_jax.models import gates as gates_lib
@@ -184,24 +184,28 @@ def searches(config, workdir, run, classifier: FrozenClassifier, subset, densiti
     # the class search: on training images, from their PIO masks' class means
     train = inputs.load_data(config, "train")
     pio_dir = os.path.join(workdir_lib.generator_dir(workdir), "pio_targets")
-    targets = pio_targets.compute(config, classifier, train, run.mesh, pio_dir, trim=False)
+    with timings.phase("train_pio"):
+        targets = pio_targets.compute(config, classifier, train, run.mesh, pio_dir, trim=False)
     rows = targets.indices[: s.examples]
     train_images = train.images[rows]
     train_logits = _full_logits(run, classifier, train_images)
     train_classes = train_logits.argmax(-1)
     standard = np.asarray(oracle.standardise_rows(targets.logits_flat[: s.examples]))
     _, means_KxN = controls.class_mean_scores(standard, train_classes, k)
-    class_search = _search_all(
-        run, classifier, train_images, train_logits, means_KxN, train_classes, densities, opt
-    )
+    with timings.phase("class_search"):
+        class_search = _search_all(
+            run, classifier, train_images, train_logits, means_KxN, train_classes, densities, opt
+        )
     # the instance search: on the reference test images, from their own PIO masks
     n = min(s.examples, len(subset.classes))
     test_images = subset.images[:n]
-    pio_BxN = pio_targets.optimise(config, classifier, test_images, run.mesh)["logits_flat"]
+    with timings.phase("test_pio"):
+        pio_BxN = pio_targets.optimise(config, classifier, test_images, run.mesh)["logits_flat"]
     pio_BxN = np.asarray(oracle.standardise_rows(pio_BxN))
-    instance_search = _search_all(
-        run, classifier, test_images, subset.full_logits[:n], pio_BxN, None, densities, opt
-    )
+    with timings.phase("instance_search"):
+        instance_search = _search_all(
+            run, classifier, test_images, subset.full_logits[:n], pio_BxN, None, densities, opt
+        )
     arrays = {"pio_class_means_KxN": means_KxN, "pio_BxN": pio_BxN}
     arrays.update({f"class_search/{d}": v for d, v in class_search.items()})
     arrays.update({f"instance_search/{d}": v for d, v in instance_search.items()})

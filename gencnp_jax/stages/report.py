@@ -17,7 +17,7 @@ import numpy as np
 
 from gencnp_jax import explainer as explainer_lib
 from gencnp_jax.context import inputs
-from gencnp_jax.io import batched, data, sharding, writers
+from gencnp_jax.io import batched, data, sharding, timings, writers
 from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.method import explain
 from gencnp_jax.stages import build_bank, validation
@@ -183,7 +183,8 @@ def make_report(
     site = gradcam_site(config, classifier.site_channels)
     names = class_names(config.data.dataset, classifier.num_classes)
     test = inputs.load_data(config, "test")
-    gates, pred, pathway_pred = explain_split(explainer, test.images, config.eval.batch_size)
+    with timings.phase("explain_split"):
+        gates, pred, pathway_pred = explain_split(explainer, test.images, config.eval.batch_size)
     density = np.mean(np.concatenate(list(gates.values()), axis=1), axis=1)
     freq = _bank_freq(config, workdir, classifier)
     results = _results(workdir)
@@ -229,9 +230,10 @@ def make_report(
             "density_vs_mdc.png",
             plots.plot_density_vs_mdc(methods),
         )
-    gallery = _gallery(
-        explainer, site, test, pred, pathway_pred, density, names, out_dir, per_class
-    )
+    with timings.phase("gallery"):
+        gallery = _gallery(
+            explainer, site, test, pred, pathway_pred, density, names, out_dir, per_class
+        )
     path = report.write_report(
         workdir,
         results,

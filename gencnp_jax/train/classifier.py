@@ -16,7 +16,7 @@ from flax import nnx
 
 from gencnp_jax.context import inputs, loading
 from gencnp_jax.eval import perturbation
-from gencnp_jax.io import batched, checkpointing, sharding, writers
+from gencnp_jax.io import batched, checkpointing, sharding, timings, writers
 from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.method import explain
 from gencnp_jax.models import classifiers
@@ -146,30 +146,32 @@ def train_classifier(config, workdir: str) -> dict:
         config.seed,
     )
     writer = writers.MetricWriter(out_dir)
-    result = train_loop.run(
-        bound_step(graphdef, tx),
-        state,
-        batch_at,
-        total,
-        mesh,
-        train_loop.LoopOptions(
-            log_every=t.log_every,
-            checkpoint_every=t.checkpoint_every,
-            desc="train_classifier",
-            ckpt_dir=os.path.join(out_dir, "checkpoints"),
-            writer=writer,
-        ),
-    )
+    with timings.phase("steps"):
+        result = train_loop.run(
+            bound_step(graphdef, tx),
+            state,
+            batch_at,
+            total,
+            mesh,
+            train_loop.LoopOptions(
+                log_every=t.log_every,
+                checkpoint_every=t.checkpoint_every,
+                desc="train_classifier",
+                ckpt_dir=os.path.join(out_dir, "checkpoints"),
+                writer=writer,
+            ),
+        )
     full_model = nnx.merge(graphdef, result.state.params, result.state.rest)
     full_graphdef, full_state = nnx.split(full_model)
-    full_state = batchnorm.reestimate_batchnorm(
-        full_graphdef,
-        full_state,
-        lambda idx: norm(train.images[idx]),
-        len(train.labels),
-        t.eval_batch_size,
-        mesh,
-    )
+    with timings.phase("batchnorm"):
+        full_state = batchnorm.reestimate_batchnorm(
+            full_graphdef,
+            full_state,
+            lambda idx: norm(train.images[idx]),
+            len(train.labels),
+            t.eval_batch_size,
+            mesh,
+        )
     _, params, rest = nnx.split(nnx.merge(full_graphdef, full_state), nnx.Param, ...)
     final_ckpt = checkpointing.Checkpointer(os.path.join(out_dir, "final"), max_to_keep=1)
     final_ckpt.save(total, {"params": params, "rest": rest})
@@ -177,7 +179,8 @@ def train_classifier(config, workdir: str) -> dict:
     classifier = FrozenClassifier(
         full_graphdef, full_state, model.site_channels, inputs.num_classes(config)
     )
-    metrics = evaluate_classifier(config, classifier, {"train": train, "test": test}, mesh)
+    with timings.phase("metrics"):
+        metrics = evaluate_classifier(config, classifier, {"train": train, "test": test}, mesh)
     metrics.update(
         train_steps=total,
         train_seconds=result.seconds,

@@ -16,7 +16,7 @@ from flax import nnx
 
 from gencnp_jax.context import inputs, loading
 from gencnp_jax.eval import metrics
-from gencnp_jax.io import batched, checkpointing, sharding, writers
+from gencnp_jax.io import batched, checkpointing, sharding, timings, writers
 from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.method import explain, losses, objective
 from gencnp_jax.models import gates as gates_lib
@@ -102,7 +102,8 @@ def init_state(
     if model is None:
         model = loading.new_generator(config, classifier.site_channels, classifier.num_classes)
         if train_split is not None:
-            model.set_pool_stats(pool_stats(config, classifier, train_split, mesh))
+            with timings.phase("pool_stats"):
+                model.set_pool_stats(pool_stats(config, classifier, train_split, mesh))
     total = g.steps if steps is None else steps
     tx = train_classifier.make_optimizer(
         g.learning_rate, 0.0, g.warmup_steps, total, config.train.grad_clip
@@ -147,23 +148,25 @@ def fit(config, classifier, train_split, mesh, run: RunOptions) -> Fit:
     targets = None
     if pio_targets.enabled(config):
         cache = None if run.out_dir is None else os.path.join(run.out_dir, "pio_targets")
-        targets = pio_targets.compute(config, classifier, train_split, mesh, cache)
+        with timings.phase("pio_targets"):
+            targets = pio_targets.compute(config, classifier, train_split, mesh, cache)
         target_at = pio_targets.step_batches(config, targets, train_split, mesh, run.seed + 1)
         batch_at = lambda step, images_at=batch_at: {"images": images_at(step), **target_at(step)}
-    result = train_loop.run(
-        bound_step(config, gen_graphdef, classifier, tx, mesh),
-        state,
-        batch_at,
-        run.steps,
-        mesh,
-        train_loop.LoopOptions(
-            log_every=config.train.log_every,
-            checkpoint_every=config.train.checkpoint_every,
-            desc="train_generator",
-            ckpt_dir=None if run.out_dir is None else os.path.join(run.out_dir, "checkpoints"),
-            writer=run.writer,
-        ),
-    )
+    with timings.phase("steps"):
+        result = train_loop.run(
+            bound_step(config, gen_graphdef, classifier, tx, mesh),
+            state,
+            batch_at,
+            run.steps,
+            mesh,
+            train_loop.LoopOptions(
+                log_every=config.train.log_every,
+                checkpoint_every=config.train.checkpoint_every,
+                desc="train_generator",
+                ckpt_dir=None if run.out_dir is None else os.path.join(run.out_dir, "checkpoints"),
+                writer=run.writer,
+            ),
+        )
     return Fit(gen_graphdef, result, targets)
 
 
@@ -223,7 +226,8 @@ def train_generator(config, workdir: str) -> dict:
     mesh = inputs.make_mesh(config)
     sharding.check_batch_size(mesh, config.train.batch_size)
     sharding.check_batch_size(mesh, config.train.eval_batch_size)  # fail now, not after training
-    means = _means(config, classifier, train)
+    with timings.phase("channel_means"):
+        means = _means(config, classifier, train)
     classifier = classifier.with_fills(means if g.ablation == "mean" else None)
     writer = writers.MetricWriter(out_dir)
     run = RunOptions(steps=g.steps, seed=config.seed + 1, out_dir=out_dir, writer=writer)
@@ -232,7 +236,8 @@ def train_generator(config, workdir: str) -> dict:
     final = checkpointing.Checkpointer(os.path.join(out_dir, "final"), max_to_keep=1)
     final.save(g.steps, {"generator": generator.state, "means": means})
     final.close()
-    out = generator_metrics.evaluate_split(config, generator, classifier, test, mesh)
+    with timings.phase("metrics"):
+        out = generator_metrics.evaluate_split(config, generator, classifier, test, mesh)
     result = done.result
     out.update(
         train_seconds=result.seconds,

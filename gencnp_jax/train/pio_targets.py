@@ -22,7 +22,7 @@ import numpy as np
 
 from gencnp_jax.context import inputs
 from gencnp_jax.eval import metrics
-from gencnp_jax.io import batched, sharding, writers
+from gencnp_jax.io import batched, sharding, timings, writers
 from gencnp_jax.method import pio
 from gencnp_jax.train import loop as train_loop
 
@@ -101,12 +101,14 @@ def compute(
     settings = _settings(config, split)
     _prepare_cache(cache_dir, settings)
     t0 = time.time()
-    outs = optimise(config, classifier, split.images[indices], mesh, cache_dir)
+    with timings.phase("optimise"):
+        outs = optimise(config, classifier, split.images[indices], mesh, cache_dir)
     report = {"settings": settings}
     cuts = np.zeros(m, np.float32)
     if trim and p.trim_kl_budget > 0:
         report["untrimmed"] = summary(outs)
-        trimmed = _trim(config, classifier, split, mesh, indices, outs["logits_flat"])
+        with timings.phase("trim"):
+            trimmed = _trim(config, classifier, split, mesh, indices, outs["logits_flat"])
         cuts = trimmed.pop("cuts")
         outs.update(trimmed)
         report["trim"] = {k: p[k] for k in _TRIM}

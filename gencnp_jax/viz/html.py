@@ -148,6 +148,25 @@ def _evaluation_sections(results: Mapping, figures: Mapping[str, str], report_di
     return out
 
 
+def _timings_html(spent: Mapping) -> str:
+    """``timings.json`` as one table: every stage, then its phases indented by depth."""
+    rows = []
+    for entry in spent.values():
+        phases = entry.get("phases", {})
+        for path, seconds in sorted(phases.items()):
+            depth = path.count("/")
+            name = path.rsplit("/", 1)[-1]
+            style = "font-weight:600" if depth == 0 else f"padding-left:{1.2 * depth:.1f}em"
+            rows.append(
+                f'<tr><td class="text" style="{style}">{html.escape(name)}</td>'
+                f"<td>{seconds:.1f}</td></tr>"
+            )
+    return (
+        '<div class="scroll"><table><thead><tr><th>stage / phase</th><th>seconds</th></tr>'
+        f"</thead><tbody>{''.join(rows)}</tbody></table></div>"
+    )
+
+
 def write_report(
     workdir: str,
     results: Mapping,
@@ -198,6 +217,9 @@ def write_report(
         data = _load_json(os.path.join(workdir, rel))
         if data is not None:
             sections.append((key, title, _kv_table(data)))
+    spent = _load_json(os.path.join(workdir, "timings.json"))
+    if spent:
+        sections.append(("timings", "Where the time went", _timings_html(spent)))
     sections.append(("config", "Config", f"<pre>{e(config_text)}</pre>"))
     nav = "".join(f'<a href="#{sid}">{e(title)}</a>' for sid, title, _ in sections)
     body = "".join(f'<h2 id="{sid}">{e(title)}</h2>{content}' for sid, title, content in sections)
