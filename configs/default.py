@@ -125,7 +125,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.reference_steps = 50  # int >= 0: Adam steps of each search (0: their starts)
 
     c.bench = ml_collections.ConfigDict()  # --mode=bench
-    c.bench.repeats = 5  # int > 0: timed calls per number (batches of eval.batch_size)
+    c.bench.repeats = 15  # int > 0: timed calls per number (CDRP: at most 3)
+    c.bench.batch_size = 256  # int > 0, a multiple of the devices: images per timed call
 
     c.explain = ml_collections.ConfigDict()  # --mode=explain
     c.explain.images = ""  # "npz:FILE" | "folder:DIR" | a path; "" = the first 16 test images

@@ -39,4 +39,5 @@ def get_config():
     c.eval.reference_examples = 32
     c.eval.reference_steps = 4
     c.bench.repeats = 2
+    c.bench.batch_size = 32
     return c

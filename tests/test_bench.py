@@ -13,6 +13,7 @@ import pytest
 
 from gencnp_jax.stages import build_bank
 from gencnp_jax.tools import bench
+from gencnp_jax.tools.bench_train import measure_interleaved
 
 
 def _numbers(tree, path=""):
@@ -38,6 +39,14 @@ def test_measure_counts_compilations_and_takes_the_median():
     assert len(out["seconds"]) == 3
     assert out["median_seconds"] == sorted(out["seconds"])[1]
     assert out["first_call_seconds"] > 0
+
+
+def test_interleaved_timing_goes_round_robin():
+    order = []
+    calls = {name: (lambda n=name: order.append(n), None) for name in ("a", "b")}
+    out = measure_interleaved(calls, repeats=3, warmup=1)
+    assert order == ["a", "b"] + ["a", "b"] * 3  # first calls, then each repeat times both
+    assert all(len(out[n]["seconds"]) == 3 for n in ("a", "b"))
 
 
 @pytest.fixture(name="bench_workdir")
@@ -68,7 +77,8 @@ def test_bench_writes_every_number(tiny_config, bench_workdir, capsys):
         "notes",
     }
     env = saved["environment"]
-    assert env["batch_size"] == config.eval.batch_size and env["repeats"] == 2
+    assert env["batch_size"] == config.bench.batch_size and env["repeats"] == 2
+    assert env["cpu_cores"] >= 1 and env["memory_gb"] > 0 and env["cpu"]
     assert env["device_count"] == jax.device_count() and env["jax_version"] == jax.__version__
 
     expected = {
@@ -86,8 +96,14 @@ def test_bench_writes_every_number(tiny_config, bench_workdir, capsys):
     for name, r in saved["inference"].items():
         assert r["retraces"] == 0, name  # compile once: no retrace across repeats
         assert len(r["seconds"]) == 2
+        assert r["min_seconds"] == min(r["seconds"]) <= r["median_seconds"]
+        assert r["images_per_second"] == pytest.approx(config.bench.batch_size / r["min_seconds"])
     assert saved["inference"]["cdrp"]["steps"] == config.eval.cdrp_steps
-    assert set(saved["ratios"]) >= {"gencnp_vs_forward", "cdrp_vs_gencnp"}
+    assert set(saved["ratios"]) >= {"gencnp_vs_forward", "cdrp_vs_gencnp", "clean_pass_vs_forward"}
+    per_image = lambda k: saved["inference"][k]["seconds_per_image"]
+    assert saved["ratios"]["gencnp_vs_forward"] == pytest.approx(
+        per_image("gencnp") / per_image("forward")
+    )
     for name in ("classifier", "generator"):
         # the second call feeds the first call's outputs back: same shardings, no recompile
         assert saved["train"][name]["retraces"] == 0, name

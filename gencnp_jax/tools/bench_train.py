@@ -27,45 +27,66 @@ from gencnp_jax.train import pio_targets
 
 
 def measure(call: Callable[[], object], repeats: int, jitted=None, warmup: int = 2) -> dict:
-    """Times `call()` (blocking on its outputs): median of `repeats` runs after `warmup` runs.
+    """Times `call()` (blocking on its outputs): `repeats` runs after `warmup` runs.
 
     The first run includes compilation and is reported apart as `first_call_seconds`. Two
     warm-up runs by default: a train step's second call feeds the first call's outputs back
     in, which would recompile if their shardings differed from the inputs'. With `jitted`,
     `retraces` counts the programs `jitted` compiled after the first call (0: compiled once).
     """
-    cache_size = getattr(jitted, "_cache_size", None)
-    t0 = time.perf_counter()
-    jax.block_until_ready(call())
-    first = time.perf_counter() - t0
-    after_first = None if cache_size is None else int(cache_size())
-    for _ in range(warmup - 1):
-        jax.block_until_ready(call())
-    seconds = []
-    for _ in range(repeats):
+    return measure_interleaved({"call": (call, jitted)}, repeats, warmup)["call"]
+
+
+def measure_interleaved(calls: dict, repeats: int, warmup: int = 2) -> dict:
+    """Times several calls, ``name -> (call, jitted or None)``, round-robin: each repeat times
+    every call once, so a change of the machine's load falls on all of them alike and their
+    ratios hold. Per name: ``min_seconds`` (the best case, robust to load), ``median_seconds``,
+    ``seconds`` (every timed call), ``first_call_seconds`` and, with `jitted`, ``retraces``."""
+    first, after_first = {}, {}
+    for name, (call, jitted) in calls.items():
         t0 = time.perf_counter()
         jax.block_until_ready(call())
-        seconds.append(time.perf_counter() - t0)
-    out = {
-        "median_seconds": statistics.median(seconds),
-        "first_call_seconds": first,
-        "seconds": seconds,
-    }
-    if cache_size is not None:
-        out["retraces"] = int(cache_size()) - after_first
+        first[name] = time.perf_counter() - t0
+        cache_size = getattr(jitted, "_cache_size", None)
+        after_first[name] = None if cache_size is None else int(cache_size())
+    for _ in range(warmup - 1):
+        for call, _ in calls.values():
+            jax.block_until_ready(call())
+    seconds = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, (call, _) in calls.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(call())
+            seconds[name].append(time.perf_counter() - t0)
+    out = {}
+    for name, (_, jitted) in calls.items():
+        out[name] = {
+            "min_seconds": min(seconds[name]),
+            "median_seconds": statistics.median(seconds[name]),
+            "first_call_seconds": first[name],
+            "seconds": seconds[name],
+        }
+        if after_first[name] is not None:
+            out[name]["retraces"] = int(jitted._cache_size()) - after_first[name]
     return out
 
 
 def per_image(timing: dict, batch: int) -> dict:
+    """Throughput from the best (minimum) time: the machine's, not its load's."""
     return {
         **timing,
-        "images_per_second": batch / timing["median_seconds"],
-        "seconds_per_image": timing["median_seconds"] / batch,
+        "images_per_second": batch / timing["min_seconds"],
+        "seconds_per_image": timing["min_seconds"] / batch,
+        "median_images_per_second": batch / timing["median_seconds"],
     }
 
 
 def per_step(timing: dict) -> dict:
-    return {**timing, "steps_per_second": 1.0 / timing["median_seconds"]}
+    return {
+        **timing,
+        "steps_per_second": 1.0 / timing["min_seconds"],
+        "median_steps_per_second": 1.0 / timing["median_seconds"],
+    }
 
 
 @dataclasses.dataclass
