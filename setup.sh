@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Idempotent set-up for a fresh Debian-like machine: the Fashion-MNIST files and a venv.
+# Idempotent set-up for a fresh Debian-like machine: the Fashion-MNIST files, a venv, and the
+# project installed into it (editable).
 # Re-running it is quick: it skips what is already in place.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -29,5 +30,15 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -r requirements.txt
   echo "$WANT" > "$STAMP"
+fi
+# The project itself, editable: `import gencnp_jax` (and the shipped `configs`) from any
+# directory, and the `.venv/bin/gencnp` command. --no-deps: the pins above stay as they are.
+# Redone only when pyproject.toml (or this checkout's place) changes.
+PROJECT_STAMP=.venv/.project.sha256
+WANT_PROJECT=$( (cat pyproject.toml; pwd) | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$PROJECT_STAMP" 2>/dev/null)" != "$WANT_PROJECT" ] || [ ! -x .venv/bin/gencnp ]; then
+  echo "setup: installing the project into .venv (pip install --no-deps -e .)"
+  .venv/bin/python -m pip install -q --no-deps -e .
+  echo "$WANT_PROJECT" > "$PROJECT_STAMP"
 fi
 echo "setup: ready"
