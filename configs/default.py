@@ -28,6 +28,10 @@ def get_config() -> ml_collections.ConfigDict:
     # every choice is made on it, the test split only reports
     c.data.validation_size = 5000
     c.data.test_limit = 0  # int >= 0: first N test images only (0 = all)
+    # uint8 pixels x -> the classifier's input: "dataset" = (x/255 - mean) / std with the
+    # dataset's channel statistics (known, or computed on its training split) | "none" = x/255
+    # in [0, 1] | "MEAN,...:STD,..." = (x/255 - MEAN) / STD, one value or one per channel
+    c.data.normalization = "dataset"
 
     c.train = ml_collections.ConfigDict()  # what both trainers (classifier, generator) share
     c.train.batch_size = 128  # int > 0, a multiple of the devices: images per step

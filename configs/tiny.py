@@ -1,6 +1,6 @@
 """Tiny config for tests and smoke runs: small widths, few steps, capped data.
 
-    python launch.py --config=configs/tiny.py --workdir=/tmp/tiny --mode=all
+python launch.py --config=configs/tiny.py --workdir=/tmp/tiny --mode=all
 """
 
 from configs import default

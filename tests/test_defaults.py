@@ -90,6 +90,7 @@ MIRRORED = {
     "head_kernel_scale": "generator.model.head_kernel_scale",
     "depth": "classifier.depth",
     "seed": "seed",
+    "normalization": "data.normalization",
     "intgrad_steps": "eval.intgrad_steps",
     "cdrp_steps": "eval.cdrp_steps",
     "samples_per_class": "bank.samples_per_class",

@@ -6,15 +6,20 @@ works, `gencnp` exists beside the interpreter, the shipped configs load, and a u
 module in the current folder is found by the console script.
 """
 
+import copy
 import os
 import subprocess
 import sys
 
+import numpy as np
+import pytest
 from helpers import ROOT, run_launch
 
 import gencnp_jax
 from examples import fashion_cnn
-from gencnp_jax.stages import cli
+from gencnp_jax.context import inputs
+from gencnp_jax.io import data
+from gencnp_jax.stages import cli, validation
 
 BIN = os.path.dirname(sys.executable)
 GENCNP = os.path.join(BIN, "gencnp")
@@ -105,3 +110,47 @@ def test_lists_through_launch_and_a_refused_run_leaves_no_folder(tiny_config, tm
         )
     ), proc.stderr[-3000:]
     assert not os.path.exists(tmp_path / "new")  # nothing created, not even the parent
+
+
+# --- normalisation ------------------------------------------------------------------------
+
+
+def test_normalization_forms(tiny_config):
+    rgb = np.full((1, 2, 2, 3), 255, np.uint8)
+    np.testing.assert_array_equal(data.normalize(rgb, "cifar10", "none"), np.ones_like(rgb))
+    explicit = data.normalize(rgb, "cifar10", "0,0.5,1:1,0.5,0.25")
+    np.testing.assert_allclose(explicit[0, 0, 0], [1.0, 1.0, 0.0])
+    np.testing.assert_allclose(data.normalize(rgb, "cifar10", "0.5:0.25"), np.full(rgb.shape, 2))
+    stats = data.DATASET_STATS["cifar10"]
+    np.testing.assert_allclose(
+        data.normalize(rgb, "cifar10")[0, 0, 0], (1 - np.asarray(stats[0])) / stats[1], rtol=1e-6
+    )
+    config = copy.deepcopy(tiny_config)
+    images = np.arange(8, dtype=np.uint8).reshape(2, 2, 2, 1)
+    config.data.normalization = "none"
+    np.testing.assert_array_equal(inputs.normalize(config, images), images / np.float32(255))
+    assert inputs.describe_normalization(config) == "x/255 (config.data.normalization='none')"
+    config.data.normalization = "dataset"
+    assert inputs.describe_normalization(config) == (
+        "(x/255 - (0.286,)) / (0.353,) (config.data.normalization='dataset')"
+    )
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("0.5", "config.data.normalization='0.5': write 'dataset' (the dataset's channel "
+         "statistics), 'none' (x/255 in [0, 1]) or 'MEAN,...:STD,...'"),
+        ("mean:std", "config.data.normalization='mean:std': write 'dataset'"),
+        ("0.1,0.2:0.3", "config.data.normalization='0.1,0.2:0.3': write 'dataset'"),
+        ("0.5:0", "config.data.normalization='0.5:0': every STD must be > 0"),
+        ("0.1,0.2,0.3:1,1,1", "config.data.normalization='0.1,0.2,0.3:1,1,1' gives 3 values "
+         "for images of 1 channels: give one value or 1"),
+    ],
+)  # fmt: skip
+def test_bad_normalization_is_one_clear_error(tiny_config, value, message):
+    config = copy.deepcopy(tiny_config)
+    config.data.normalization = value
+    with pytest.raises(validation.ConfigError) as info:
+        validation.check_config(config)
+    assert str(info.value).startswith(message), str(info.value)

@@ -78,7 +78,21 @@ def load_data(config, split: str) -> data.ArraySplit:
 
 
 def normalize(config, images_uint8: np.ndarray) -> np.ndarray:
-    return data.normalize(images_uint8, config.data.dataset)
+    """uint8 pixels -> the classifier's float input, as ``config.data.normalization`` says."""
+    return data.normalize(images_uint8, config.data.dataset, config.data.normalization)
+
+
+def describe_normalization(config) -> str:
+    """What `normalize` does, in words: ``"(x/255 - (0.286,)) / (0.353,) (config.data.
+    normalization='dataset')"``, or ``"x/255 (config.data.normalization='none')"``."""
+    d = config.data
+    mean, std = (
+        tuple(float(f"{v:.4g}") for v in t)
+        for t in data.normalization_stats(d.dataset, d.normalization)
+    )
+    plain = all(m == 0 for m in mean) and all(s == 1 for s in std)
+    how = "x/255" if plain else f"(x/255 - {mean}) / {std}"
+    return f"{how} (config.data.normalization={d.normalization!r})"
 
 
 def make_mesh(config) -> jax.sharding.Mesh:

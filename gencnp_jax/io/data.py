@@ -172,20 +172,79 @@ def dataset_info(dataset: str, data_dir: str | None = None) -> tuple[tuple[int, 
     return shape, builder.info.features[label_key].num_classes
 
 
-def normalize(images: np.ndarray, dataset: str) -> np.ndarray:
-    """Maps uint8 images to float32 `(x / 255 - mean) / std` with the dataset's channel stats.
+NORMALIZATIONS = ("dataset", "none")  # or explicit statistics, "MEAN,...:STD,..."
+_NORMALIZATION_HOW = (
+    "write 'dataset' (the dataset's channel statistics), 'none' (x/255 in [0, 1]) or "
+    "'MEAN,...:STD,...' (of x/255: one value, or one per channel; STD > 0)"
+)
 
-    A `npz:`/`folder:` dataset's `channel_stats` of its train split join `DATASET_STATS` on
-    first use; other names missing there use mean = std = 0.5. Works on numpy and jax arrays.
 
-    Returns:
-      float32 images of the shape of `images` (uint8 NxHxWxC).
+def parse_normalization(
+    normalization: str, channels: int | None = None
+) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The ``(mean, std)`` that `normalization` names, None for ``"dataset"`` (the dataset's).
+
+    Args:
+      normalization: ``"dataset"``, ``"none"`` (mean 0, std 1: x/255 in [0, 1]) or
+        ``"MEAN,...:STD,..."``, statistics of x/255, one value or one per channel.
+      channels: the images' channels, checked against explicit statistics when given.
+
+    Raises:
+      ValueError: one line saying what to write instead.
     """
+    if normalization == "dataset":
+        return None
+    if normalization == "none":
+        return (0.0,), (1.0,)
+    where = f"normalization={normalization!r}"
+    mean_text, sep, std_text = str(normalization).partition(":")
+    try:
+        mean, std = (tuple(float(v) for v in t.split(",")) for t in (mean_text, std_text))
+    except ValueError:
+        mean = std = ()
+    if not sep or not mean or len(mean) != len(std) or not all(map(math.isfinite, mean + std)):
+        raise ValueError(f"{where}: {_NORMALIZATION_HOW}")
+    if min(std) <= 0:
+        raise ValueError(f"{where}: every STD must be > 0; {_NORMALIZATION_HOW}")
+    if channels is not None and len(mean) not in (1, channels):
+        raise ValueError(
+            f"{where} gives {len(mean)} values for images of {channels} channels: give one "
+            f"value or {channels}"
+        )
+    return mean, std
+
+
+def dataset_stats(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The dataset's per-channel ``(mean, std)`` of x/255: known ones from `DATASET_STATS`;
+    a `npz:`/`folder:` dataset's computed once on its training split (`channel_stats`);
+    other names mean = std = 0.5."""
     if custom_data.is_custom(dataset):  # Keyed by its absolute path, as in the split cache.
         dataset = custom_data.canonical(dataset)
         if dataset not in DATASET_STATS:
             DATASET_STATS[dataset] = channel_stats(load_split(dataset, "train", "").images)
-    mean, std = (np.asarray(v, np.float32) for v in DATASET_STATS.get(dataset, _FALLBACK_STATS))
+    return DATASET_STATS.get(dataset, _FALLBACK_STATS)
+
+
+def normalization_stats(
+    dataset: str, normalization: str = "dataset"
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The per-channel ``(mean, std)`` of x/255 that `normalize` applies (`parse_normalization`)."""
+    return parse_normalization(normalization) or dataset_stats(dataset)
+
+
+def normalize(images: np.ndarray, dataset: str, normalization: str = "dataset") -> np.ndarray:
+    """Maps uint8 images to float32 ``(x / 255 - mean) / std``.
+
+    Args:
+      images: uint8 ``N x H x W x C``, numpy or jax.
+      dataset: the dataset's name (its statistics, for ``"dataset"``).
+      normalization: ``"dataset"``: the dataset's channel statistics (`dataset_stats`);
+        ``"none"``: x/255 in [0, 1]; ``"MEAN,...:STD,..."``: those (`parse_normalization`).
+
+    Returns:
+      float32 images of the shape of `images`.
+    """
+    mean, std = (np.asarray(v, np.float32) for v in normalization_stats(dataset, normalization))
     return (images.astype(np.float32) / np.float32(255.0) - mean) / std
 
 

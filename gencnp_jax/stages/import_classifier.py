@@ -53,6 +53,7 @@ def import_classifier(config, workdir: str) -> dict:
         config, classifier, {"train": train, "test": test}, mesh
     )
     metrics.update(
+        normalization=config.data.normalization,
         imported_from=os.path.abspath(os.path.expanduser(c.checkpoint)),
         factory=c.factory,
         train_steps=0,
@@ -61,7 +62,8 @@ def import_classifier(config, workdir: str) -> dict:
     )
     print(
         f"[train_classifier] imported {c.factory} with the weights of {c.checkpoint} (not "
-        f"trained here): test accuracy {metrics['test_accuracy']:.4f}",
+        f"trained here): test accuracy {metrics['test_accuracy']:.4f} with inputs "
+        f"{inputs.describe_normalization(config)}",
         flush=True,
     )
     writers.write_json(os.path.join(out_dir, "metrics.json"), metrics)

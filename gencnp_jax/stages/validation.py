@@ -84,6 +84,10 @@ def check_config(config) -> None:
         raise ConfigError(f"config.bank.threshold={config.bank.threshold!r} must be in [0, 1]")
     _check_devices(config)
     hwc, num_classes = _dataset_info(config)
+    try:
+        data.parse_normalization(config.data.normalization, hwc[-1])
+    except ValueError as err:
+        raise ConfigError(f"config.data.{err}") from None
     _check_sites(config, hwc, num_classes)
 
 
