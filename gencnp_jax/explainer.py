@@ -3,6 +3,10 @@
     explainer = Explainer.from_workdir("runs/default")   # a run's models and settings
     pathway = explainer(images_uint8)                    # Pathway: gates, scores, logits
 
+Images: ``N x H x W x C``, ``N x H x W`` (one channel) or one image (``H x W x C``, ``H x W``);
+uint8 pixels are normalised as the run was (``config.data.normalization``), float ones are taken
+as already in the model's scale.
+
 `Explainer(...)` takes its parts explicitly; only `from_workdir` reads a config (the one the run
 recorded in ``WORKDIR/config.json``).
 """
@@ -48,7 +52,8 @@ class Explainer:
         Args:
           generator: the trained generator.
           classifier: the classifier it explains, with the fills of its closed gates.
-          normalize: uint8 ``N x H x W x C`` pixels -> the float images the classifier takes.
+          normalize: uint8 ``N x H x W x C`` pixels -> the float images the classifier takes
+            (`from_workdir`: the run's ``config.data.normalization``).
           image_shape: ``(H, W, C)`` of the classifier's input.
           settings: DAQ's temperature and kernel width (the generator's training values).
           batch_size: images per call (rounded up to the mesh size).
@@ -92,13 +97,18 @@ class Explainer:
         )
 
     def prepare(self, images) -> np.ndarray:
-        """Images as the classifier takes them: uint8 ones normalised, float ones as they are.
+        """Images as the classifier takes them, ``f32[N, H, W, C]``.
+
+        Accepts what the datasets hold: a batch ``N x H x W x C`` or, for a one-channel model,
+        ``N x H x W``; one image ``H x W x C`` (or ``H x W``) becomes a batch of one. uint8
+        pixels (0..255) are normalised here (the run's ``config.data.normalization``); float
+        images are taken as already in the model's scale (normalised as it was trained).
 
         Raises:
-          ValueError: not NxHxWxC of the classifier's size, no images, an integer dtype other
-            than uint8, or NaN/inf values.
+          ValueError: another shape or size, no images, an integer dtype other than uint8, or
+            NaN/inf values.
         """
-        images = np.asarray(images)
+        images = data.as_batch(np.asarray(images), self.image_shape)
         if images.dtype == np.uint8:
             images = self.normalize(images)
         elif not np.issubdtype(images.dtype, np.floating):
@@ -140,8 +150,13 @@ class Explainer:
     def __call__(self, images, batch_size: int | None = None) -> Pathway:
         """Explains images in padded batches: the same result as one batch of them all.
 
+        Args:
+          images: see `prepare` (uint8 pixels, or floats already in the model's scale; a batch
+            or one image).
+          batch_size: rows per call; default the explainer's.
+
         Returns:
-          The Pathway of every image (sites in the classifier's order).
+          The Pathway of every image (sites in the classifier's order; one image: a batch of 1).
 
         Raises:
           ValueError: see `prepare`.

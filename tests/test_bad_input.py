@@ -76,8 +76,13 @@ def _images(shape, dtype=np.uint8):
 @pytest.mark.parametrize(
     "images, message",
     [
-        (_images((4, 28, 28)), r"images must be NHWC \(rank 4\), got shape \(4, 28, 28\)"),
-        (_images((28, 28, 1)), r"rank 4"),
+        (
+            _images((4, 32, 32)),
+            r"images of shape \(4, 32, 32\): give a batch N x 28 x 28 x 1, "
+            r"N x 28 x 28 \(one channel\), or one image 28 x 28 x 1 or 28 x 28$",
+        ),
+        (_images((28, 28, 3)), r"images of shape \(28, 28, 3\)"),
+        (_images((1, 1, 28, 28, 1)), r"images of shape \(1, 1, 28, 28, 1\)"),
         (_images((4, 32, 32, 1)), r"images must be Nx28x28x1, got \(4, 32, 32, 1\)"),
         (_images((4, 28, 28, 3)), r"images must be Nx28x28x1, got \(4, 28, 28, 3\)"),
         (_images((4, 28, 28, 1), np.int32), r"dtype int32: pass uint8 pixels"),
@@ -86,7 +91,7 @@ def _images(shape, dtype=np.uint8):
         (np.full((4, 28, 28, 1), np.nan, np.float32), r"NaN or inf"),
         (np.full((4, 28, 28, 1), np.inf, np.float32), r"NaN or inf"),
     ],
-    ids=["rank3", "no_batch", "size", "channels", "int32", "int64", "bool", "nan", "inf"],
+    ids=["rank3", "rgb_image", "rank5", "size", "channels", "int32", "int64", "bool", "nan", "inf"],
 )
 def test_explainer_rejects_bad_images(explainer, images, message):
     with pytest.raises(ValueError, match=message):
@@ -110,6 +115,12 @@ def test_explainer_accepts_uint8_and_normalised_float(explainer, tiny_config):
     from_float = explainer(data.normalize(images, tiny_config.data.dataset))
     assert from_uint8.full_logits.shape == (4, 10)
     np.testing.assert_array_equal(from_uint8.full_logits, from_float.full_logits)
+    # What the datasets hold: N x H x W (one channel); one image H x W x C or H x W.
+    np.testing.assert_array_equal(explainer(images[..., 0]).full_logits, from_uint8.full_logits)
+    float_gray = data.normalize(images, tiny_config.data.dataset)[..., 0]
+    np.testing.assert_array_equal(explainer(float_gray).full_logits, from_uint8.full_logits)
+    for one in (images[2], images[2, ..., 0]):
+        np.testing.assert_array_equal(explainer(one).full_logits, from_uint8.full_logits[2:3])
 
 
 # --- data ----------------------------------------------------------------------------------

@@ -318,6 +318,30 @@ def eval_batches(num_examples: int, batch_size: int) -> Iterator[tuple[np.ndarra
         yield np.pad(indices, (0, batch_size - num_valid), mode="edge"), num_valid
 
 
+def as_batch(images, hwc: tuple[int, int, int]):
+    """`images` as an ``N x H x W x C`` batch for a classifier of input `hwc`: a batch
+    ``N x H x W x C`` as it is; for one channel also ``N x H x W``; one image ``H x W x C`` (or
+    ``H x W`` for one channel) as a batch of one. Any dtype; numpy or jax.
+
+    Raises:
+      ValueError: any other shape; the message lists the accepted ones.
+    """
+    shape, (h, w, c) = tuple(np.shape(images)), tuple(hwc)
+    if len(shape) == 4:
+        return images  # `validate_images` checks its size
+    if shape == (h, w, c):
+        return images[None]
+    if c == 1 and len(shape) == 3 and shape[1:] == (h, w):
+        return images[..., None]
+    if c == 1 and shape == (h, w):
+        return images[None, ..., None]
+    gray = f"N x {h} x {w} (one channel), " if c == 1 else ""
+    one = f"{h} x {w} x {c}" + (f" or {h} x {w}" if c == 1 else "")
+    raise ValueError(
+        f"images of shape {shape}: give a batch N x {h} x {w} x {c}, {gray}or one image {one}"
+    )
+
+
 def validate_images(images: np.ndarray, expected_hwc: tuple[int, int, int]) -> None:
     """Checks a batch is float NHWC of the expected size with finite values.
 
