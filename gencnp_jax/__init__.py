@@ -5,6 +5,7 @@ The public API, imported on first use (importing the package stays cheap)::
     import gencnp_jax
     gated = gencnp_jax.attach(model, ["block*/conv*"], example_input=x)  # any Flax NNX / Linen
     logits, features = gated.forward(gated.state, x, gates)              # pure, jit-able
+    gencnp_jax.save_weights(model, "w.npz"); gencnp_jax.load_weights(model, "w.npz")
     gencnp_jax.run_pipeline(config, workdir)         # classifier, generator, bank, eval, report
     explainer = gencnp_jax.Explainer.from_workdir(workdir)
     pathway = explainer(images)                      # Pathway: gates, scores, logits

@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import user_models
-from flax import nnx
 from helpers import assert_ok, run_launch
 
 import gencnp_jax
@@ -43,22 +42,11 @@ def user_config(tiny_config, factory: str, checkpoint: str):
 
 def own_logits(factory: str, checkpoint: str, images):
     """The user's model run as the user runs it (eval mode), with the checkpoint's weights."""
-    flat = gencnp_jax.load_weights(checkpoint)
     if factory.endswith("linen_cnn"):
         module, variables = user_models.linen_cnn()
-        tree = jax.tree_util.tree_map_with_path(
-            lambda p, _: flat["/".join(k.key for k in p)], variables
-        )
-        return module.apply(tree, images)
+        return module.apply(gencnp_jax.load_weights(variables, checkpoint), images)
     model = fashion_cnn.build() if factory.startswith("examples") else user_models.mixer()
-    state = nnx.state(model, nnx.Not(nnx.RngState))
-    state.replace_by_pure_dict(
-        jax.tree_util.tree_map_with_path(
-            lambda p, _: flat["/".join(str(getattr(k, "key", k)) for k in p)],
-            state.to_pure_dict(),
-        )
-    )
-    nnx.update(model, state)
+    assert gencnp_jax.load_weights(model, checkpoint) is model  # filled in place
     model.eval()
     return model(images)
 

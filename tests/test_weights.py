@@ -1,6 +1,7 @@
 """A user's weights on disk (`io/weights.py`): every format reads back to the same flat form,
-and weights that do not fit the model are named."""
+weights that do not fit the model are named, and `gencnp_jax.load_weights` fills a model."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,19 +31,19 @@ def test_every_format_reads_back_the_same(tmp_path):
     assert "conv/kernel" in want and "bn/mean" in want
     assert not any("rngs" in k or "count" in k for k in want)
     got = {
-        "npz": weights.load_weights(weights.save_weights(model, str(tmp_path / "w.npz"))),
-        "msgpack": weights.load_weights(weights.save_weights(model, str(tmp_path / "w.msgpack"))),
+        "npz": weights.read_weights(weights.save_weights(model, str(tmp_path / "w.npz"))),
+        "msgpack": weights.read_weights(weights.save_weights(model, str(tmp_path / "w.msgpack"))),
     }
     tree = jax.device_get(weights.pure_tree(model))
     with ocp.PyTreeCheckpointer() as ckptr:  # an orbax item directory...
         ckptr.save(str(tmp_path / "item"), tree)
-    got["orbax item"] = weights.load_weights(str(tmp_path / "item"))
+    got["orbax item"] = weights.read_weights(str(tmp_path / "item"))
     manager = ocp.CheckpointManager(str(tmp_path / "manager"))  # ...and a manager's steps
     for step in (3, 7):
         manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(tree)))
     manager.wait_until_finished()
     manager.close()
-    got["orbax manager"] = weights.load_weights(str(tmp_path / "manager"))
+    got["orbax manager"] = weights.read_weights(str(tmp_path / "manager"))
     for name, flat in got.items():
         assert sorted(flat) == sorted(want), name
         for key, value in want.items():
@@ -70,9 +71,36 @@ def test_fit_places_values_and_names_what_does_not_fit(tmp_path):
 def test_unreadable_weights_are_one_clear_line(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(weights.WeightsError, match=r"bad.npz is not an .npz \(zip\) file"):
-        weights.load_weights(str(tmp_path / "bad.npz"))
+        weights.read_weights(str(tmp_path / "bad.npz"))
     (tmp_path / "w.pt").write_bytes(b"")
     with pytest.raises(weights.WeightsError, match=r"unknown format; give .npz"):
-        weights.load_weights(str(tmp_path / "w.pt"))
+        weights.read_weights(str(tmp_path / "w.pt"))
     with pytest.raises(weights.WeightsError, match=r"end it with .npz or .msgpack"):
         weights.save_weights(Net(), str(tmp_path / "w.pt"))
+
+
+def test_load_weights_fills_a_model_and_names_a_mismatch(tmp_path):
+    import flax.linen as nn
+
+    import gencnp_jax
+
+    trained, fresh = Net(), Net()
+    trained.head.bias.value = jnp.arange(3.0)
+    trained.bn.mean.value = jnp.full((4,), 2.0)
+    path = gencnp_jax.save_weights(trained, str(tmp_path / "w.npz"))
+    assert gencnp_jax.load_weights(fresh, path) is fresh  # NNX: in place
+    np.testing.assert_array_equal(fresh.head.bias.value, np.arange(3.0))
+    np.testing.assert_array_equal(fresh.bn.mean.value, np.full((4,), 2.0))
+    with pytest.raises(weights.WeightsError, match=r"^weights .*w.npz: 'bn/bias' has shape "
+                       r"\(4,\), the model's is \(8,\)$"):  # fmt: skip
+        gencnp_jax.load_weights(Net(width=8), path)
+    with pytest.raises(weights.WeightsError, match=r"^weights .*nowhere.npz does not exist"):
+        gencnp_jax.load_weights(fresh, str(tmp_path / "nowhere.npz"))
+    module = nn.Dense(3)  # Linen: the filled variables come back
+    variables = module.init(jax.random.key(0), jnp.ones((1, 2)))
+    other = module.init(jax.random.key(1), jnp.ones((1, 2)))
+    path = gencnp_jax.save_weights(other, str(tmp_path / "w.msgpack"))
+    loaded = gencnp_jax.load_weights(variables, path)
+    chex.assert_trees_all_equal(dict(loaded), jax.device_get(dict(other)))
+    with pytest.raises(TypeError, match=r"an NNX module or a Linen variables dict, got str"):
+        gencnp_jax.load_weights("w.npz", path)

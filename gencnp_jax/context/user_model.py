@@ -79,13 +79,9 @@ def _load_checkpoint(config, model, variables):
     path = config.classifier.checkpoint
     if not path:
         return variables
-    flat = weights_lib.load_weights(path)
-    if variables is not None:
-        return weights_lib.fit(flat, variables, path)
-    state = nnx.state(model, nnx.Not(nnx.RngState))
-    state.replace_by_pure_dict(weights_lib.fit(flat, state.to_pure_dict(), path))
-    nnx.update(model, state)
-    return None
+    target = model if variables is None else variables
+    loaded = weights_lib.load_weights(target, path, what="classifier checkpoint")
+    return None if variables is None else loaded
 
 
 def build_gated(config, hwc, num_classes: int, load_weights: bool = True) -> GatedClassifier:

@@ -6,7 +6,9 @@ variables dict, e.g. ``params/Conv_0/kernel``). `fit` places such a dict into a 
 the same form and names what does not fit.
 
     save_weights(model, "weights.npz")          # an NNX module, or a Linen variables dict
-    flat = load_weights("weights.npz")          # also *.msgpack and orbax directories
+    load_weights(model, "weights.npz")          # NNX: filled in place (and returned)
+    variables = load_weights(variables, "weights.msgpack")   # Linen: the filled variables
+    flat = read_weights("weights.npz")          # the flat form; also orbax directories
 """
 
 from __future__ import annotations
@@ -59,21 +61,52 @@ def save_weights(model_or_tree, path: str) -> str:
     return path
 
 
-def load_weights(path: str) -> dict[str, np.ndarray]:
+def load_weights(model_or_variables, path: str, *, what: str = "weights"):
+    """Puts the weights saved at `path` into a model: the mirror of `save_weights`.
+
+    Args:
+      model_or_variables: an NNX module, filled in place (its RNG state untouched); or a Linen
+        variables dict (e.g. ``module.init(...)``), the template of the result.
+      path: .npz, .msgpack (as `save_weights` writes them) or an orbax checkpoint directory.
+      what: how error messages name the file.
+
+    Returns:
+      The NNX module itself, or (Linen) new variables of the template's structure and dtypes.
+
+    Raises:
+      WeightsError: one line naming the mismatch (keys missing or unexpected, a shape that
+        differs) or why the file cannot be read.
+    """
+    if isinstance(model_or_variables, nnx.Module):
+        flat = read_weights(path, what=what)
+        state = nnx.state(model_or_variables, nnx.Not(nnx.RngState))
+        state.replace_by_pure_dict(fit(flat, state.to_pure_dict(), path, what=what))
+        nnx.update(model_or_variables, state)
+        return model_or_variables
+    if isinstance(model_or_variables, Mapping):
+        return fit(read_weights(path, what=what), model_or_variables, path, what=what)
+    raise TypeError(
+        f"load_weights takes an NNX module or a Linen variables dict, got "
+        f"{type(model_or_variables).__name__}"
+    )
+
+
+def read_weights(path: str, *, what: str = "classifier checkpoint") -> dict[str, np.ndarray]:
     """Reads `path` (.npz, .msgpack or an orbax checkpoint directory) into its flat form.
 
     Raises:
-      WeightsError: missing path, unknown format or unreadable file.
+      WeightsError: missing path, unknown format or unreadable file (messages name the file
+        as `what`).
     """
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(path):
-        raise WeightsError(f"classifier checkpoint {path} does not exist (give {FORMATS})")
+        raise WeightsError(f"{what} {path} does not exist (give {FORMATS})")
     try:
         if os.path.isdir(path):
             return flatten(_read_orbax(path))
         if path.endswith(".npz"):
             if not zipfile.is_zipfile(path):
-                raise WeightsError(f"classifier checkpoint {path} is not an .npz (zip) file")
+                raise WeightsError(f"{what} {path} is not an .npz (zip) file")
             with np.load(path, allow_pickle=False) as f:
                 return {k: f[k] for k in f.files}
         if path.endswith(".msgpack"):
@@ -83,10 +116,10 @@ def load_weights(path: str) -> dict[str, np.ndarray]:
         raise
     except Exception as err:  # a damaged or foreign file: one line, not a traceback
         raise WeightsError(
-            f"classifier checkpoint {path} cannot be read ({type(err).__name__}: "
+            f"{what} {path} cannot be read ({type(err).__name__}: "
             f"{' '.join(str(err).split())[:200]})"
         ) from None
-    raise WeightsError(f"classifier checkpoint {path}: unknown format; give {FORMATS}")
+    raise WeightsError(f"{what} {path}: unknown format; give {FORMATS}")
 
 
 def _read_orbax(path: str) -> dict:
@@ -109,7 +142,13 @@ def _read_orbax(path: str) -> dict:
         return ckptr.restore(path)
 
 
-def fit(flat: Mapping[str, np.ndarray], template: Mapping, source: str) -> dict:
+def fit(
+    flat: Mapping[str, np.ndarray],
+    template: Mapping,
+    source: str,
+    *,
+    what: str = "classifier checkpoint",
+) -> dict:
     """`template` (a pure nested dict) with every leaf replaced by `flat`'s, cast to its dtype.
 
     Raises:
@@ -120,14 +159,14 @@ def fit(flat: Mapping[str, np.ndarray], template: Mapping, source: str) -> dict:
     extra = [k for k in flat if k not in want]
     if missing or extra:
         raise WeightsError(
-            f"classifier checkpoint {source} does not fit the model: missing {missing[:4]}"
+            f"{what} {source} does not fit the model: missing {missing[:4]}"
             f"{' ...' if len(missing) > 4 else ''}, unexpected {extra[:4]}"
             f"{' ...' if len(extra) > 4 else ''} (the model's weights are {list(want)[:4]} ...)"
         )
     for key, leaf in want.items():
         if tuple(np.shape(flat[key])) != tuple(np.shape(leaf)):
             raise WeightsError(
-                f"classifier checkpoint {source}: {key!r} has shape "
+                f"{what} {source}: {key!r} has shape "
                 f"{tuple(np.shape(flat[key]))}, the model's is {tuple(np.shape(leaf))}"
             )
     leaves, treedef = jax.tree_util.tree_flatten(dict(template))
