@@ -283,6 +283,7 @@ def test_train_generator_without_a_classifier(tiny_config, tmp_path, capsys):
         f"error: no trained classifier in {workdir}/classifier: run `python launch.py "
         f"--config=... --workdir={workdir} --mode=train_classifier` first"
     )
+    assert not os.path.exists(workdir)  # refused before anything is written
 
 
 def test_later_stages_without_their_inputs(tiny_config, trained_workdir, tmp_path, capsys):

@@ -19,7 +19,7 @@ import gencnp_jax
 from examples import fashion_cnn
 from gencnp_jax.context import inputs
 from gencnp_jax.io import data
-from gencnp_jax.stages import cli, validation
+from gencnp_jax.stages import cli, pipeline, validation
 
 BIN = os.path.dirname(sys.executable)
 GENCNP = os.path.join(BIN, "gencnp")
@@ -154,3 +154,27 @@ def test_bad_normalization_is_one_clear_error(tiny_config, value, message):
     with pytest.raises(validation.ConfigError) as info:
         validation.check_config(config)
     assert str(info.value).startswith(message), str(info.value)
+
+
+# --- a refused run leaves nothing behind ---------------------------------------------------
+
+
+def test_an_npz_without_labels_leaves_no_folder(tiny_config, tmp_path, capsys):
+    """(A site pattern that matches nothing and weights of the wrong shape: test_user_model's
+    bad-input test and `test_lists_through_launch_and_a_refused_run_leaves_no_folder`.)"""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    images = np.zeros((64, 28, 28), np.uint8)
+    np.savez(folder / "train.npz", images=images)  # no labels
+    np.savez(folder / "test.npz", images=images, labels=np.zeros(64, np.int64))
+    config = copy.deepcopy(tiny_config)
+    config.data.dataset = f"npz:{folder}"
+    workdir = tmp_path / "new" / "run"
+    with pytest.raises(SystemExit):
+        pipeline.run("all", config, str(workdir))
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: config.data.dataset='npz:{folder}': {folder}/train.npz has no 'labels' array "
+        f"(it holds ['images']): write np.savez(path, images=uint8 NxHxW[xC], labels=int N[, "
+        f"class_names=K str])"
+    )
+    assert not os.path.exists(tmp_path / "new")

@@ -198,4 +198,4 @@ def test_bad_user_model_is_one_clear_error(
         pipeline.run("all", config, workdir)
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"error: {info.value}" and not any("Traceback" in e for e in err)
-    assert not os.path.exists(workdir_lib.classifier_dir(workdir))  # failed before any work
+    assert not os.path.exists(workdir)  # refused before any work: nothing left behind

@@ -216,6 +216,33 @@ USER_ERRORS = (
 )
 
 
+def require_classifier(workdir: str, mode: str) -> None:
+    """Every mode but ``all`` and ``train_classifier`` reads the run's trained classifier.
+
+    Raises:
+      workdir_lib.StageOrderError: `mode` needs one and `workdir` holds none.
+    """
+    if mode in (modes.ALL, "train_classifier") or workdir_lib.is_done("train_classifier", workdir):
+        return
+    raise workdir_lib.StageOrderError(
+        f"no trained classifier in {workdir_lib.classifier_dir(workdir)}: run `python "
+        f"launch.py --config=... --workdir={workdir} --mode=train_classifier` first"
+    )
+
+
+def check_inputs(config, mode: str) -> None:
+    """What `mode` reads that the config check does not cover: the images of
+    ``--mode=explain`` (checked before anything is written).
+
+    Raises:
+      validation.ConfigError: the message says what to fix.
+    """
+    if mode == "explain":
+        from gencnp_jax.stages import explain_images
+
+        explain_images.load_images(config)
+
+
 def run_pipeline(config, workdir: str, mode: str = modes.ALL):
     """Runs `mode` (default: every stage, skipping those already complete) as the command
     line does: the config checked, the workdir checked and created, its lock held.
@@ -225,15 +252,20 @@ def run_pipeline(config, workdir: str, mode: str = modes.ALL):
 
     Raises:
       One of `USER_ERRORS`, with a message that says what to change; nothing is written
-      before the config and the workdir have passed their checks.
+      before the config, the workdir and the mode's inputs (`check_inputs`) have passed
+      their checks: a refused run leaves the filesystem as it was.
     """
     logging.getLogger("absl").setLevel(logging.WARNING)
     if mode not in modes.NAMES:
         raise UserError(f"unknown mode {mode!r}: choose one of {modes.NAMES}")
     workdir = check_workdir(workdir)
     validation.check_config(config)
+    check_inputs(config, mode)
+    if not os.path.exists(workdir):  # else under the lock: a live run may be training it
+        require_classifier(workdir, mode)
     os.makedirs(workdir, exist_ok=True)
     with workdir_lock(workdir, mode):
+        require_classifier(workdir, mode)
         if mode == modes.ALL:
             return run_all(config, workdir)
         return run_stage(mode, config, workdir)
