@@ -178,3 +178,48 @@ def test_an_npz_without_labels_leaves_no_folder(tiny_config, tmp_path, capsys):
         f"class_names=K str])"
     )
     assert not os.path.exists(tmp_path / "new")
+
+
+# --- small data -----------------------------------------------------------------------------
+
+
+def test_fields_larger_than_the_data_are_named_once(tiny_config, tmp_path, capsys):
+    config = copy.deepcopy(tiny_config)
+    sizes = inputs.split_sizes(config)
+    assert sizes == {"train": 512, "validation": 64, "test": 128}
+    assert validation.small_data(config, sizes) == (
+        "small data (512 training, 64 validation, 128 test images): "
+        "generator.stats_examples 5000 -> 512"  # tiny.py keeps the default
+    )
+    config.eval.num_examples, config.eval.control_examples = 1000, 600
+    config.eval.auc_examples, config.eval.reference_examples = 500, 256
+    assert validation.small_data(config, sizes).endswith(
+        "generator.stats_examples 5000 -> 512, eval.control_examples 600 -> 512, "
+        "eval.num_examples 1000 -> 128 test / 64 validation images, eval.auc_examples 500 -> "
+        "128, eval.reference_examples 256 -> 128"
+    )
+    config.generator.stats_examples = 100
+    config.eval = copy.deepcopy(tiny_config.eval)
+    assert validation.small_data(config, sizes) is None
+    # Through the pipeline: one line before any work (here the stage order stops the run).
+    config.generator.stats_examples = 5000
+    with pytest.raises(SystemExit):
+        pipeline.run("train_generator", config, str(tmp_path / "run"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line for line in err if line.startswith("note:")] == [
+        "note: small data (512 training, 64 validation, 128 test images): "
+        "generator.stats_examples 5000 -> 512"
+    ]
+    assert err[-1].startswith("error: no trained classifier in")
+
+
+def test_a_validation_split_that_leaves_too_few_training_images(tiny_config, tmp_path, capsys):
+    config = copy.deepcopy(tiny_config)
+    config.data.train_limit, config.data.validation_size = 0, 560  # of 576 images
+    with pytest.raises(SystemExit):
+        pipeline.run("all", config, str(tmp_path / "run"))
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: config.data.validation_size=560 leaves 16 of the 576 training images to train "
+        "on, fewer than config.train.batch_size=32: lower it (e.g. 57)"
+    )
+    assert not os.path.exists(tmp_path / "run")

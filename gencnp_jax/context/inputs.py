@@ -77,6 +77,16 @@ def load_data(config, split: str) -> data.ArraySplit:
     )
 
 
+def split_sizes(config) -> dict[str, int]:
+    """Images in each of the run's splits, ``{"train": n, "validation": n, "test": n}``, as
+    `load_data` gives them (which checks their files, shapes and labels).
+
+    Raises:
+      data.DatasetError: see `load_data`.
+    """
+    return {split: len(load_data(config, split).labels) for split in SPLITS}
+
+
 def normalize(config, images_uint8: np.ndarray) -> np.ndarray:
     """uint8 pixels -> the classifier's float input, as ``config.data.normalization`` says."""
     return data.normalize(images_uint8, config.data.dataset, config.data.normalization)

@@ -18,7 +18,7 @@ import time
 import jax
 import numpy as np
 
-from gencnp_jax.context import record, user_model
+from gencnp_jax.context import inputs, record, user_model
 from gencnp_jax.io import checkpointing, data, preemption, timings, weights, writers
 from gencnp_jax.io import lock as lock_lib
 from gencnp_jax.io import workdir as workdir_lib
@@ -243,6 +243,10 @@ def check_inputs(config, mode: str) -> None:
         explain_images.load_images(config)
 
 
+# Modes that read the fields `validation.small_data` checks against the data's size.
+SIZED = (modes.ALL, "train_classifier", "train_generator", "evaluate", "headroom")
+
+
 def run_pipeline(config, workdir: str, mode: str = modes.ALL):
     """Runs `mode` (default: every stage, skipping those already complete) as the command
     line does: the config checked, the workdir checked and created, its lock held.
@@ -261,6 +265,10 @@ def run_pipeline(config, workdir: str, mode: str = modes.ALL):
     workdir = check_workdir(workdir)
     validation.check_config(config)
     check_inputs(config, mode)
+    if mode in SIZED:
+        note = validation.small_data(config, inputs.split_sizes(config))
+        if note and jax.process_index() == 0:
+            print(f"note: {note}", file=sys.stderr, flush=True)
     if not os.path.exists(workdir):  # else under the lock: a live run may be training it
         require_classifier(workdir, mode)
     os.makedirs(workdir, exist_ok=True)

@@ -228,3 +228,54 @@ def _check_sites(config, hwc, num_classes) -> None:
             f"config.eval.gradcam_site={site!r} is not a gate site of this classifier: "
             f"choose one of {sites} (or '' for the last)"
         )
+
+
+def small_data(config, sizes: dict[str, int]) -> str | None:
+    """One line naming each config field larger than the data it counts, with the value the
+    stages use in its place (they take what there is), e.g. ``"small data (512 training, 64
+    validation, 128 test images): generator.stats_examples 5000 -> 512, ..."``; None when
+    nothing is clamped. (The bank names its classes with fewer than
+    ``bank.samples_per_class`` samples itself.)
+
+    Args:
+      config: the run's config.
+      sizes: `inputs.split_sizes`: images per split.
+
+    Raises:
+      ConfigError: ``data.validation_size`` leaves fewer training images than a batch.
+    """
+    train, val, test = sizes["train"], sizes["validation"], sizes["test"]
+    d, e, g = config.data, config.eval, config.generator
+    if train < config.train.batch_size:
+        raise ConfigError(
+            f"config.data.validation_size={d.validation_size} leaves {train} of the "
+            f"{train + val} training images to train on, fewer than config.train.batch_size="
+            f"{config.train.batch_size}: lower it (e.g. {(train + val) // 10})"
+        )
+    clamped = []
+
+    def clamp(name: str, value: int, available: int, unit: str = "") -> int:
+        if value > available:
+            clamped.append(f"{name} {value} -> {available}{unit}")
+        return min(value, available)
+
+    clamp("generator.stats_examples", g.stats_examples, train)
+    if g.loss.w_distill > 0:
+        clamp("generator.pio.num_images", g.pio.num_images, train)
+    clamp("eval.control_examples", e.control_examples, train)
+    n = test
+    if e.num_examples:
+        n = min(e.num_examples, test)
+        if e.num_examples > min(test, val):
+            clamped.append(
+                f"eval.num_examples {e.num_examples} -> {n} test / {min(e.num_examples, val)} "
+                f"validation images"
+            )
+    if e.auc_examples:
+        clamp("eval.auc_examples", e.auc_examples, n)
+    clamp("eval.reference_examples", e.reference_examples, n)
+    if not clamped:
+        return None
+    return f"small data ({train} training, {val} validation, {test} test images): " + ", ".join(
+        clamped
+    )
