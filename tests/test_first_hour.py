@@ -8,6 +8,7 @@ module in the current folder is found by the console script.
 
 import copy
 import os
+import shutil
 import subprocess
 import sys
 
@@ -17,9 +18,10 @@ from helpers import ROOT, run_launch
 
 import gencnp_jax
 from examples import fashion_cnn
+from gencnp_jax import explainer as explainer_lib
 from gencnp_jax.context import inputs
-from gencnp_jax.io import data
-from gencnp_jax.stages import cli, pipeline, validation
+from gencnp_jax.io import data, writers
+from gencnp_jax.stages import build_bank, cli, pipeline, report, validation
 
 BIN = os.path.dirname(sys.executable)
 GENCNP = os.path.join(BIN, "gencnp")
@@ -223,3 +225,25 @@ def test_a_validation_split_that_leaves_too_few_training_images(tiny_config, tmp
         "on, fewer than config.train.batch_size=32: lower it (e.g. 57)"
     )
     assert not os.path.exists(tmp_path / "run")
+
+
+# --- progress where it is long ------------------------------------------------------------
+
+
+def test_long_passes_show_named_progress_bars(
+    tiny_config, generator_workdir, tmp_path, monkeypatch
+):
+    named = []
+    progress = writers.progress
+
+    def recording(total, *args, desc="", **kwargs):
+        named.append(desc)
+        return progress(total, *args, desc=desc, **kwargs)
+
+    monkeypatch.setattr(writers, "progress", recording)
+    workdir = str(tmp_path / "run")
+    shutil.copytree(generator_workdir, workdir)
+    build_bank.build_bank(tiny_config, workdir)
+    explainer = explainer_lib.Explainer.from_workdir(workdir, tiny_config)
+    report.explain_split(explainer, inputs.load_data(tiny_config, "test").images, 64)
+    assert named == ["bank: predictions", "bank: pathways", "report: pathways"]

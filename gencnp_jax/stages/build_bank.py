@@ -68,14 +68,16 @@ def _select(config, classifier, train: data.ArraySplit, mesh) -> tuple[np.ndarra
         idx = first_per_class(train.labels, num_classes, j)
         return idx, train.labels[idx].astype(np.int32), len(train.labels)
     predict = jax.jit(lambda c, x: jnp.argmax(c.logits(x), -1))
-    preds_N = batched.map_batches(
-        lambda images: predict(classifier, images),
-        lambda idx: inputs.normalize(config, train.images[idx]),
-        len(train.labels),
-        config.eval.batch_size,
-        mesh,
-        stop=lambda preds: np.bincount(preds, minlength=num_classes).min() >= j,
-    )
+    with writers.progress(len(train.labels), desc="bank: predictions") as bar:
+        preds_N = batched.map_batches(
+            lambda images: predict(classifier, images),
+            lambda idx: inputs.normalize(config, train.images[idx]),
+            len(train.labels),
+            config.eval.batch_size,
+            mesh,
+            progress=bar.update,
+            stop=lambda preds: np.bincount(preds, minlength=num_classes).min() >= j,
+        )
     idx = first_per_class(preds_N, num_classes, j)
     return idx, preds_N[idx].astype(np.int32), len(preds_N)
 
@@ -232,13 +234,14 @@ def build_bank(config, workdir: str) -> dict:
         pathway = explain.jit_explain(generator, classifier, x, settings)
         return pathway.gates, pathway.scores
 
-    with timings.phase("explain"):
+    with timings.phase("explain"), writers.progress(len(idx_M), desc="bank: pathways") as bar:
         gates_M, scores_M = batched.map_batches(
             gates_and_scores,
             lambda rows: inputs.normalize(config, train.images[idx_M[rows]]),
             len(idx_M),
             config.eval.batch_size,
             mesh,
+            progress=bar.update,
         )
     gates_M = {s: jnp.asarray(v) for s, v in gates_M.items()}
     classes_M = jnp.asarray(classes_M)

@@ -64,13 +64,15 @@ def explain_split(explainer: explainer_lib.Explainer, images_uint8: np.ndarray, 
         gates = {s: (v >= 0.5).astype(jnp.uint8) for s, v in p.gates.items()}
         return gates, p.explained_class, jnp.argmax(p.pathway_logits, -1)
 
-    gates, pred, pathway_pred = batched.map_batches(
-        fn,
-        lambda idx: explainer.normalize(images_uint8[idx]),
-        len(images_uint8),
-        batch_size,
-        mesh,
-    )
+    with writers.progress(len(images_uint8), desc="report: pathways") as bar:
+        gates, pred, pathway_pred = batched.map_batches(
+            fn,
+            lambda idx: explainer.normalize(images_uint8[idx]),
+            len(images_uint8),
+            batch_size,
+            mesh,
+            progress=bar.update,
+        )
     gates = {s: gates[s] for s in explainer.classifier.site_channels}  # jit sorts sites by name
     return gates, pred.astype(np.int32), pathway_pred.astype(np.int32)
 
