@@ -14,7 +14,8 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import ROOT, run_launch
+from conftest import synthetic_images
+from helpers import ROOT, assert_ok, launch_env, run_launch
 
 import gencnp_jax
 from examples import fashion_cnn
@@ -29,9 +30,10 @@ SETUP_HINT = "run `bash setup.sh` (it installs the project into .venv)"
 
 
 def outside_env(**extra: str) -> dict[str, str]:
-    """The environment of a user outside the repository: no PYTHONPATH, CPU only."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return {**env, "JAX_PLATFORMS": "cpu", **extra}
+    """The environment of a user outside the repository: no PYTHONPATH, CPU only (and the
+    suite's XLA cache)."""
+    env = {k: v for k, v in launch_env(**extra).items() if k != "PYTHONPATH"}
+    return env
 
 
 def test_the_project_is_installed_in_the_venv(tmp_path):
@@ -247,3 +249,95 @@ def test_long_passes_show_named_progress_bars(
     explainer = explainer_lib.Explainer.from_workdir(workdir, tiny_config)
     report.explain_split(explainer, inputs.load_data(tiny_config, "test").images, 64)
     assert named == ["bank: predictions", "bank: pathways", "report: pathways"]
+
+
+# --- the first hour, end to end, outside the repository --------------------------------------
+
+USER_MODEL = """
+import jax.numpy as jnp
+from flax import nnx
+
+
+class Net(nnx.Module):
+    def __init__(self, num_classes, rngs):
+        self.conv1 = nnx.Conv(1, 8, (3, 3), strides=2, rngs=rngs)
+        self.act1 = nnx.relu
+        self.conv2 = nnx.Conv(8, 16, (3, 3), strides=2, rngs=rngs)
+        self.act2 = nnx.relu
+        self.head = nnx.Linear(16, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.act2(self.conv2(self.act1(self.conv1(x))))
+        return self.head(jnp.mean(x, axis=(1, 2)))
+
+
+def build(num_classes=10, seed=0):
+    return Net(num_classes, nnx.Rngs(seed))
+"""
+
+USER_PREPARE = """
+import gencnp_jax
+import mymodel
+
+gencnp_jax.save_weights(mymodel.build(seed=1), "weights.npz")
+"""
+
+USER_EXPLAIN = """
+import numpy as np
+
+import gencnp_jax
+import mymodel
+
+model = gencnp_jax.load_weights(mymodel.build(seed=2), "weights.npz")  # seed 1's weights
+images = np.load("data/test.npz")["images"][:5]  # uint8 N x H x W
+pathway = gencnp_jax.Explainer.from_workdir("run")(images)
+own = model(images[..., None] / np.float32(255))  # the model's own scale: x / 255
+np.testing.assert_allclose(pathway.full_logits, own, rtol=1e-5, atol=1e-5)
+print("explained", pathway.full_logits.shape, sorted(pathway.gates))
+"""
+
+
+@pytest.mark.slow  # two gencnp runs and a script: about 60 s on two busy cores
+def test_a_users_first_hour_outside_the_repository(tiny_config, tmp_path):
+    """A folder outside the repository: the user's model module, weights and npz data; the
+    `gencnp` command with the shipped tiny config, list-valued sites and pixels in [0, 1];
+    then `load_weights` and `Explainer.from_workdir` on N x H x W uint8 images."""
+    assert os.access(GENCNP, os.X_OK), f"no {GENCNP}: {SETUP_HINT}"
+    home = tmp_path / "project"
+    (home / "data").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 576), ("test", 128)):
+        labels = rng.permutation(np.arange(n) % 10)
+        np.savez(home / "data" / f"{split}.npz", images=synthetic_images(labels, rng),
+                 labels=labels)  # fmt: skip
+    for name, text in (("mymodel", USER_MODEL), ("prepare", USER_PREPARE)):
+        (home / f"{name}.py").write_text(text)
+    (home / "explain.py").write_text(USER_EXPLAIN)
+
+    def run(*command: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            command, cwd=home, env=outside_env(), capture_output=True, text=True, timeout=400
+        )
+        assert_ok(proc)
+        return proc
+
+    run(sys.executable, "prepare.py")
+    flags = (
+        "--config=" + os.path.join(ROOT, "configs", "tiny.py"),
+        "--workdir=run",
+        "--config.data.dataset=npz:data",
+        "--config.data.normalization=none",
+        "--config.classifier.factory=mymodel:build",
+        "--config.classifier.checkpoint=weights.npz",
+        "--config.classifier.sites=act1,act2",
+        "--config.cpu_devices=1",
+        "--config.generator.steps=4",
+        "--config.generator.loss.w_distill=0",
+    )
+    imported = run(GENCNP, *flags, "--mode=train_classifier")
+    assert "imported mymodel:build" in imported.stdout, imported.stdout
+    assert "with inputs x/255 (config.data.normalization='none')" in imported.stdout
+    assert "note: small data (512 training, 64 validation, 128 test images): " in imported.stderr
+    run(GENCNP, *flags, "--mode=train_generator")
+    explained = run(sys.executable, "explain.py")
+    assert "explained (5, 10) ['act1', 'act2']" in explained.stdout
