@@ -8,6 +8,7 @@ from deep inside JAX. Training stages stop cleanly on SIGTERM / SIGINT (`io/pree
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -66,7 +67,7 @@ def check_workdir(workdir: str) -> str:
         where = os.path.dirname(where)
     try:
         if not os.path.isdir(where):
-            raise NotADirectoryError(20, "not a directory", where)
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), where)
         probe = os.path.join(where, f".write_probe_{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
