@@ -213,15 +213,19 @@ def test_empty_dataset_directory_through_launch(tiny_config, tmp_path):
         ("generator.steps", -5, "config.generator.steps=-5 must be a positive int"),
         ("bank.threshold", 1.5, "config.bank.threshold=1.5 must be in [0, 1]"),
         ("num_devices", 64, "config.num_devices=64 but"),
-        ("data.train_limit", 16, "config.data.train_limit=16 is below "
-         "config.train.batch_size=32"),
+        ("data.train_limit", 16, "config.data.train_limit=16 leaves -48 training images beside "
+         "config.data.validation_size=64, fewer than config.train.batch_size=32"),
+        ("data.validation_size", -1, "config.data.validation_size=-1 must be an int >= 0"),
+        ("eval.densities", (0.1, 1.0), "config.eval.densities=(0.1, 1.0) must lie in (0, 1)"),
+        ("eval.ablations", ("mean", "half"), "config.eval.ablations=('mean', 'half'): choose one "
+         "or both of ('mean', 'zero')"),
         ("generator.loss.w_ranked", -1.0, "config.generator.loss.w_ranked=-1.0 must be >= 0"),
         ("generator.loss.w_ranked_leak", -2.0,
          "config.generator.loss.w_ranked_leak=-2.0 must be >= 0"),
         ("generator.loss.ranked_density", (0.3, 0.1), "config.generator.loss.ranked_density="
          "(0.3, 0.1) must be (low, high) with 0 < low <= high < 1"),
-        ("headroom.num_examples", 0, "config.headroom.num_examples=0 must be an int >= 1"),
-        ("headroom.learning_rate", 0.0, "config.headroom.learning_rate=0.0 must be > 0"),
+        ("eval.reference_examples", 0, "config.eval.reference_examples=0 must be an int >= 1"),
+        ("eval.reference_steps", -1, "config.eval.reference_steps=-1 must be an int >= 0"),
     ],
 )  # fmt: skip
 def test_bad_config_is_one_clear_error(tiny_config, tmp_path, capsys, field, value, message):
