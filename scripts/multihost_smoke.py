@@ -25,8 +25,6 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from gencnp_jax.context import inputs, loading
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
@@ -78,6 +76,7 @@ def generator_steps_on_meshes(config, counts, steps: int, sgd_lr: float = 0.0) -
     import optax
     from flax import nnx
 
+    from gencnp_jax.context import loading
     from gencnp_jax.io import data, sharding
     from gencnp_jax.models.frozen import FrozenClassifier
     from gencnp_jax.train import generator as train_generator
@@ -183,6 +182,7 @@ def _task_load_data():
     import jax
     import numpy as np
 
+    from gencnp_jax.context import inputs
     from gencnp_jax.io import sharding
     from gencnp_jax.stages import pipeline
 
