@@ -249,3 +249,28 @@ def test_report_page_survives_odd_values(tmp_path):
     page = open(report.write_report(str(tmp_path), results, {}, "", None, figures)).read()
     assert "Scorecard" in page and "under mean ablation" in page  # the one with data
     assert "Results at fixed densities" in page
+
+
+def test_report_marks_a_degenerate_row_and_reads_the_references(tmp_path):
+    results = fabricated_results()
+    results["flags"] = {"cdrp": ["own density 1.00: it keeps every channel"]}
+    for d in DENSITIES:  # the references and the gains against them (the new schema)
+        results["at_density"]["mean"][d]["class_reference"] = {"mDC": 5.0, "agreement": 0.9}
+        results["at_density"]["mean"][d]["instance_reference"] = {"mDC": 4.0}
+    results["on_reference_images"] = {d: {"instance_reference": {"mDC": 4.0}} for d in DENSITIES}
+    results["references"] = {"num_examples_instance": 256}
+    results["specificity_gain"] = {
+        "vs_class_reference": {d: {"gencnp": 0.5, "cdrp": 2.0} for d in DENSITIES},
+        "vs_own_class_means": {d: {"gencnp": 1.1} for d in DENSITIES},
+        "vs_class_constant": {a: {d: {"gencnp": 0.9} for d in DENSITIES} for a in ("mean", "zero")},
+    }
+    page = open(report.write_report(str(tmp_path), results, {}, "")).read()
+    assert "cdrp <span" in page and "⚠ degenerate: own density 1.00" in page
+    rows = dict(scorecard.sections(results))["Faithfulness"]
+    mdc = next(r for r in rows if r.quantity == "mDC at density 0.1")
+    assert ("instance_reference", 4.0) in mdc.refs and ("class_reference", 5.0) in mdc.refs
+    assert "instance_reference on its 256 images" in mdc.note
+    gains = dict(scorecard.sections(results))["Instance specificity"]
+    gain = next(r for r in gains if r.quantity == "specificity_gain at density 0.1")
+    assert gain.value == 0.5 and ("best other: cdrp", 2.0) in gain.refs
+    assert "against its own class means: 1.10" in gain.note

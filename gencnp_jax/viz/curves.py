@@ -15,6 +15,7 @@ from gencnp_jax.viz import plots
 
 OURS = "gencnp"
 CONTROLS = ("constant", "class_constant")
+REFERENCES = ("class_reference", "instance_reference")  # yardsticks: the best masks found
 # Fixed looks for the methods that matter most in reading the figure; others take tab10.
 STYLE = {
     OURS: dict(color="C3", marker="*", ms=13, lw=2.6, zorder=5),
@@ -22,6 +23,8 @@ STYLE = {
     "constant": dict(color="black", marker="s", ms=6, lw=1.4, ls="--", zorder=3),
     "class_constant": dict(color="0.45", marker="D", ms=6, lw=1.4, ls="--", zorder=3),
     "random": dict(color="0.6", marker="x", ms=7, lw=1.2, ls=":", zorder=2),
+    "class_reference": dict(color="#1f3a93", marker="^", ms=7, lw=1.6, ls="-.", zorder=4),
+    "instance_reference": dict(color="#1f3a93", marker="v", ms=7, lw=1.6, ls=":", zorder=4),
 }
 OTHER_COLORS = ("C0", "C2", "C4", "C1", "C5", "C6", "C8", "C9")
 
@@ -57,10 +60,19 @@ def densities(by_density: Mapping) -> list[str]:
     return [key for _, key in sorted(keys)]
 
 
+SUPPORT = ("constant_", "class_means_", "class_constant_")  # a control's or a gain's tables
+
+
+def shown(name: str) -> bool:
+    """Rows a reader compares (methods, controls, references), not the tables behind them."""
+    return not name.startswith(SUPPORT)
+
+
 def method_order(names) -> list[str]:
-    """GEN-CNP first, other methods in given order, the controls and random last."""
-    names = list(dict.fromkeys(names))
-    tail = [n for n in (*CONTROLS, "random") if n in names]
+    """GEN-CNP first, other methods in given order, the controls, random and the references
+    last; the tables behind the controls and gains left out (`shown`)."""
+    names = [n for n in dict.fromkeys(names) if shown(n)]
+    tail = [n for n in (*CONTROLS, "random", *REFERENCES) if n in names]
     head = [n for n in names if n.startswith(OURS)]
     return head + [n for n in names if n not in head and n not in tail] + tail
 

@@ -13,10 +13,12 @@ import shutil
 from collections.abc import Mapping, Sequence
 
 from gencnp_jax.viz import cells as cells_lib
+from gencnp_jax.viz import curves as curves_lib
 from gencnp_jax.viz import scorecard
 from gencnp_jax.viz.cells import ARROW, METRICS, MISSING, fmt  # noqa: F401 (re-exported)
 
 CSS = """
+.warn { color: #b00020; font-weight: 600; }
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0 auto;
 max-width:1400px;padding:1em 2em;color:#222;line-height:1.4}
 h1{border-bottom:2px solid #1f77b4}h2{margin-top:1.6em;color:#1f4e79}
@@ -54,7 +56,11 @@ def results_markdown(results: Mapping) -> str:
 
 
 def _results_html(results: Mapping) -> str:
-    methods = results.get("methods", {})
+    methods = {
+        name: row
+        for name, row in results.get("methods", {}).items()
+        if curves_lib.shown(name.removesuffix("_zero_ablation"))
+    }
     cols = cells_lib.columns(methods)
     e = html.escape
     # <wbr> lets long metric names wrap at their underscores, so the table fits the page.
@@ -62,10 +68,15 @@ def _results_html(results: Mapping) -> str:
         f'<th title="{e(METRICS.get(c, ("",))[0])}">{cells_lib.header_html(c)}</th>' for c in cols
     )
     rows = []
+    flags = results.get("flags") or {}
     for name, cells in cells_lib.cells(methods, cols).items():
         cls = ' class="ours"' if name.startswith("gencnp") else ""
         tds = "".join(f"<td>{e(cell)}</td>" for cell in cells)
-        rows.append(f"<tr{cls}><td>{e(name)}</td>{tds}</tr>")
+        label = e(name)
+        if name in flags:  # a degenerate row: its numbers are not a result
+            reasons = "; ".join(flags[name])
+            label += f' <span class="warn" title="{e(reasons)}">⚠ degenerate: {e(reasons)}</span>'
+        rows.append(f"<tr{cls}><td>{label}</td>{tds}</tr>")
     extra = ", ".join(f"{e(k)}: {e(fmt(v))}" for k, v in _scalars(results).items())
     legend = "".join(
         f"<li><b>{e(c)}</b>{ARROW[METRICS[c][1]]}: {e(METRICS[c][0])}</li>"

@@ -16,7 +16,8 @@ from gencnp_jax.viz.cells import MISSING, fmt
 
 OURS, TRANSFER = "gencnp", "gencnp_transfer"
 CONTROLS = curves.CONTROLS
-SCORE_DENSITIES = ("0.1", "0.2")  # fixed densities of the faithfulness rows
+REFERENCES = curves.REFERENCES
+SCORE_DENSITIES = ("0.1", "0.2", "0.3")  # fixed densities of the faithfulness rows
 
 
 @dataclasses.dataclass
@@ -85,8 +86,18 @@ def _faithfulness(results, ablation) -> list[Row]:
         rows.append(Row(f"{metric} at {where}", mine, refs, better))
         for d in SCORE_DENSITIES:
             at = _get(results, "at_density", ablation, d) or {}
-            refs = [(c, _num(at, c, metric)) for c in (*CONTROLS, "random")]
-            rows.append(Row(f"{metric} at density {d}", _num(at, OURS, metric), refs, better))
+            on_ref = _get(results, "on_reference_images", d) or {}
+            refs = [(c, _num(at, c, metric)) for c in (*CONTROLS, "random", "class_reference")]
+            if metric == "mDC" and _num(on_ref, "instance_reference", "mDC") is not None:
+                # like for like: both on the instance reference's images
+                refs.append(("instance_reference", _num(on_ref, "instance_reference", "mDC")))
+                n_ref = _num(results, "references", "num_examples_instance")
+                mine_there = fmt(_num(on_ref, OURS, "mDC"))
+                images = "?" if n_ref is None else f"{n_ref:.0f}"
+                note = f"instance_reference on its {images} images; GEN-CNP there: {mine_there}"
+            else:
+                note = ""
+            rows.append(Row(f"{metric} at density {d}", _num(at, OURS, metric), refs, better, note))
     return rows
 
 
@@ -97,16 +108,40 @@ def _specificity(results, ablation) -> list[Row]:
     refs = [(c, _num(own, c, "density_std")) for c in CONTROLS]
     note = "0 would mean every input keeps as many neurons (a fixed mask)"
     rows = [Row("density_std (spread of density over inputs)", std, refs, None, note)]
-    gains = _get(results, "specificity_gain", ablation) or {}
+    gains = _gains(results, ablation)
+    own_means = _get(results, "specificity_gain", "vs_own_class_means") or {}
     for d in curves.densities(gains):
         at = gains[d] if isinstance(gains[d], Mapping) else {}
         others = [(m, curves.number(v)) for m, v in at.items() if m != OURS]
-        others = [r for r in others if r[1] is not None]
+        others = [r for r in others if r[1] is not None and m_is_method(r[0])]
         best = [max(others, key=lambda r: r[1])] if others else []  # the best other method
-        refs = [("one mask per class", 1.0)] + [(f"best other: {m}", v) for m, v in best]
-        note = "mDC(class_constant) / mDC(method): 1 = no better than one mask per predicted class"
+        refs = [("the class reference itself", 1.0)] + [(f"best other: {m}", v) for m, v in best]
+        own = _num(own_means, d, OURS)
+        note = "mDC(class reference) / mDC(method): 1 = as good as the best class mask found"
+        if own is not None:
+            note += f"; against its own class means: {fmt(own)}"
         rows.append(Row(f"specificity_gain at density {d}", _num(at, OURS), refs, "higher", note))
     return rows
+
+
+def m_is_method(name: str) -> bool:
+    """A per-instance method row (not a control, a class table or a reference)."""
+    return name not in (*CONTROLS, *REFERENCES) and not name.startswith(
+        ("constant_", "class_means_", "class_constant_")
+    )
+
+
+def _gains(results, ablation) -> Mapping:
+    """``density -> method -> gain``: against the class reference for the headline ablation
+    (where it exists), else against the class_constant control; older results: as stored."""
+    gains = _get(results, "specificity_gain")
+    if not isinstance(gains, Mapping):
+        return {}
+    if "vs_class_reference" in gains and ablation == headline_ablation(results):
+        return gains["vs_class_reference"] or {}
+    if "vs_class_constant" in gains:
+        return _get(gains, "vs_class_constant", ablation) or {}
+    return _get(gains, ablation) or {}
 
 
 def _class_relevance(results, ablation) -> list[Row]:
@@ -240,7 +275,7 @@ def per_density_html(results: Mapping, ablation: str | None = None) -> str | Non
     by_density = _get(results, "at_density", ablation)
     if not isinstance(by_density, Mapping) or not curves.densities(by_density):
         return None
-    gains = _get(results, "specificity_gain", ablation) or {}
+    gains = _gains(results, ablation)
     tables = {}
     for d in curves.densities(by_density):
         at = by_density[d] if isinstance(by_density[d], Mapping) else {}
