@@ -151,7 +151,7 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _environment(mesh, batch: int, repeats: int) -> dict:
+def describe_machine(mesh, batch: int, repeats: int) -> dict:
     """The machine: devices, CPU, cores, memory, the load while measuring, the versions."""
     device = jax.devices()[0]
     return {
@@ -226,7 +226,7 @@ def bench(config, workdir: str) -> dict:
     headline = bench_train.Headline(mesh, train, inference["gencnp"])
     scaling = bench_train.scaling(models, config, headline, repeats, states, notes)
     result = {
-        "environment": _environment(mesh, batch, repeats),
+        "environment": describe_machine(mesh, batch, repeats),
         "inference": inference,
         "ratios": ratios,
         "train": train,

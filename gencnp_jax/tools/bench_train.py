@@ -109,7 +109,7 @@ class TrainStates:
     generator: tuple
 
 
-class _Repeat:
+class RepeatedStep:
     """Calls a donating bound train step on one batch, feeding its new state back in."""
 
     def __init__(self, bound: train_loop.BoundStep, state, batch):
@@ -150,7 +150,7 @@ def train(models: Models, config, mesh, repeats: int, states: TrainStates) -> di
         cls_gd, cls_tx, cls_host = states.classifier
         cls_bound = train_classifier.bound_step(cls_gd, cls_tx)
         cls_state = sharding.replicate(mesh, _host_copy(cls_host))
-        cls_loop = _Repeat(cls_bound, cls_state, {"images": images, "labels": labels})
+        cls_loop = RepeatedStep(cls_bound, cls_state, {"images": images, "labels": labels})
         out["classifier"] = per_step(measure(cls_loop, repeats, cls_bound.jitted))
     gen_bound = train_generator.bound_step(config, gen_gd, models.classifier, gen_tx, mesh)
     gen_batch = images
@@ -162,7 +162,7 @@ def train(models: Models, config, mesh, repeats: int, states: TrainStates) -> di
         gen_batch["target_images"], gen_batch["target_masks"] = sharding.shard_batch(
             mesh, models.images[rows], masks
         )
-    gen_loop = _Repeat(gen_bound, sharding.replicate(mesh, _host_copy(gen_host)), gen_batch)
+    gen_loop = RepeatedStep(gen_bound, sharding.replicate(mesh, _host_copy(gen_host)), gen_batch)
     out["generator"] = per_step(measure(gen_loop, repeats, gen_bound.jitted))
     return out
 
