@@ -28,18 +28,33 @@ from ml_collections import config_flags
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", lock_config=False)
-_TASK = flags.DEFINE_enum("task", "run", ["devices", "worker", "load_data", "run"], "What to do.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Shared workdir (worker, run).")
-_OUT = flags.DEFINE_string("out", None, "Output file (devices) or folder (worker).")
-_COUNTS = flags.DEFINE_list("counts", ["1", "2", "4"], "Mesh sizes for --task=devices.")
-_STEPS = flags.DEFINE_integer("steps", 3, "Generator steps for --task=devices.")
-_SGD_LR = flags.DEFINE_float(
-    "sgd_lr", 0.05, "--task=devices: plain SGD at this rate (0 = the config's Adam schedule)."
-)
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+# Flags are defined only when this file runs as a script (`_define_flags` under __main__):
+# tests import it for `start_workers` and `wait_all`, next to the package's own --config flag.
+FLAGS = None
+
+
+def _define_flags():
+    """The script's flags, as a namespace of absl flag holders."""
+    import types
+
+    return types.SimpleNamespace(
+        config=config_flags.DEFINE_config_file("config", "configs/tiny.py", lock_config=False),
+        task=flags.DEFINE_enum(
+            "task", "run", ["devices", "worker", "load_data", "run"], "What to do."
+        ),
+        workdir=flags.DEFINE_string("workdir", None, "Shared workdir (worker, run)."),
+        out=flags.DEFINE_string("out", None, "Output file (devices) or folder (worker)."),
+        counts=flags.DEFINE_list("counts", ["1", "2", "4"], "Mesh sizes for --task=devices."),
+        steps=flags.DEFINE_integer("steps", 3, "Generator steps for --task=devices."),
+        sgd_lr=flags.DEFINE_float(
+            "sgd_lr",
+            0.05,
+            "--task=devices: plain SGD at this rate (0 = the config's Adam schedule).",
+        ),
+        coordinator=flags.DEFINE_string("coordinator_address", None, "host:port of process 0."),
+        num_processes=flags.DEFINE_integer("num_processes", None, "Number of processes."),
+        process_id=flags.DEFINE_integer("process_id", None, "This process's index."),
+    )
 
 
 def free_port() -> int:
@@ -117,16 +132,18 @@ def _task_devices():
     import jax
     import numpy as np
 
-    counts = [int(c) for c in _COUNTS.value]
+    counts = [int(c) for c in FLAGS.counts.value]
     jax.config.update("jax_num_cpu_devices", max(counts))
-    results = generator_steps_on_meshes(_CONFIG.value, counts, _STEPS.value, _SGD_LR.value)
+    results = generator_steps_on_meshes(
+        FLAGS.config.value, counts, FLAGS.steps.value, FLAGS.sgd_lr.value
+    )
     flat = {}
     for n, r in results.items():
         for k, v in r["params"].items():
             flat[f"{n}|{k}"] = v
         flat[f"{n}|metrics"] = np.asarray(json.dumps(r["metrics"]))
         flat[f"{n}|compilations"] = np.asarray(r["compilations"])
-    np.savez(_OUT.value, **flat)
+    np.savez(FLAGS.out.value, **flat)
 
 
 def _task_worker():
@@ -135,13 +152,15 @@ def _task_worker():
     import jax
     import numpy as np
 
-    config = _CONFIG.value
+    config = FLAGS.config.value
     if config.cpu_devices > 0:
         jax.config.update("jax_num_cpu_devices", config.cpu_devices)
     from gencnp_jax.stages import pipeline
     from gencnp_jax.train import generator as train_generator
 
-    pipeline.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    pipeline.init_distributed(
+        FLAGS.coordinator.value, FLAGS.num_processes.value, FLAGS.process_id.value
+    )
     captured = {}
     make_train_step = train_generator.make_train_step
 
@@ -156,14 +175,14 @@ def _task_worker():
         return step
 
     train_generator.make_train_step = capturing_make_train_step
-    result = pipeline.run("train_generator", config, _WORKDIR.value)
+    result = pipeline.run("train_generator", config, FLAGS.workdir.value)
     pid = jax.process_index()
     local = {}  # every local device's copy of every (replicated) parameter
     for path, leaf in jax.tree_util.tree_leaves_with_path(captured["state"].params):
         for j, shard in enumerate(leaf.addressable_shards):
             local[f"{j}|{jax.tree_util.keystr(path)}"] = np.asarray(shard.data)
-    os.makedirs(_OUT.value, exist_ok=True)
-    np.savez(os.path.join(_OUT.value, f"params_{pid}.npz"), **local)
+    os.makedirs(FLAGS.out.value, exist_ok=True)
+    np.savez(os.path.join(FLAGS.out.value, f"params_{pid}.npz"), **local)
     info = {
         "process_index": pid,
         "process_count": jax.process_count(),
@@ -172,7 +191,7 @@ def _task_worker():
         "compilations": captured["step_fn"]._cache_size(),
         "result": result,
     }
-    with open(os.path.join(_OUT.value, f"info_{pid}.json"), "w") as f:
+    with open(os.path.join(FLAGS.out.value, f"info_{pid}.json"), "w") as f:
         json.dump(info, f, default=float)
     print(f"process {pid}: done", flush=True)
 
@@ -186,16 +205,18 @@ def _task_load_data():
     from gencnp_jax.io import sharding
     from gencnp_jax.stages import pipeline
 
-    config = _CONFIG.value
-    pipeline.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    config = FLAGS.config.value
+    pipeline.init_distributed(
+        FLAGS.coordinator.value, FLAGS.num_processes.value, FLAGS.process_id.value
+    )
     info = {}
     for split in ("train", "test"):
         arrays = sharding.process_0_first(
             lambda s=split: inputs.load_data(config, s), f"load_data/{split}"
         )
         info[split] = [len(arrays.labels), int(np.sum(arrays.images, dtype=np.int64))]
-    os.makedirs(_OUT.value, exist_ok=True)
-    with open(os.path.join(_OUT.value, f"data_{jax.process_index()}.json"), "w") as f:
+    os.makedirs(FLAGS.out.value, exist_ok=True)
+    with open(os.path.join(FLAGS.out.value, f"data_{jax.process_index()}.json"), "w") as f:
         json.dump(info, f)
 
 
@@ -261,7 +282,7 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
 def _task_run():
     import numpy as np
 
-    workdir = os.path.abspath(_WORKDIR.value)
+    workdir = os.path.abspath(FLAGS.workdir.value)
     os.makedirs(workdir, exist_ok=True)
     overrides = [a for a in sys.argv[1:] if a.startswith("--config")]
     launch = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch.py")
@@ -287,8 +308,9 @@ def main(argv):
         "load_data": _task_load_data,
         "run": _task_run,
     }
-    tasks[_TASK.value]()
+    tasks[FLAGS.task.value]()
 
 
 if __name__ == "__main__":
+    FLAGS = _define_flags()
     app.run(main)
