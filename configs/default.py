@@ -69,7 +69,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.generator.model.cell = "gru"  # "gru" | "lstm" | "mlp": RFE and RPD's recurrent cell
     c.generator.model.pooling = ("avg", "max")  # subset of ("avg", "max"): each site's pools
     c.generator.model.init_open = 0.7  # float in (0, 1): every gate's initial score
-    c.generator.model.head_kernel_scale = 1.0  # float > 0: variance scale of the score heads
+    # bool: also read each channel's first-order effect on the predicted class (one backward
+    # pass per explanation; method/evidence.py)
+    c.generator.model.grad_evidence = True
     c.generator.daq = ml_collections.ConfigDict()  # distance-aware quantization (METHOD.md §3)
     c.generator.daq.temperature = 2.0  # float > 0: T
     c.generator.daq.sigma = 2.0  # float > 0: the Gaussian kernel's width
@@ -84,10 +86,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.generator.loss.w_leak = 8.0  # float >= 0: leakage hinge on another class's image
     c.generator.loss.leak_margin = 1.0  # float >= 0: also the PIO targets' leakage margin
     c.generator.loss.w_distill = 20.0  # float >= 0: BCE to the PIO targets (0: none computed)
+    # float >= 0: ListNet of a rank head of its own to the PIO logits' order (the ranking at
+    # fixed densities; 0: no rank head, the gate logits rank)
+    c.generator.loss.w_rank = 20.0
     # Fixed-density faithfulness of the score ranking (off; configs/resnet_ranked.py): x gated
     # with the top fraction of its own scores, the fraction spread over `ranked_density`
     c.generator.loss.w_ranked = 0.0  # float >= 0: KL of those masks
-    c.generator.loss.w_ranked_leak = 0.0  # float >= 0: their leakage hinge
     c.generator.loss.ranked_density = (0.05, 0.4)  # (low, high), 0 < low <= high < 1
     # Per-instance optimised (PIO) masks of training images, the `w_distill` targets
     # (method/pio.py; cached in WORKDIR/generator/pio_targets)

@@ -20,12 +20,16 @@ from configs import default
 
 def generator_kwargs(**overrides) -> dict:
     """`Generator`'s hyper-parameters as `configs/default.py` sets them, with `overrides`."""
-    model = default.get_config().generator.model.to_dict()
+    config = default.get_config()
+    model = config.generator.model.to_dict()
     model["pooling"] = tuple(model["pooling"])
+    model["rank_head"] = config.generator.loss.w_rank > 0  # as context.loading builds it
     return {**model, **overrides}
 
 
-GENERATOR = generator_kwargs(hidden=16)  # a small generator for unit tests
+# A small generator for unit tests, reading features alone with one head (test_generator.py
+# tests the first-order effects and the rank head).
+GENERATOR = generator_kwargs(hidden=16, grad_evidence=False, rank_head=False)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMIT_MARKER = "commit_success.txt"  # orbax writes it into a step dir once it is complete

@@ -220,8 +220,7 @@ def test_empty_dataset_directory_through_launch(tiny_config, tmp_path):
         ("eval.ablations", ("mean", "half"), "config.eval.ablations=('mean', 'half'): choose one "
          "or both of ('mean', 'zero')"),
         ("generator.loss.w_ranked", -1.0, "config.generator.loss.w_ranked=-1.0 must be >= 0"),
-        ("generator.loss.w_ranked_leak", -2.0,
-         "config.generator.loss.w_ranked_leak=-2.0 must be >= 0"),
+        ("generator.loss.w_rank", -2.0, "config.generator.loss.w_rank=-2.0 must be >= 0"),
         ("generator.loss.ranked_density", (0.3, 0.1), "config.generator.loss.ranked_density="
          "(0.3, 0.1) must be (low, high) with 0 < low <= high < 1"),
         ("eval.reference_examples", 0, "config.eval.reference_examples=0 must be an int >= 1"),

@@ -12,10 +12,9 @@ import json
 import pathlib
 
 import pytest
-from flax import nnx
 
 from configs import default
-from gencnp_jax.context import record
+from gencnp_jax.context import loading, record
 from gencnp_jax.eval import baselines
 from gencnp_jax.eval import methods as eval_methods
 from gencnp_jax.method import losses, objective, pio
@@ -40,8 +39,10 @@ def _leaves(tree, prefix=""):
 def test_every_component_builds_from_the_default_config():
     config = default.get_config()
     g = config.generator
-    model = generator_lib.Generator({"a": 4, "b": 8}, 10, **g.model, rngs=nnx.Rngs(0))
+    model = loading.new_generator(config, {"a": 4, "b": 8}, 10)
     assert model.hidden == g.model.hidden and model.pooling == tuple(g.model.pooling)
+    assert model.grad_evidence == g.model.grad_evidence
+    assert model.rank_head == (g.loss.w_rank > 0)
     hp, weights = train_generator.hparams_from_config(g)
     assert float(hp.temperature) == g.daq.temperature and float(hp.tau) == g.loss.tau
     assert {f"w_{t}" for t in losses.TERMS} == {k for k in g.loss if k.startswith("w_")}
@@ -87,7 +88,7 @@ MIRRORED = {
     "cell": "generator.model.cell",
     "pooling": "generator.model.pooling",
     "init_open": "generator.model.init_open",
-    "head_kernel_scale": "generator.model.head_kernel_scale",
+    "grad_evidence": "generator.model.grad_evidence",
     "depth": "classifier.depth",
     "seed": "seed",
     "normalization": "data.normalization",
@@ -147,3 +148,10 @@ def test_a_recorded_config_is_read_back_over_todays_defaults(tmp_path):
     assert "w_pull" not in config.generator.loss
     assert config.bench.repeats == default.get_config().bench.repeats
     assert config.generator.model.pooling == ("avg", "max")  # JSON lists back to tuples
+    # added since with a default that changes the model: the value runs had before them
+    del recorded["generator"]["model"]["grad_evidence"], recorded["generator"]["loss"]["w_rank"]
+    (tmp_path / "config.json").write_text(json.dumps(recorded))
+    config = record.saved_config(str(tmp_path))
+    assert config.generator.model.grad_evidence is False
+    assert config.generator.loss.w_rank == 0.0
+    assert default.get_config().generator.model.grad_evidence is True  # not today's default

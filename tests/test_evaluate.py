@@ -18,6 +18,7 @@ import pytest
 from gencnp_jax.context import inputs, loading
 from gencnp_jax.eval import baselines
 from gencnp_jax.eval import methods as eval_methods
+from gencnp_jax.method import evidence
 from gencnp_jax.models import classifiers
 from gencnp_jax.models import gates as gates_lib
 from gencnp_jax.models.frozen import FrozenClassifier
@@ -162,12 +163,15 @@ def fixture_reference_phase(evaluated):
     class_ref = references.class_reference(
         run, head, found, {"noise": table}, validation, DENSITIES
     )
-    instance_ref = references.instance_reference(run, head, found, subset, class_ref)
-    return run, head, subset, validation, found, class_ref, instance_ref
+    baseline = {
+        "noise": np.random.default_rng(1).normal(size=(len(subset.classes), head.num_neurons))
+    }
+    instance_ref = references.instance_reference(run, head, found, subset, class_ref, baseline)
+    return run, head, subset, validation, found, class_ref, instance_ref, baseline
 
 
 def test_instance_reference_is_the_best_candidate_on_every_image(reference_phase):
-    run, head, subset, _, found, class_ref, instance_ref = reference_phase
+    run, head, subset, _, found, class_ref, instance_ref, baseline = reference_phase
     n = len(found.pio_BxN)
     first = subset.first(n)
     for d in DENSITIES:
@@ -185,11 +189,17 @@ def test_instance_reference_is_the_best_candidate_on_every_image(reference_phase
             run, head, first.images, first.full_logits, instance_ref.masks_BxN[str(d)]
         )
         np.testing.assert_allclose(again, drop_B, atol=1e-6)  # its masks give its drops
+        key = run.key("reference", "noise", str(d))
+        noise = baselines.top_k_at_density(
+            jnp.asarray(baseline["noise"][:n]), d, key, jnp.arange(n)
+        )
+        noise_drop = references.drops(run, head, first.images, first.full_logits, np.asarray(noise))
+        assert np.all(drop_B <= noise_drop + 1e-7)  # never worse than a baseline's top-d
         assert sum(instance_ref.sources[str(d)].values()) == n
 
 
 def test_class_reference_keeps_per_class_the_candidate_best_on_validation(reference_phase):
-    run, head, _, validation, found, class_ref, _ = reference_phase
+    run, head, _, validation, found, class_ref, *_ = reference_phase
     k = head.num_classes
     for d in DENSITIES:
         masks_KxN = class_ref.masks_KxN[str(d)]
@@ -228,16 +238,21 @@ def test_validation_and_test_are_disjoint_from_training(tiny_config):
     np.testing.assert_array_equal(inputs.split_rows(576, 64, tiny_config.seed)[1], rows_val)
 
 
-def test_gencnp_ranks_by_its_scores_before_the_sigmoid(evaluated):
+def test_gencnp_ranks_by_its_rank_head_and_gates_by_its_gate_head(evaluated):
     config, workdir, _ = evaluated
     classifier = loading.load_classifier(config, workdir)
     generator, head, _ = loading.load_generator(config, workdir, classifier)
     images = jnp.asarray(inputs.normalize(config, inputs.load_data(config, "test").images[:8]))
     fns = eval_methods.make_score_fns(evaluate.settings_from_config(config))
     out = jax.jit(fns["gencnp"])(generator, head, images)
-    logits = generator.logits(head.classify(images)[1])
-    np.testing.assert_allclose(out["scores"], gates_lib.flatten(logits), rtol=1e-6, atol=1e-6)
-    np.testing.assert_array_equal(out["gates"], np.asarray(out["scores"]) > 0.0)
+    assert generator.reads_gradients  # the default: first-order effects and a rank head
+    _, features, fo = evidence.first_order_effects(head, images)
+    ranking = gates_lib.flatten(generator.ranking(features, fo))
+    gate_logits = gates_lib.flatten(generator.logits(features, fo))
+    # ranked by logits (sigmoids saturate and tie), the rank head's, not the gate head's
+    np.testing.assert_allclose(out["scores"], ranking, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(ranking, gate_logits)
+    np.testing.assert_array_equal(out["gates"], np.asarray(gate_logits) > 0.0)
 
 
 def test_results_json_is_strict_json_with_the_split_of_every_block(evaluated):

@@ -11,9 +11,10 @@ import pytest
 from flax import nnx
 from helpers import GENERATOR
 
-from gencnp_jax.method import losses
+from gencnp_jax.method import evidence, losses
 from gencnp_jax.models import classifiers, daq
-from gencnp_jax.models.frozen import FrozenGenerator
+from gencnp_jax.models import gates as gates_lib
+from gencnp_jax.models.frozen import FrozenClassifier, FrozenGenerator
 from gencnp_jax.models.generator import Generator
 
 IMAGES = jax.random.normal(jax.random.key(0), (4, 16, 16, 1))
@@ -114,3 +115,52 @@ def test_channel_evidence_lets_each_gate_see_its_own_channel():
     expected = jax.nn.sigmoid(head.bias.value + (z * alpha_beta[None]).sum(1))
     np.testing.assert_allclose(scores[site], expected, rtol=1e-5, atol=1e-6)
     assert float(jnp.std(scores[site], axis=0).mean()) > 0.01  # varies with the input
+
+
+def _frozen(name, widths, fills=None):
+    classifier, _ = _classifier(name, widths)
+    graphdef, state = nnx.split(classifier)
+    return FrozenClassifier(graphdef, state, classifier.site_channels, 10).with_fills(fills)
+
+
+def test_first_order_effects_are_the_cost_of_closing_each_gate_a_little():
+    channels = _classifier("vgg", (8, 16, 16, 16))[0].site_channels
+    fills = {s: jax.random.normal(jax.random.key(3), (c,)) for s, c in channels.items()}
+    frozen = _frozen("vgg", (8, 16, 16, 16), fills)
+    logits, features, fo = evidence.first_order_effects(frozen, IMAGES)
+    chex.assert_trees_all_close((logits, features), frozen.classify(IMAGES))
+    flat = gates_lib.flatten(fo)
+    np.testing.assert_allclose(jnp.sqrt(jnp.mean(flat**2, -1)), 1.0, rtol=1e-5)
+    # closing gate k by eps costs the predicted class about eps * fo_k * (the row's RMS)
+    classes = jnp.argmax(logits, -1)
+    eps, ratios = 1e-2, []
+    for site in list(channels)[1:3]:
+        for k in np.argsort(-np.abs(np.asarray(fo[site][0])))[:2]:
+            gates = {s: jnp.ones((4, c)) for s, c in channels.items()}
+            gates[site] = gates[site].at[:, k].set(1.0 - eps)
+            closed = frozen.logits(IMAGES, gates)
+            cost = jnp.take_along_axis(logits - closed, classes[:, None], -1)[:, 0] / eps
+            ratios.append(np.asarray(cost / fo[site][:, k])[0])
+    assert min(ratios) > 0  # the sign: supporting channels cost when closed
+    np.testing.assert_allclose(ratios, np.mean(ratios), rtol=0.05)  # one scale: the row's RMS
+
+
+def test_a_generator_that_reads_gradients_needs_and_uses_them():
+    classifier, features, _ = _setup("vgg", (8, 16, 16, 16))
+    kwargs = {**GENERATOR, "grad_evidence": True, "rank_head": True}
+    generator = Generator(classifier.site_channels, 10, **kwargs, rngs=nnx.Rngs(1))
+    with pytest.raises(ValueError, match="first-order effects"):
+        generator(features)
+    fo = {
+        s: jax.random.normal(jax.random.key(2), (4, c)) for s, c in classifier.site_channels.items()
+    }
+    site = list(fo)[0]
+    moved = {**fo, site: fo[site].at[:, 0].add(3.0)}
+    out, out_moved = generator.outputs(features, fo), generator.outputs(features, moved)
+    assert not np.allclose(out["gate"][site], out_moved["gate"][site])
+    assert not np.allclose(out["rank"][site], out_moved["rank"][site])
+    # the rank head orders the channels; the gate head decides the pathway
+    chex.assert_trees_all_equal(generator.ranking(features, fo), out["rank"])
+    assert not np.allclose(out["rank"][site], out["gate"][site])
+    plain = Generator(classifier.site_channels, 10, **GENERATOR, rngs=nnx.Rngs(1))
+    chex.assert_trees_all_equal(plain.ranking(features), plain.logits(features)[0])

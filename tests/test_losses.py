@@ -139,3 +139,24 @@ def test_leakage_hinge_penalises_only_a_class_brought_near_the_top():
     assert per_row == pytest.approx([0.0, 0.5, 2.0])
     none_valid = losses.leakage_hinge(gated, classes_c, jnp.zeros(3, bool), 1.0)
     assert float(none_valid) == 0.0
+
+
+def test_listnet_asks_for_the_teachers_order_only():
+    teacher = jnp.array([[3.0, 1.0, 0.0, -2.0, 0.5], [0.0, 2.0, -1.0, 1.0, 4.0]])
+    # any positive scale and offset of the teacher per row: nothing to learn
+    same_order = 7.0 * teacher + jnp.array([[2.0], [-5.0]])
+    assert float(losses.listnet(same_order, teacher)) == pytest.approx(0.0, abs=1e-6)
+    reversed_order = -teacher
+    assert float(losses.listnet(reversed_order, teacher)) > 0.5
+    # the KL of the two row-standardised softmaxes, by hand
+    z = lambda x: (x - x.mean(-1, keepdims=True)) / x.std(-1, keepdims=True)
+    student = np.asarray([[0.0, 1.0, 2.0, 3.0, 4.0], [1.0, 0.0, 1.0, 0.0, 2.0]], np.float32)
+    expected = _kl(_softmax(z(np.asarray(teacher))), _softmax(z(student))).mean()
+    assert float(losses.listnet(jnp.asarray(student), teacher)) == pytest.approx(expected, rel=1e-4)
+    # gradient steps on the student move its order to the teacher's; none reaches the teacher
+    grad_t = jax.grad(lambda t: losses.listnet(jnp.asarray(student), t))(teacher)
+    chex.assert_trees_all_equal(grad_t, jnp.zeros_like(teacher))
+    s = jnp.asarray(student)
+    for _ in range(200):
+        s = s - 2.0 * jax.grad(losses.listnet)(s, teacher)
+    np.testing.assert_array_equal(np.argsort(np.asarray(s)), np.argsort(np.asarray(teacher)))

@@ -69,7 +69,10 @@ def load_classifier(config, workdir: str) -> FrozenClassifier:
 def new_generator(config, site_channels, num_classes) -> generator.Generator:
     model = config.generator.model.to_dict()
     model["pooling"] = tuple(model["pooling"])
-    return generator.Generator(site_channels, num_classes, **model, rngs=nnx.Rngs(config.seed + 1))
+    rank_head = config.generator.loss.w_rank > 0  # the rank term trains a head of its own
+    return generator.Generator(
+        site_channels, num_classes, **model, rank_head=rank_head, rngs=nnx.Rngs(config.seed + 1)
+    )
 
 
 def load_generator(

@@ -1,8 +1,10 @@
 """The config a run records in its workdir (``WORKDIR/config.json``), read back.
 
 A recorded config is merged once over today's defaults (`configs/default.py`, the one source
-of every default): fields added since the run take their default, fields renamed since take
-the recorded value under their new name, and fields retired since are dropped with a note.
+of every default): fields added since the run take their default (or, where the default
+changed what a run builds, `ADDED`'s value: what runs did before the field existed), fields
+renamed since take the recorded value under their new name, and fields retired since are
+dropped with a note.
 """
 
 from __future__ import annotations
@@ -24,6 +26,12 @@ MOVED = {
     "classifier.grad_clip": "train.grad_clip",
     "generator.opt.learning_rate": "generator.learning_rate",
     "generator.opt.warmup_steps": "generator.warmup_steps",
+}
+# Fields added since runs were first recorded whose default changes the model a run built:
+# dotted name -> the value that reproduces runs recorded before the field existed.
+ADDED = {
+    "generator.model.grad_evidence": False,
+    "generator.loss.w_rank": 0.0,
 }
 # Values taken whole (a user's keyword arguments), never merged field by field.
 OPAQUE = ("classifier.factory_kwargs",)
@@ -56,7 +64,11 @@ def merged_over_defaults(recorded: dict) -> tuple[ml_collections.ConfigDict, lis
 
     config = default.get_config()
     dropped = []
-    for name, value in _flat(_tuples(recorded)).items():
+    flat = _flat(_tuples(recorded))
+    for name, value in ADDED.items():
+        if name not in flat:
+            flat[name] = value
+    for name, value in flat.items():
         name = MOVED.get(name, name)
         *parents, leaf = name.split(".")
         node = config

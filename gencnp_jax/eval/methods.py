@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from gencnp_jax.eval import accumulator as metric_accumulator
 from gencnp_jax.eval import baselines, metrics, perturbation
+from gencnp_jax.method import evidence
 from gencnp_jax.models import daq
 from gencnp_jax.models import gates as gates_lib
 
@@ -41,15 +42,16 @@ def make_score_fns(s: Settings) -> dict[str, ScoreFn]:
     The classifier's fills are the ablation the gradient baselines take as their baseline and
     CDRP optimises under. GEN-CNP ranks by its scores before their sigmoid (sigmoids saturate
     to exactly 1.0 and tie) and also returns its own ``gates`` and the ``full_logits``; CDRP its
-    own ``gates`` (``lambda > cdrp threshold``).
+    own ``gates`` (``lambda > cdrp threshold``). A generator with a rank head ranks by that
+    head and gates by its gate head.
     """
 
     def gencnp(generator, classifier, images):
-        full_logits_BxK, features = classifier.classify(images)
-        logits = generator.logits(features)
+        full_logits_BxK, features, fo = evidence.read(classifier, images, generator.reads_gradients)
+        logits = generator.logits(features, fo)
         gates = s.daq.binarize({site: jax.nn.sigmoid(v) for site, v in logits.items()})
         return {
-            "scores": gates_lib.flatten(logits),
+            "scores": gates_lib.flatten(generator.ranking(features, fo)),
             "gates": gates_lib.flatten(gates),
             "full_logits": full_logits_BxK,
         }
@@ -161,8 +163,8 @@ def make_sanity_fn(s: Settings):
     generator sees out-of-distribution features)."""
 
     def fn(generator, random_classifier, images, gates_BxN):
-        _, features = random_classifier.classify(images)
-        _, random_gates, _ = generator.pathway(features, s.daq)
+        _, features, fo = evidence.read(random_classifier, images, generator.reads_gradients)
+        _, random_gates, _ = generator.pathway(features, s.daq, fo)
         return metrics.paired_iou_B(gates_BxN, gates_lib.flatten(random_gates))
 
     return jax.jit(fn)

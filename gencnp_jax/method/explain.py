@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gencnp_jax.method import pathway
+from gencnp_jax.method import evidence, pathway
 from gencnp_jax.models import daq
 from gencnp_jax.models.frozen import FrozenClassifier, FrozenGenerator
 
@@ -24,7 +24,8 @@ def explain(
     images_BxHxWxC: jax.Array,
     settings: daq.Settings,
 ) -> Pathway:
-    """GEN-CNP in one pass: clean forward, generator, gated forward (pure, jit-able).
+    """GEN-CNP in one pass: clean forward (and its backward, for a generator that reads
+    first-order effects), generator, gated forward (pure, jit-able).
 
     Args:
       generator: the trained generator.
@@ -41,8 +42,10 @@ def explain(
             f"images must be a float NHWC batch (rank 4), got shape {tuple(images_BxHxWxC.shape)} "
             f"of {images_BxHxWxC.dtype}: normalise uint8 images with data.normalize"
         )
-    full_logits_BxK, features = classifier.classify(images_BxHxWxC)
-    scores, gates, _ = generator.pathway(features, settings)
+    full_logits_BxK, features, fo = evidence.read(
+        classifier, images_BxHxWxC, generator.reads_gradients
+    )
+    scores, gates, _ = generator.pathway(features, settings, fo)
     pathway_logits_BxK = classifier.logits(images_BxHxWxC, gates)
     return Pathway.create(gates, scores, full_logits_BxK, pathway_logits_BxK)
 

@@ -11,7 +11,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-TERMS = ("kd", "hinge", "sparsity", "pdn", "leak", "distill", "ranked", "ranked_leak")
+TERMS = ("kd", "hinge", "sparsity", "pdn", "leak", "distill", "rank", "ranked")
 
 
 def masked_mean(
@@ -131,6 +131,24 @@ def mask_bce(scores_BxN: jax.Array, target_masks_BxN: jax.Array, eps: float = 1e
     return -jnp.mean(t * jnp.log(s) + (1.0 - t) * jnp.log1p(-s))
 
 
+def listnet(student_logits_BxN: jax.Array, teacher_logits_BxN: jax.Array) -> jax.Array:
+    """Listwise ranking distillation (ours, after ListNet): the mean over rows of
+    ``KL(softmax(z(t)) || softmax(z(s)))``, ``z`` each row standardised to mean 0 and std 1.
+
+    The standardisation makes the term blind to each row's offset and scale, so it asks only
+    for the teacher's order (the top of it most: softmax weighs it); 0 when ``z(s) = z(t)``.
+    The teacher (PIO's optimised gate logits) is stop-gradient.
+    """
+
+    def z(x_BxN):
+        x_BxN = x_BxN - jnp.mean(x_BxN, -1, keepdims=True)
+        return x_BxN / (jnp.std(x_BxN, -1, keepdims=True) + 1e-6)
+
+    log_p = jax.nn.log_softmax(z(jax.lax.stop_gradient(teacher_logits_BxN)), -1)
+    log_q = jax.nn.log_softmax(z(student_logits_BxN), -1)
+    return jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), -1))
+
+
 def sparsity_ramp(
     step: int | jax.Array, ramp_steps: int | jax.Array, final_weight: float | jax.Array
 ) -> jax.Array:
@@ -159,8 +177,8 @@ class LossWeights:
     pdn: jax.Array
     leak: jax.Array
     distill: jax.Array
+    rank: jax.Array
     ranked: jax.Array
-    ranked_leak: jax.Array
 
     @classmethod
     def create(cls, **weights: float) -> LossWeights:

@@ -13,15 +13,15 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from gencnp_jax.method import losses
+from gencnp_jax.method import evidence, losses
 from gencnp_jax.models import daq
 from gencnp_jax.models import gates as gates_lib
 from gencnp_jax.models.frozen import FrozenClassifier
 
 # The terms that need x' (the partner of another class) gated with x's pathway.
 PARTNER_TERMS = ("leak",)
-# The terms that gate x (and x') with the top fraction of x's own scores.
-RANKED_TERMS = ("ranked", "ranked_leak")
+# The terms that read the PIO targets (the batch's ``target_images``).
+TARGET_TERMS = ("distill", "rank")
 
 
 @flax.struct.dataclass
@@ -67,36 +67,39 @@ def loss_terms(
     """The loss terms named in `terms` for one batch; one gated pass covers every gating.
 
     Args:
-      model: the generator (``features -> (scores, q_logits)``).
+      model: the generator (`models.generator.Generator`).
       classifier: the frozen classifier, closed gates taking the run's ablation fills.
       batch: ``images`` and what the full classifier says of them: ``full_logits``, ``pred``,
         the different-class ``partner`` and ``has_partner``; for ``distill``,
-        ``target_images`` and ``target_masks`` (PIO masks, `method/pio.py`); for the
-        ``ranked`` terms, ``ranked_density`` (``f32[B]``): x gated with the top fraction of its
-        own scores at that density must keep the full model's prediction (``ranked``) and must
-        not bring x's class near the top on x' (``ranked_leak``).
+        ``target_images`` and ``target_masks`` (PIO masks, `method/pio.py`), and for ``rank``
+        ``teacher_logits`` (PIO's gate logits, whose order the generator's ranking learns,
+        `losses.listnet`); for ``ranked``, ``ranked_density`` (``f32[B]``): x gated with the
+        top fraction of its own ranking at that density must keep the full model's prediction.
       hp: the step's hyper-parameters.
-      terms: the terms to compute (static: `losses.LossWeights.active`); ``distill`` only
-        where the batch holds targets.
+      terms: the terms to compute (static: `losses.LossWeights.active`); ``distill`` and
+        ``rank`` only where the batch holds targets.
 
     Returns:
       ``(terms, gates, pathway_logits_BxK, scores_flat_BxN)``.
     """
     images, full_logits, pred = batch["images"], batch["full_logits"], batch["pred"]
     partner, has_partner = batch["partner"], batch["has_partner"]
-    features = classifier.classify(images)[1]
-    scores, q_logits_BxK = model(features)
+    _, features, fo = evidence.read(classifier, images, model.grad_evidence)
+    out = model.outputs(features, fo)
+    scores = {s: jax.nn.sigmoid(v) for s, v in out["gate"].items()}
+    q_logits_BxK = out["q"]
     settings = daq.Settings(hp.temperature, hp.sigma)
     gates = settings.binarize(scores)
     scores_flat = gates_lib.flatten(scores)
     passes = {"pathway": (images, gates)}
     if any(t in terms for t in PARTNER_TERMS):
         passes["partner"] = (images[partner], gates)  # x' gated with P(x)
-    if any(t in terms for t in RANKED_TERMS):  # x, then x', gated with x's top scores
-        top = daq.top_fraction(scores_flat, batch["ranked_density"], daq.TOP_FRACTION_WIDTH)
-        top = gates_lib.unflatten(top, {s: v.shape[-1] for s, v in scores.items()})
-        passes["ranked"] = (images, top)
-        passes["ranked_partner"] = (images[partner], top)
+    if "ranked" in terms:  # x gated with the top of its own ranking
+        ranking = (
+            scores_flat if out["rank"] is None else jax.nn.sigmoid(gates_lib.flatten(out["rank"]))
+        )
+        top = daq.top_fraction(ranking, batch["ranked_density"], daq.TOP_FRACTION_WIDTH)
+        passes["ranked"] = (images, gates_lib.unflatten(top, model.site_channels))
     all_logits, _ = classifier.classify(
         jnp.concatenate([x for x, _ in passes.values()]),
         jax.tree.map(lambda *g: jnp.concatenate(g), *[g for _, g in passes.values()]),
@@ -110,13 +113,18 @@ def loss_terms(
         "pdn": lambda: losses.pdn_kl(full_logits, q_logits_BxK),
         "leak": lambda: losses.leakage_hinge(logits["partner"], pred, has_partner, hp.leak_margin),
         "ranked": lambda: losses.distillation_kl(full_logits, logits["ranked"], hp.tau),
-        "ranked_leak": lambda: losses.leakage_hinge(
-            logits["ranked_partner"], pred, has_partner, hp.leak_margin
-        ),
-        "distill": lambda: losses.mask_bce(
-            gates_lib.flatten(model(classifier.classify(batch["target_images"])[1])[0]),
-            batch["target_masks"],
-        ),
     }
-    terms = [t for t in terms if t != "distill" or "target_images" in batch]
+    terms = [t for t in terms if t not in TARGET_TERMS or "target_images" in batch]
+    if any(t in terms for t in TARGET_TERMS):  # one generator pass over the targets
+        _, target_features, target_fo = evidence.read(
+            classifier, batch["target_images"], model.grad_evidence
+        )
+        target = model.outputs(target_features, target_fo)
+        compute["distill"] = lambda: losses.mask_bce(
+            jax.nn.sigmoid(gates_lib.flatten(target["gate"])), batch["target_masks"]
+        )
+        target_ranking = target["gate"] if target["rank"] is None else target["rank"]
+        compute["rank"] = lambda: losses.listnet(
+            gates_lib.flatten(target_ranking), batch["teacher_logits"]
+        )
     return {t: compute[t]() for t in terms}, gates, pathway_logits, scores_flat

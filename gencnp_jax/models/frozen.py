@@ -96,25 +96,39 @@ class FrozenClassifier:
 class FrozenGenerator:
     """A GEN-CNP generator as it crosses jit: ``(graphdef, state)``.
 
-    ``generator.pathway(features, daq)`` is one generator pass: scores, exact 0/1 gates (DAQ)
-    and the PDN logits.
+    ``generator.pathway(features, daq, fo)`` is one generator pass: scores, exact 0/1 gates
+    (DAQ) and the PDN logits. `fo` (first-order effects, `method.evidence.read`) is needed when
+    `reads_gradients`.
     """
 
     def __init__(self, graphdef: nnx.GraphDef, state):
         self.graphdef, self.state = graphdef, state
 
-    def __call__(self, features):
-        """``(scores site -> f32[B, C] in [0, 1], q_logits f32[B, K])``."""
-        return nnx.merge(self.graphdef, self.state)(features)
+    def _module(self):
+        return nnx.merge(self.graphdef, self.state)
 
-    def pathway(self, features, settings: daq.Settings):
+    @property
+    def reads_gradients(self) -> bool:
+        """Whether the generator reads first-order effects (a static property of its graph)."""
+        return bool(self._module().grad_evidence)
+
+    def __call__(self, features, fo=None):
+        """``(scores site -> f32[B, C] in [0, 1], q_logits f32[B, K])``."""
+        return self._module()(features, fo)
+
+    def pathway(self, features, settings: daq.Settings, fo=None):
         """``(scores, gates, q_logits)``: the scores, binarized by DAQ (`daq.Settings`)."""
-        scores, q_logits_BxK = self(features)
+        scores, q_logits_BxK = self(features, fo)
         return scores, settings.binarize(scores), q_logits_BxK
 
-    def logits(self, features):
-        """``site -> f32[B, C]``: the scores before their sigmoid (the generator's ranking)."""
-        return nnx.merge(self.graphdef, self.state).logits(features)[0]
+    def logits(self, features, fo=None):
+        """``site -> f32[B, C]``: the gate scores before their sigmoid."""
+        return self._module().logits(features, fo)[0]
+
+    def ranking(self, features, fo=None):
+        """``site -> f32[B, C]``: what orders the channels at fixed densities (the rank head's
+        logits, else the gate logits; `Generator.ranking`)."""
+        return self._module().ranking(features, fo)
 
     def tree_flatten(self):
         return (self.state,), (_Static(self.graphdef),)

@@ -2,6 +2,9 @@
 
 RFE (shallow -> deep embeddings), PDN (class code z and auxiliary class head q), RPD (deep ->
 shallow decoders emitting scores); DAQ turns the scores into binary gates (docs/METHOD.md §3).
+Optionally (ours) the generator also reads each channel's first-order effect (``fo``, one
+backward pass: `method.evidence`), and a separate rank head orders the channels for fixed
+densities while the gate head decides the pathway at the generator's own density.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 CELLS = ("gru", "lstm", "mlp")
+Fo = Mapping[str, jax.Array] | None  # site -> f32[B, C] first-order effects, or none
 POOLINGS = ("avg", "max")
 
 
@@ -66,7 +70,7 @@ def pool(feats_Bx___xC: jax.Array, pooling: Sequence[str]) -> jax.Array:
 
 
 class Generator(nnx.Module):
-    """GEN-CNP generator (docs/METHOD.md §3): ``features -> (scores, q_logits)``.
+    """GEN-CNP generator (docs/METHOD.md §3): ``(features, fo) -> (scores, q_logits)``.
 
     Per-site submodules live in `nnx.List`s indexed in the order of `site_channels`
     (shallow to deep), so site names with ``"/"`` never become attribute names.
@@ -81,7 +85,8 @@ class Generator(nnx.Module):
         cell: str,
         pooling: Sequence[str],
         init_open: float,
-        head_kernel_scale: float,
+        grad_evidence: bool,
+        rank_head: bool,
         rngs: nnx.Rngs,
     ):
         """Hyper-parameters are required keywords: the config holds their defaults.
@@ -93,7 +98,10 @@ class Generator(nnx.Module):
           cell: the recurrent cell of RFE and RPD, one of `CELLS`.
           pooling: the global pools of each site's feature map, from `POOLINGS`.
           init_open: the initial score of every gate, in (0, 1).
-          head_kernel_scale: variance scale of the score heads' kernels.
+          grad_evidence: read each channel's first-order effect ``fo`` (`method.evidence`)
+            beside its pools: in the embedders' inputs and in its gate logit.
+          rank_head: a second per-site head whose logits rank the channels at fixed densities
+            (`ranking`); without it the gate logits rank them.
         """
         if not 0.0 < init_open < 1.0:
             raise ValueError(f"init_open must lie in (0, 1), got {init_open}")
@@ -104,12 +112,15 @@ class Generator(nnx.Module):
         self.site_channels = dict(site_channels)
         self.pooling = tuple(pooling)
         self.hidden = hidden
+        self.grad_evidence = grad_evidence
+        self.rank_head = rank_head
         d, npool = hidden, len(self.pooling)
-        # RFE: u_l = Dense(LayerNorm([GAP, GMP])), e_l = Cell(e_{l-1}, u_l); the LayerNorm
+        nin = npool + int(grad_evidence)  # per-channel inputs of the embedders
+        # RFE: u_l = Dense(LayerNorm([GAP, GMP(, fo)])), e_l = Cell(e_{l-1}, u_l); the LayerNorm
         # because pooled features of different sites live on very different scales.
         channels = list(site_channels.values())
-        self.rfe_in = nnx.List([nnx.Linear(npool * c, d, rngs=rngs) for c in channels])
-        self.rfe_norm = nnx.List([nnx.LayerNorm(npool * c, rngs=rngs) for c in channels])
+        self.rfe_in = nnx.List([nnx.Linear(nin * c, d, rngs=rngs) for c in channels])
+        self.rfe_norm = nnx.List([nnx.LayerNorm(nin * c, rngs=rngs) for c in channels])
         self.rfe_cells = nnx.List([Cell(cell, d, rngs=rngs) for _ in self.sites])
         # PDN: z = MLP([e_L, mean_l e_l]); q = W z.
         self.pdn_1 = nnx.Linear(2 * d, d, rngs=rngs)
@@ -120,7 +131,7 @@ class Generator(nnx.Module):
         self.rpd_in = nnx.List([nnx.Linear(2 * d, d, rngs=rngs) for _ in self.sites])
         self.rpd_cells = nnx.List([Cell(cell, d, rngs=rngs) for _ in self.sites])
         # Bias logit(init_open): gates start mostly open, not collapsed.
-        kernel = nnx.initializers.variance_scaling(head_kernel_scale, "fan_in", "truncated_normal")
+        kernel = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
         bias = nnx.initializers.constant(math.log(init_open / (1.0 - init_open)))
         self.score_heads = nnx.List(
             [nnx.Linear(d, c, kernel_init=kernel, bias_init=bias, rngs=rngs) for c in channels]
@@ -133,6 +144,21 @@ class Generator(nnx.Module):
         )
         self.pool_mean = nnx.List([PoolStats(jnp.zeros((npool * c,))) for c in channels])
         self.pool_std = nnx.List([PoolStats(jnp.ones((npool * c,))) for c in channels])
+        if grad_evidence:  # + gamma_k fo_k in each gate logit
+            self.fo_weight = nnx.List(
+                [nnx.Param(jnp.full((c,), 0.5, jnp.float32)) for c in channels]
+            )
+        if rank_head:  # rank_l = Dense(h_l) + sum_p alpha'_{p,k} z_p(k) (+ gamma'_k fo_k)
+            self.rank_heads = nnx.List(
+                [nnx.Linear(d, c, kernel_init=kernel, rngs=rngs) for c in channels]
+            )
+            self.rank_evidence = nnx.List(
+                [nnx.Param(jnp.full((npool, c), 0.5, jnp.float32)) for c in channels]
+            )
+            if grad_evidence:
+                self.rank_fo_weight = nnx.List(
+                    [nnx.Param(jnp.full((c,), 1.0, jnp.float32)) for c in channels]
+                )
 
     def set_pool_stats(self, stats: Mapping[str, tuple[jax.Array, jax.Array]]) -> None:
         """Stores the training-set ``(mean, std)`` of each site's pooled features,
@@ -145,12 +171,18 @@ class Generator(nnx.Module):
             self.pool_mean[i].value = jnp.asarray(mean, jnp.float32)
             self.pool_std[i].value = jnp.maximum(jnp.asarray(std, jnp.float32), 1e-6)
 
-    def embed(self, features: Mapping[str, jax.Array]) -> tuple[list[jax.Array], list[jax.Array]]:
+    def embed(
+        self, features: Mapping[str, jax.Array], fo: Fo = None
+    ) -> tuple[list[jax.Array], list[jax.Array]]:
         """RFE, shallow to deep: ``([e_1, ..., e_L], [pooled_1, ...])``, ``e_l`` ``f32[B, D]``,
         ``pooled_l`` the site's global pools ``f32[B, len(pooling) * C_l]``."""
         missing = [s for s in self.sites if s not in features]
         if missing:
             raise KeyError(f"features lack gate sites {missing}; generator sites: {self.sites}")
+        if self.grad_evidence and fo is None:
+            raise ValueError(
+                "this generator reads first-order effects: pass fo (method.evidence.read)"
+            )
         batch = features[self.sites[0]].shape[0]
         carry = self.rfe_cells[0].from_hidden(jnp.zeros((batch, self.hidden), jnp.float32))
         embeddings, pooled = [], []
@@ -158,33 +190,72 @@ class Generator(nnx.Module):
             # The classifier is frozen: no gradient flows into its features.
             feats = jax.lax.stop_gradient(features[site]).astype(jnp.float32)
             pooled_BxP = pool(feats, self.pooling)
-            carry, e_BxD = self.rfe_cells[i](carry, self.rfe_in[i](self.rfe_norm[i](pooled_BxP)))
+            inputs_BxP = pooled_BxP
+            if self.grad_evidence:
+                inputs_BxP = jnp.concatenate([pooled_BxP, jax.lax.stop_gradient(fo[site])], -1)
+            carry, e_BxD = self.rfe_cells[i](carry, self.rfe_in[i](self.rfe_norm[i](inputs_BxP)))
             embeddings.append(e_BxD)
             pooled.append(pooled_BxP)
         return embeddings, pooled
 
-    def _evidence(self, i: int, pooled_BxP: jax.Array) -> jax.Array:
+    def _evidence(self, i: int, pooled_BxP: jax.Array, alpha_PxC: jax.Array) -> jax.Array:
         """``sum_p alpha_{p,k} z_p(k)`` per channel: ``f32[B, C]``."""
         z_BxP = (pooled_BxP - self.pool_mean[i].value) / self.pool_std[i].value
         z_BxNxC = z_BxP.reshape(z_BxP.shape[0], len(self.pooling), -1)
-        return jnp.sum(z_BxNxC * self.evidence[i].value[None], axis=1)
+        return jnp.sum(z_BxNxC * alpha_PxC[None], axis=1)
 
-    def __call__(self, features: Mapping[str, jax.Array]) -> tuple[dict[str, jax.Array], jax.Array]:
+    def __call__(self, features: Mapping[str, jax.Array], fo: Fo = None):
         """Scores ``site -> f32[B, C_site]`` in ``[0, 1]`` and PDN logits ``f32[B, K]``."""
-        logits, q_logits_BxK = self.logits(features)
+        logits, q_logits_BxK = self.logits(features, fo)
         return {site: jax.nn.sigmoid(v) for site, v in logits.items()}, q_logits_BxK
 
-    def logits(self, features: Mapping[str, jax.Array]) -> tuple[dict[str, jax.Array], jax.Array]:
-        """The scores before their sigmoid, ``site -> f32[B, C_site]`` (what ranks the channels:
-        sigmoids saturate to exactly 1.0 and tie), and the PDN logits ``f32[B, K]``."""
-        embeddings, pooled = self.embed(features)
+    def logits(self, features: Mapping[str, jax.Array], fo: Fo = None):
+        """The scores before their sigmoid, ``site -> f32[B, C_site]``, and the PDN logits
+        ``f32[B, K]``."""
+        out = self.outputs(features, fo)
+        return out["gate"], out["q"]
+
+    def ranking(self, features: Mapping[str, jax.Array], fo: Fo = None) -> dict[str, jax.Array]:
+        """``site -> f32[B, C_site]``: what orders the channels at a fixed density, the rank
+        head's logits, else the gate logits (never their sigmoids: those saturate and tie)."""
+        out = self.outputs(features, fo)
+        return out["gate"] if out["rank"] is None else out["rank"]
+
+    def outputs(self, features: Mapping[str, jax.Array], fo: Fo = None) -> dict:
+        """One pass: ``{"gate": site -> f32[B, C] logits, "rank": the rank head's logits (None
+        without one), "q": PDN logits f32[B, K]}``.
+
+        Args:
+          features: ``site -> f32[B, ..., C]``, the classifier's clean feature maps.
+          fo: ``site -> f32[B, C]``, the first-order effects (`method.evidence.read`); required
+            when the generator reads them, ignored otherwise.
+        """
+        embeddings, pooled = self.embed(features, fo)
         e_mean = jnp.mean(jnp.stack(embeddings), axis=0)
         z_BxD = self.pdn_2(nnx.gelu(self.pdn_1(jnp.concatenate([embeddings[-1], e_mean], -1))))
         q_logits_BxK = self.q_head(z_BxD)
         carry = self.rpd_cells[-1].from_hidden(jnp.tanh(self.rpd_init(z_BxD)))
-        scores = {}
+        gate, rank = {}, {}
         for i in reversed(range(len(self.sites))):
+            site = self.sites[i]
             u_BxD = self.rpd_in[i](jnp.concatenate([z_BxD, embeddings[i]], axis=-1))
             carry, h_BxD = self.rpd_cells[i](carry, u_BxD)
-            scores[self.sites[i]] = self.score_heads[i](h_BxD) + self._evidence(i, pooled[i])
-        return {site: scores[site] for site in self.sites}, q_logits_BxK
+            gate_BxC = self.score_heads[i](h_BxD) + self._evidence(
+                i, pooled[i], self.evidence[i].value
+            )
+            fo_BxC = jax.lax.stop_gradient(fo[site]) if self.grad_evidence else None
+            if self.grad_evidence:
+                gate_BxC = gate_BxC + self.fo_weight[i].value * fo_BxC
+            gate[site] = gate_BxC
+            if self.rank_head:
+                rank_BxC = self.rank_heads[i](h_BxD) + self._evidence(
+                    i, pooled[i], self.rank_evidence[i].value
+                )
+                if self.grad_evidence:
+                    rank_BxC = rank_BxC + self.rank_fo_weight[i].value * fo_BxC
+                rank[site] = rank_BxC
+        return {
+            "gate": {site: gate[site] for site in self.sites},
+            "rank": {site: rank[site] for site in self.sites} if self.rank_head else None,
+            "q": q_logits_BxK,
+        }

@@ -321,9 +321,11 @@ class References:
     instance_reference: references.InstanceReference
 
 
-def reference_phase(ev: Evaluation, config, workdir: str, tables: ClassTables) -> References:
+def reference_phase(
+    ev: Evaluation, config, workdir: str, tables: ClassTables, scores: Scores
+) -> References:
     """Phase 4: both references at every fixed density; the class reference's candidates
-    chosen on the validation images."""
+    chosen on the validation images, the baselines' scores among the instance reference's."""
     classifier = ev.classifier(ev.headline)
     found = references.searches(config, workdir, ev.run, classifier, ev.subset, ev.densities)
     candidates = {
@@ -334,7 +336,10 @@ def reference_phase(ev: Evaluation, config, workdir: str, tables: ClassTables) -
     class_ref = references.class_reference(
         ev.run, classifier, found, candidates, ev.validation, ev.densities
     )
-    instance_ref = references.instance_reference(ev.run, classifier, found, ev.subset, class_ref)
+    baseline_scores = {n: s for n, s in scores.per_method.items() if n not in ("gencnp", "random")}
+    instance_ref = references.instance_reference(
+        ev.run, classifier, found, ev.subset, class_ref, baseline_scores
+    )
     return References(class_ref, instance_ref)
 
 
@@ -766,7 +771,7 @@ def evaluate(config, workdir: str) -> dict:
     with timings.phase("validation"):
         val_block = validation_block(ev, score_fns, tables[ev.headline])
     with timings.phase("references"):
-        refs = reference_phase(ev, config, workdir, tables[ev.headline])
+        refs = reference_phase(ev, config, workdir, tables[ev.headline], scores[ev.headline])
     names = ("gencnp", "gencnp_transfer", *eval_methods.SCORED[1:], "random")
     names += tuple(_control_name(kind, src) for kind in CONTROLS for src in CONTROL_SOURCES)
     others = (m for m in eval_methods.SCORED if m not in CONTROL_SOURCES)

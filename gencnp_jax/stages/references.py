@@ -9,9 +9,10 @@
   training images, chosen on validation images, never fitted to the test images.
 * The **instance reference** is the best per-image mask we can find, on the first
   ``eval.reference_examples`` images of the common test subset. Its candidates: the image's
-  PIO ranking, an instance search started from it, and the class reference's mask of the
-  image's class. Each image keeps the candidate with its lowest drop in confidence, so on
-  every image it is at most the class reference.
+  PIO ranking, an instance search started from it, the class reference's mask of the image's
+  class, and the top-d of every per-instance baseline's scores (CDRP, the gradient methods:
+  never GEN-CNP's own). Each image keeps the candidate with its lowest drop in confidence, so
+  on every image it is at most the class reference and at most every baseline.
 
 Both are yardsticks, not bounds: better masks may exist. The searches depend on the classifier
 alone, not on the generator: they are cached in ``WORKDIR/eval/references/`` and reused while
@@ -310,9 +311,12 @@ class InstanceReference:
     sources: dict[str, dict[str, int]]
 
 
-def instance_reference(run, classifier, found: Searches, subset, reference: ClassReference):
+def instance_reference(
+    run, classifier, found: Searches, subset, reference: ClassReference, baseline_scores: dict
+):
     """The instance reference: per density and image, the candidate mask (its PIO ranking,
-    the instance search from it, its class's class-reference mask) with the lowest drop."""
+    the instance search from it, its class's class-reference mask, the top-d of each of
+    `baseline_scores`, ``name -> f32[B_subset, N]``) with the lowest drop."""
     n = len(found.pio_BxN)
     images, full, classes = subset.images[:n], subset.full_logits[:n], subset.classes[:n]
     masks, drop, class_drop, sources = {}, {}, {}, {}
@@ -325,6 +329,9 @@ def instance_reference(run, classifier, found: Searches, subset, reference: Clas
             ),
             "class_reference": class_masks_KxN[classes],
         }
+        for name, scores_BxN in baseline_scores.items():
+            key = run.key("reference", name, d)
+            candidates[name] = _top(np.asarray(scores_BxN)[:n], float(d), key, rows_B)
         per = {name: drops(run, classifier, images, full, m) for name, m in candidates.items()}
         names = list(candidates)
         stacked_CxB = np.stack([per[name] for name in names])

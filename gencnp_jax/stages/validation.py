@@ -114,9 +114,8 @@ def _check_eval(e) -> None:
 def _check_ranked(loss) -> None:
     """The ``ranked`` terms' weights and density range."""
     span = tuple(loss.ranked_density)
-    for field in ("w_ranked", "w_ranked_leak"):
-        if not loss[field] >= 0:
-            raise ConfigError(f"config.generator.loss.{field}={loss[field]!r} must be >= 0")
+    if not loss.w_ranked >= 0:
+        raise ConfigError(f"config.generator.loss.w_ranked={loss.w_ranked!r} must be >= 0")
     if len(span) != 2 or not 0 < span[0] <= span[1] < 1:
         raise ConfigError(
             f"config.generator.loss.ranked_density={span!r} must be "
@@ -128,7 +127,14 @@ def _check_pio(g) -> None:
     """The PIO targets' sizes (only when the distill term is on)."""
     if g.loss.w_distill < 0:
         raise ConfigError(f"config.generator.loss.w_distill={g.loss.w_distill!r} must be >= 0")
+    if not g.loss.w_rank >= 0:
+        raise ConfigError(f"config.generator.loss.w_rank={g.loss.w_rank!r} must be >= 0")
     if g.loss.w_distill == 0:
+        if g.loss.w_rank > 0:
+            raise ConfigError(
+                f"config.generator.loss.w_rank={g.loss.w_rank!r} learns the PIO targets' order: "
+                f"it needs them (config.generator.loss.w_distill > 0), or set w_rank=0"
+            )
         return
     for field in _PIO_INTS:
         value = g.pio[field]

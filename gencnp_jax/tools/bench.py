@@ -22,7 +22,7 @@ from gencnp_jax.eval import baselines
 from gencnp_jax.io import sharding, writers
 from gencnp_jax.io import workdir as workdir_lib
 from gencnp_jax.method import class_bank as bank_lib
-from gencnp_jax.method import explain
+from gencnp_jax.method import evidence, explain
 from gencnp_jax.models import daq
 from gencnp_jax.stages import build_bank, evaluate, validation
 from gencnp_jax.tools import bench_train
@@ -72,18 +72,19 @@ def _inference(models: bench_train.Models, config, mesh, repeats: int, bank) -> 
         "cdrp": jax.jit(lambda c, x: baselines.cdrp(c, x, cdrp_settings)),
         "neuron_mct": jax.jit(lambda c, x: baselines.neuron_mct(c, x, density=0.5)),
         # where GEN-CNP's time goes: the three parts of `explain.explain`, each jitted alone
-        "gencnp/clean_pass": jax.jit(lambda c, x: c.classify(x)),
-        "gencnp/generator": jax.jit(lambda g, feats, st: g.pathway(feats, st)[1]),
+        # (the clean pass includes the backward pass of a generator that reads gradients)
+        "gencnp/clean_pass": jax.jit(lambda g, c, x: evidence.read(c, x, g.reads_gradients)[1:]),
+        "gencnp/generator": jax.jit(lambda g, read, st: g.pathway(read[0], st, read[1])[1]),
         "gencnp/gated_pass": jax.jit(lambda c, x, gates: c.logits(x, gates)),
     }
-    features = fns["gencnp/clean_pass"](classifier, images)[1]
-    gates = fns["gencnp/generator"](generator, features, settings)
+    read = fns["gencnp/clean_pass"](generator, classifier, images)
+    gates = fns["gencnp/generator"](generator, read, settings)
     calls = {
         "forward": lambda: fns["forward"](classifier, images),
         "gencnp": lambda: fns["gencnp"](generator, classifier, images, settings),
         "neuron_mct": lambda: fns["neuron_mct"](classifier, images),
-        "gencnp/clean_pass": lambda: fns["gencnp/clean_pass"](classifier, images),
-        "gencnp/generator": lambda: fns["gencnp/generator"](generator, features, settings),
+        "gencnp/clean_pass": lambda: fns["gencnp/clean_pass"](generator, classifier, images),
+        "gencnp/generator": lambda: fns["gencnp/generator"](generator, read, settings),
         "gencnp/gated_pass": lambda: fns["gencnp/gated_pass"](classifier, images, gates),
     }
     unwrapped = user_model.unwrapped_forward(config, classifier.graphdef)

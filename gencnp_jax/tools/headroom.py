@@ -54,14 +54,14 @@ def headroom(config, workdir: str) -> dict:
     )
     densities = tuple(float(d) for d in e.densities)
     score_fns = eval_methods.make_score_fns(evaluate.settings_from_config(config))
-    gen, _ = evaluate.score(run, classifier, subset.images, score_fns, ("gencnp",))
+    gen, _ = evaluate.score(run, classifier, subset.images, score_fns, eval_methods.SCORED)
     train = inputs.load_data(config, "train")
     ev = evaluate.Evaluation(
         run, subset, val, {config.generator.ablation: classifier.fills},
         (config.generator.ablation,), densities, evaluate.settings_from_config(config), 0,
     )  # fmt: skip
     tables = evaluate.class_tables(ev, score_fns, bank, train.images[: e.control_examples])
-    refs = evaluate.reference_phase(ev, config, workdir, tables[ev.headline])
+    refs = evaluate.reference_phase(ev, config, workdir, tables[ev.headline], gen)
     rows = {}
     for d in densities:
         gencnp = passes.top_k(gen.per_method["gencnp"], d, run.key("gencnp", d))

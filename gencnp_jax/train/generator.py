@@ -48,8 +48,9 @@ def make_train_step(gen_graphdef: nnx.GraphDef, tx, terms: tuple[str, ...]):
     """`step(state, batch, step, classifier, weights, hp) -> (state, metrics)`, jitted.
 
     `batch` is the images, or a dict of ``images`` and the PIO targets of the ``distill``
-    term (``target_images``, ``target_masks``). `state` is a `train_loop.TrainState`
-    (donated); the `FrozenClassifier` (with its ablation fills) is not donated and no gradient
+    and ``rank`` terms (``target_images``, ``target_masks``, ``teacher_logits``). `state` is a
+    `train_loop.TrainState` (donated); the `FrozenClassifier` (with its ablation fills) is not
+    donated and no gradient
     reaches it. `terms` are the loss terms the step computes (`losses.LossWeights.active`): a
     term left out costs nothing.
     """
@@ -61,7 +62,7 @@ def make_train_step(gen_graphdef: nnx.GraphDef, tx, terms: tuple[str, ...]):
         pred = jnp.argmax(full_logits, -1)
         batch = {"images": images, "full_logits": full_logits, "pred": pred, **targets}
         batch["partner"], batch["has_partner"] = losses.partner_indices(pred)
-        if any(t in terms for t in objective.RANKED_TERMS):
+        if "ranked" in terms:
             batch["ranked_density"] = objective.ranked_densities(len(images), step_idx, hp)
         w = objective.step_weights(weights, step_idx, hp)
         model = nnx.merge(gen_graphdef, state.params, state.rest)

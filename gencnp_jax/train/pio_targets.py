@@ -207,12 +207,15 @@ def _prepare_cache(cache_dir: str | None, settings: dict) -> None:
 
 
 def step_batches(config, targets: Targets, split, mesh, seed: int):
-    """``step -> {target_images, target_masks}``: `pio.per_step` targets per train step
-    (`Targets.distill_targets` at `pio.target_temperature`)."""
+    """``step -> {target_images, target_masks[, teacher_logits]}``: `pio.per_step` targets per
+    train step (`Targets.distill_targets` at `pio.target_temperature`; the optimised logits
+    themselves for the ``rank`` term when its weight is > 0)."""
     table_MxN = targets.distill_targets(float(config.generator.pio.target_temperature))
+    rank = config.generator.loss.w_rank > 0
     arrays_at = lambda j: {
         "target_images": inputs.normalize(config, split.images[targets.indices[j]]),
         "target_masks": table_MxN[j],
+        **({"teacher_logits": targets.logits_flat[j]} if rank else {}),
     }
     per_step = int(config.generator.pio.per_step)
     return train_loop.batches_at(mesh, arrays_at, len(targets.indices), per_step, seed)
