@@ -24,7 +24,7 @@ from gencnp_jax.context import inputs, loading, record
 from gencnp_jax.eval import saliency as saliency_lib
 from gencnp_jax.io import batched, data, sharding, writers
 from gencnp_jax.method.explain import jit_explain
-from gencnp_jax.method.pathway import Pathway
+from gencnp_jax.method.pathway import SITE_FIELDS, Pathway
 from gencnp_jax.models import daq
 from gencnp_jax.models.frozen import FrozenClassifier, FrozenGenerator
 
@@ -168,7 +168,7 @@ class Explainer:
 
         p = self.map_batches(fn, images, batch_size, desc="explain")
         sites = list(self.classifier.site_channels)  # jit returns them sorted by name
-        p = p.replace(gates={s: p.gates[s] for s in sites}, scores={s: p.scores[s] for s in sites})
+        p = p.replace(**{f: {s: getattr(p, f)[s] for s in sites} for f in SITE_FIELDS})
         return jax.tree.map(jnp.asarray, p)
 
     def saliency_fn(self, site: str) -> Callable:

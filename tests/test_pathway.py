@@ -80,3 +80,19 @@ def test_save_load_round_trip(tmp_path):
     assert list(q.gates) == list(SITES)
     numpy_dict = p.to_numpy()
     assert isinstance(numpy_dict["gates"]["block1/conv1"], np.ndarray)
+
+
+def test_ranking_defaults_to_the_scores_logits_and_survives_save_and_old_files(tmp_path):
+    p = _pathway()
+    for site, scores in p.scores.items():  # the same order as the scores
+        np.testing.assert_array_equal(
+            np.argsort(np.asarray(p.ranking[site])), np.argsort(np.asarray(scores))
+        )
+    ranked = p.replace(ranking={s: -v for s, v in p.ranking.items()})  # e.g. a rank head's
+    ranked.save(tmp_path / "ranked.npz")
+    chex.assert_trees_all_equal(Pathway.load(tmp_path / "ranked.npz").ranking, ranked.ranking)
+    # a file saved before pathways had a ranking: the scores' logits
+    with np.load(tmp_path / "ranked.npz") as data:
+        old = {k: data[k] for k in data.files if not k.startswith("ranking/")}
+    np.savez(tmp_path / "old.npz", **old)
+    chex.assert_trees_all_close(Pathway.load(tmp_path / "old.npz").ranking, p.ranking, rtol=1e-5)

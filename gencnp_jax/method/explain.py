@@ -46,8 +46,9 @@ def explain(
         classifier, images_BxHxWxC, generator.reads_gradients
     )
     scores, gates, _ = generator.pathway(features, settings, fo)
+    ranking = generator.ranking(features, fo)
     pathway_logits_BxK = classifier.logits(images_BxHxWxC, gates)
-    return Pathway.create(gates, scores, full_logits_BxK, pathway_logits_BxK)
+    return Pathway.create(gates, scores, full_logits_BxK, pathway_logits_BxK, ranking=ranking)
 
 
 jit_explain = jax.jit(explain)  # the one jitted explain of the package (pytrees: no rebinding)

@@ -17,6 +17,7 @@ import numpy as np
 from gencnp_jax.models import gates as gates_lib
 
 _ARRAY_FIELDS = ("explained_class", "full_logits", "pathway_logits")
+SITE_FIELDS = ("gates", "scores", "ranking")  # site -> f32[B, C] each
 
 
 @flax.struct.dataclass
@@ -26,16 +27,21 @@ class Pathway:
     Attributes:
       gates: ``site -> f32[B, C]``, exactly 0/1: the kept neurons.
       scores: ``site -> f32[B, C]``: the scores the gates were rounded from.
+      ranking: ``site -> f32[B, C]``: logits that order the neurons, most important first,
+        for a pathway at a fixed density (the generator's rank head; without one, the
+        scores' logits).
       explained_class: ``i32[B]``: the class each pathway explains (``H``'s prediction).
       full_logits: ``f32[B, K]``: logits of the full model.
       pathway_logits: ``f32[B, K]``: logits of the model restricted to the pathway.
 
     Note: jax sorts dict keys when it flattens a pytree, so after a jit round trip the site
-    order of `gates` / `scores` is alphabetical; every method here is order-independent.
+    order of `gates` / `scores` / `ranking` is alphabetical; every method here is
+    order-independent.
     """
 
     gates: dict[str, jax.Array]
     scores: dict[str, jax.Array]
+    ranking: dict[str, jax.Array]
     explained_class: jax.Array
     full_logits: jax.Array
     pathway_logits: jax.Array
@@ -48,13 +54,20 @@ class Pathway:
         full_logits_BxK: jax.Array,
         pathway_logits_BxK: jax.Array,
         explained_class_B: jax.Array | None = None,
+        ranking: Mapping[str, jax.Array] | None = None,
     ) -> Pathway:
-        """Builds a Pathway; the explained class defaults to ``argmax(full_logits)``."""
+        """Builds a Pathway; the explained class defaults to ``argmax(full_logits)``, the
+        ranking to the scores' logits."""
         if explained_class_B is None:
             explained_class_B = jnp.argmax(full_logits_BxK, axis=-1)
+        if ranking is None:
+            ranking = {
+                s: jax.scipy.special.logit(jnp.clip(v, 1e-7, 1 - 1e-7)) for s, v in scores.items()
+            }
         return cls(
             gates=dict(gates),
             scores=dict(scores),
+            ranking=dict(ranking),
             explained_class=jnp.asarray(explained_class_B, jnp.int32),
             full_logits=full_logits_BxK,
             pathway_logits=pathway_logits_BxK,
@@ -91,10 +104,11 @@ class Pathway:
         return jax.tree.map(np.asarray, fields)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Writes an ``.npz`` file (keys ``gates/<site>``, ``scores/<site>``, the array fields)."""
+        """Writes an ``.npz`` file (keys ``gates/<site>``, ``scores/<site>``,
+        ``ranking/<site>``, the array fields)."""
         arrays = self.to_numpy()
         flat = {name: arrays[name] for name in _ARRAY_FIELDS}
-        for field in ("gates", "scores"):
+        for field in SITE_FIELDS:
             flat.update({f"{field}/{site}": v for site, v in arrays[field].items()})
         flat["sites"] = np.asarray(list(self.gates), dtype=str)
         tmp = f"{os.fspath(path)}.tmp{os.getpid()}"  # renamed into place once whole
@@ -108,12 +122,21 @@ class Pathway:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Pathway:
-        """Reads a file written by `save`; sites come back in the order they were saved."""
+        """Reads a file written by `save`; sites come back in the order they were saved (a
+        file saved before pathways had a ranking gets the scores' logits)."""
         with np.load(path) as data:
             sites = [str(s) for s in data["sites"]]
             fields = {
                 field: {s: jnp.asarray(data[f"{field}/{s}"]) for s in sites}
-                for field in ("gates", "scores")
+                for field in SITE_FIELDS
+                if f"{field}/{sites[0]}" in data
             }
-            fields.update({name: jnp.asarray(data[name]) for name in _ARRAY_FIELDS})
-        return cls(**fields)
+            arrays = {name: jnp.asarray(data[name]) for name in _ARRAY_FIELDS}
+        return cls.create(
+            fields["gates"],
+            fields["scores"],
+            arrays["full_logits"],
+            arrays["pathway_logits"],
+            arrays["explained_class"],
+            fields.get("ranking"),
+        )
