@@ -83,6 +83,7 @@ def test_bench_writes_every_number(tiny_config, bench_workdir, capsys):
 
     expected = {
         "forward",
+        "forward_features",
         "gencnp",
         "cdrp",
         "neuron_mct",
@@ -99,7 +100,9 @@ def test_bench_writes_every_number(tiny_config, bench_workdir, capsys):
         assert r["min_seconds"] == min(r["seconds"]) <= r["median_seconds"]
         assert r["images_per_second"] == pytest.approx(config.bench.batch_size / r["min_seconds"])
     assert saved["inference"]["cdrp"]["steps"] == config.eval.cdrp_steps
-    assert set(saved["ratios"]) >= {"gencnp_vs_forward", "cdrp_vs_gencnp", "clean_pass_vs_forward"}
+    assert set(saved["ratios"]) >= {
+        "gencnp_vs_forward", "cdrp_vs_gencnp", "clean_pass_vs_forward", "features_vs_forward"
+    }  # fmt: skip
     per_image = lambda k: saved["inference"][k]["seconds_per_image"]
     assert saved["ratios"]["gencnp_vs_forward"] == pytest.approx(
         per_image("gencnp") / per_image("forward")

@@ -154,14 +154,18 @@ def train(models: Models, config, mesh, repeats: int, states: TrainStates) -> di
         out["classifier"] = per_step(measure(cls_loop, repeats, cls_bound.jitted))
     gen_bound = train_generator.bound_step(config, gen_gd, models.classifier, gen_tx, mesh)
     gen_batch = images
-    if pio_targets.enabled(config):  # the step's distill term too, on random target masks
+    if pio_targets.enabled(config):  # the step's target terms too, on random targets
         n, count = sum(models.classifier.site_channels.values()), config.generator.pio.per_step
         rows = np.arange(count) % len(models.images)
-        masks = np.random.default_rng(0).integers(0, 2, (count, n)).astype(np.float32)
+        rng = np.random.default_rng(0)
+        targets = {
+            "target_images": models.images[rows],
+            "target_masks": rng.integers(0, 2, (count, n)).astype(np.float32),
+        }
+        if config.generator.loss.w_rank > 0:
+            targets["teacher_logits"] = rng.normal(size=(count, n)).astype(np.float32)
         gen_batch = {"images": images}
-        gen_batch["target_images"], gen_batch["target_masks"] = sharding.shard_batch(
-            mesh, models.images[rows], masks
-        )
+        gen_batch.update(zip(targets, sharding.shard_batch(mesh, *targets.values()), strict=True))
     gen_loop = RepeatedStep(gen_bound, sharding.replicate(mesh, _host_copy(gen_host)), gen_batch)
     out["generator"] = per_step(measure(gen_loop, repeats, gen_bound.jitted))
     return out
