@@ -87,7 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.generator.loss.leak_margin = 1.0  # float >= 0: also the PIO targets' leakage margin
     c.generator.loss.w_distill = 20.0  # float >= 0: BCE to the PIO targets (0: none computed)
     # float >= 0: ListNet of a rank head of its own to the PIO logits' order (the ranking at
-    # fixed densities; 0: no rank head, the gate logits rank)
+    # fixed densities; 0, or no PIO targets: no rank head, the gate logits rank)
     c.generator.loss.w_rank = 20.0
     # Fixed-density faithfulness of the score ranking (off; configs/resnet_ranked.py): x gated
     # with the top fraction of its own scores, the fraction spread over `ranked_density`

@@ -16,6 +16,7 @@ import time
 import jax
 
 from configs import default
+from gencnp_jax.context import loading
 
 
 def generator_kwargs(**overrides) -> dict:
@@ -23,7 +24,7 @@ def generator_kwargs(**overrides) -> dict:
     config = default.get_config()
     model = config.generator.model.to_dict()
     model["pooling"] = tuple(model["pooling"])
-    model["rank_head"] = config.generator.loss.w_rank > 0  # as context.loading builds it
+    model["rank_head"] = loading.has_rank_head(config)  # as context.loading builds it
     return {**model, **overrides}
 
 

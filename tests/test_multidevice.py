@@ -137,10 +137,12 @@ def _compare(arrays, name, rtol, atol):
     return one, two
 
 
-def _assert_moved(arrays, name, one):
-    """Training moved the parameters, so agreeing after N steps is not agreeing at init."""
+def _assert_moved(arrays, name, one, still=()):
+    """Training moved the parameters, so agreeing after N steps is not agreeing at init
+    (leaves whose path holds one of `still` are left out)."""
     init = _run(arrays, f"{name}_init")
     assert init and set(init) <= set(one)
+    init = {k: v for k, v in init.items() if not any(s in k for s in still)}
     moved = [np.max(np.abs(one[k] - v)) > 1e-4 for k, v in init.items()]
     assert np.mean(moved) > 0.9, f"{sum(moved)} of {len(moved)} {name} leaves moved"
 
@@ -161,5 +163,6 @@ def test_generator_step_on_two_devices_matches_one(runs):
     arrays, info = runs
     assert info["generator_2"]["gen_replicated"] and info["generator_2"]["gen_devices"] == 2
     one, _ = _compare(arrays, "generator", rtol=1e-4, atol=1e-5)
-    _assert_moved(arrays, "generator", one)
+    # the rank head learns from PIO targets only, and these steps have none
+    _assert_moved(arrays, "generator", one, still=("rank_",))
     assert np.all(np.isfinite(one["['loss']"]))

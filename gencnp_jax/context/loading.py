@@ -66,10 +66,22 @@ def load_classifier(config, workdir: str) -> FrozenClassifier:
     return FrozenClassifier(graphdef, full_state, model.site_channels, num_classes)
 
 
+def distils_pio_targets(config) -> bool:
+    """Whether the generator learns from PIO targets (a distillation weight and some images)."""
+    g = config.generator
+    return g.loss.w_distill > 0 and g.pio.num_images > 0
+
+
+def has_rank_head(config) -> bool:
+    """Whether the generator has a rank head: the rank term trains it on the PIO targets, so
+    both are needed (without them the gate logits rank)."""
+    return config.generator.loss.w_rank > 0 and distils_pio_targets(config)
+
+
 def new_generator(config, site_channels, num_classes) -> generator.Generator:
     model = config.generator.model.to_dict()
     model["pooling"] = tuple(model["pooling"])
-    rank_head = config.generator.loss.w_rank > 0  # the rank term trains a head of its own
+    rank_head = has_rank_head(config)
     return generator.Generator(
         site_channels, num_classes, **model, rank_head=rank_head, rngs=nnx.Rngs(config.seed + 1)
     )

@@ -20,8 +20,8 @@ from gencnp_jax.models.frozen import FrozenClassifier
 
 # The terms that need x' (the partner of another class) gated with x's pathway.
 PARTNER_TERMS = ("leak",)
-# The terms that read the PIO targets (the batch's ``target_images``).
-TARGET_TERMS = ("distill", "rank")
+# The terms that read the PIO targets, and the batch entry each needs.
+TARGET_TERMS = {"distill": "target_images", "rank": "teacher_logits"}
 
 
 @flax.struct.dataclass
@@ -94,10 +94,8 @@ def loss_terms(
     passes = {"pathway": (images, gates)}
     if any(t in terms for t in PARTNER_TERMS):
         passes["partner"] = (images[partner], gates)  # x' gated with P(x)
-    if "ranked" in terms:  # x gated with the top of its own ranking
-        ranking = (
-            scores_flat if out["rank"] is None else jax.nn.sigmoid(gates_lib.flatten(out["rank"]))
-        )
+    if "ranked" in terms:  # x gated with the top of its own ranking (logits: sigmoids tie)
+        ranking = gates_lib.flatten(out["gate"] if out["rank"] is None else out["rank"])
         top = daq.top_fraction(ranking, batch["ranked_density"], daq.TOP_FRACTION_WIDTH)
         passes["ranked"] = (images, gates_lib.unflatten(top, model.site_channels))
     all_logits, _ = classifier.classify(
@@ -114,7 +112,7 @@ def loss_terms(
         "leak": lambda: losses.leakage_hinge(logits["partner"], pred, has_partner, hp.leak_margin),
         "ranked": lambda: losses.distillation_kl(full_logits, logits["ranked"], hp.tau),
     }
-    terms = [t for t in terms if t not in TARGET_TERMS or "target_images" in batch]
+    terms = [t for t in terms if t not in TARGET_TERMS or TARGET_TERMS[t] in batch]
     if any(t in terms for t in TARGET_TERMS):  # one generator pass over the targets
         _, target_features, target_fo = evidence.read(
             classifier, batch["target_images"], model.grad_evidence

@@ -103,14 +103,19 @@ class Pathway:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return jax.tree.map(np.asarray, fields)
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Writes an ``.npz`` file (keys ``gates/<site>``, ``scores/<site>``,
-        ``ranking/<site>``, the array fields)."""
+    def flat_arrays(self) -> dict[str, np.ndarray]:
+        """What `save` writes: ``gates/<site>``, ``scores/<site>``, ``ranking/<site>``, the
+        array fields and ``sites`` (their order)."""
         arrays = self.to_numpy()
         flat = {name: arrays[name] for name in _ARRAY_FIELDS}
         for field in SITE_FIELDS:
             flat.update({f"{field}/{site}": v for site, v in arrays[field].items()})
         flat["sites"] = np.asarray(list(self.gates), dtype=str)
+        return flat
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes an ``.npz`` file of `flat_arrays` (`load` reads it back)."""
+        flat = self.flat_arrays()
         tmp = f"{os.fspath(path)}.tmp{os.getpid()}"  # renamed into place once whole
         try:
             with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name

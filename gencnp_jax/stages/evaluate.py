@@ -139,7 +139,7 @@ class ClassTables:
     """
 
     tables: dict[str, np.ndarray]
-    bank: ClassBank
+    bank: ClassBank | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,10 +205,10 @@ def score_every_ablation(ev_run, classifiers: dict, images, score_fns) -> tuple[
     return out, full_logits
 
 
-def class_tables(ev: Evaluation, score_fns, bank: ClassBank, train_images) -> dict:
-    """Phase 2: ``{ablation: ClassTables}``: the class pathways' ranking, and every method's
-    training-set mean scores, over all images and per predicted class, under each ablation
-    (`controls.class_mean_scores`)."""
+def class_tables(ev: Evaluation, score_fns, bank: ClassBank | None, train_images) -> dict:
+    """Phase 2: ``{ablation: ClassTables}``: the class pathways' ranking (none without a
+    `bank`), and every method's training-set mean scores, over all images and per predicted
+    class, under each ablation (`controls.class_mean_scores`)."""
     k = ev.run.classifier.num_classes
     out, head = {}, None
     for abl in ev.ablations:
@@ -217,7 +217,7 @@ def class_tables(ev: Evaluation, score_fns, bank: ClassBank, train_images) -> di
         if head is None:
             head, classes_B = scores, full.argmax(-1)
         per_method = {**head.per_method, **scores.per_method}
-        tables = {"gencnp_transfer": bank.ranking()}
+        tables = {} if bank is None else {"gencnp_transfer": bank.ranking()}
         for name, scores_BxN in per_method.items():
             mean_N, mean_KxN = controls.class_mean_scores(scores_BxN, classes_B, k)
             tables[f"class_means_{name}"] = mean_KxN

@@ -71,13 +71,9 @@ def out_dir(workdir: str) -> str:
 def save_pathways(path: str, pathway: Pathway, names: list[str], class_names: list[str]):
     """Writes `pathway` as `Pathway.save` does (`Pathway.load` reads it back), plus ``density``
     ``f32[N]``, ``pathway_class`` ``i32[N]``, the image ``names`` and ``class_names``."""
-    arrays = pathway.to_numpy()
-    flat = {k: arrays[k] for k in ("explained_class", "full_logits", "pathway_logits")}
-    for field in ("gates", "scores"):
-        flat.update({f"{field}/{site}": v for site, v in arrays[field].items()})
-    flat["sites"] = np.asarray(list(pathway.gates), dtype=str)
+    flat = pathway.flat_arrays()
     flat["density"] = np.asarray(pathway.density(), np.float32)
-    flat["pathway_class"] = np.argmax(arrays["pathway_logits"], -1).astype(np.int32)
+    flat["pathway_class"] = np.argmax(flat["pathway_logits"], -1).astype(np.int32)
     flat["names"] = np.asarray(names, dtype=str)
     flat["class_names"] = np.asarray(class_names, dtype=str)
     with writers.atomic_file(path, "wb") as f:  # a file object: savez adds no suffix

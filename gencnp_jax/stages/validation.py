@@ -130,11 +130,6 @@ def _check_pio(g) -> None:
     if not g.loss.w_rank >= 0:
         raise ConfigError(f"config.generator.loss.w_rank={g.loss.w_rank!r} must be >= 0")
     if g.loss.w_distill == 0:
-        if g.loss.w_rank > 0:
-            raise ConfigError(
-                f"config.generator.loss.w_rank={g.loss.w_rank!r} learns the PIO targets' order: "
-                f"it needs them (config.generator.loss.w_distill > 0), or set w_rank=0"
-            )
         return
     for field in _PIO_INTS:
         value = g.pio[field]

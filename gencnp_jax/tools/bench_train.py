@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from gencnp_jax.context import loading
 from gencnp_jax.io import sharding
 from gencnp_jax.method import explain
 from gencnp_jax.models import daq
@@ -162,7 +163,7 @@ def train(models: Models, config, mesh, repeats: int, states: TrainStates) -> di
             "target_images": models.images[rows],
             "target_masks": rng.integers(0, 2, (count, n)).astype(np.float32),
         }
-        if config.generator.loss.w_rank > 0:
+        if loading.has_rank_head(config):
             targets["teacher_logits"] = rng.normal(size=(count, n)).astype(np.float32)
         gen_batch = {"images": images}
         gen_batch.update(zip(targets, sharding.shard_batch(mesh, *targets.values()), strict=True))

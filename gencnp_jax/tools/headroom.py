@@ -35,7 +35,11 @@ def headroom(config, workdir: str) -> dict:
     t0, e = time.time(), config.eval
     classifier = loading.load_classifier(config, workdir)
     generator, classifier, _ = loading.load_generator(config, workdir, classifier)
-    bank = build_bank.load_bank(config, workdir, classifier)
+    try:  # the class pathways are one of the class reference's candidates, if built
+        bank = build_bank.load_bank(config, workdir, classifier)
+    except workdir_lib.StageOrderError:
+        print("headroom: no class-pathway bank in the workdir: its ranking is not a candidate")
+        bank = None
     run = passes.Run(
         inputs.make_mesh(config),
         e.batch_size,

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gencnp_jax.context import inputs
+from gencnp_jax.context import inputs, loading
 from gencnp_jax.eval import metrics
 from gencnp_jax.io import batched, sharding, timings, writers
 from gencnp_jax.method import pio
@@ -61,8 +61,7 @@ class Targets:
 
 def enabled(config) -> bool:
     """Whether the generator distils PIO masks (a weight and some images)."""
-    g = config.generator
-    return g.loss.w_distill > 0 and g.pio.num_images > 0
+    return loading.distils_pio_targets(config)
 
 
 def hparams(config) -> pio.PioHParams:
@@ -211,7 +210,7 @@ def step_batches(config, targets: Targets, split, mesh, seed: int):
     train step (`Targets.distill_targets` at `pio.target_temperature`; the optimised logits
     themselves for the ``rank`` term when its weight is > 0)."""
     table_MxN = targets.distill_targets(float(config.generator.pio.target_temperature))
-    rank = config.generator.loss.w_rank > 0
+    rank = loading.has_rank_head(config)
     arrays_at = lambda j: {
         "target_images": inputs.normalize(config, split.images[targets.indices[j]]),
         "target_masks": table_MxN[j],
