@@ -48,10 +48,9 @@ def make_score_fns(s: Settings) -> dict[str, ScoreFn]:
 
     def gencnp(generator, classifier, images):
         full_logits_BxK, features, fo = evidence.read(classifier, images, generator.reads_gradients)
-        logits = generator.logits(features, fo)
-        gates = s.daq.binarize({site: jax.nn.sigmoid(v) for site, v in logits.items()})
+        _, gates, ranking = generator.pathway_and_ranking(features, s.daq, fo)
         return {
-            "scores": gates_lib.flatten(generator.ranking(features, fo)),
+            "scores": gates_lib.flatten(ranking),
             "gates": gates_lib.flatten(gates),
             "full_logits": full_logits_BxK,
         }

@@ -45,8 +45,7 @@ def explain(
     full_logits_BxK, features, fo = evidence.read(
         classifier, images_BxHxWxC, generator.reads_gradients
     )
-    scores, gates, _ = generator.pathway(features, settings, fo)
-    ranking = generator.ranking(features, fo)
+    scores, gates, ranking = generator.pathway_and_ranking(features, settings, fo)
     pathway_logits_BxK = classifier.logits(images_BxHxWxC, gates)
     return Pathway.create(gates, scores, full_logits_BxK, pathway_logits_BxK, ranking=ranking)
 

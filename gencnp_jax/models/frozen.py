@@ -121,6 +121,11 @@ class FrozenGenerator:
         scores, q_logits_BxK = self(features, fo)
         return scores, settings.binarize(scores), q_logits_BxK
 
+    def pathway_and_ranking(self, features, settings: daq.Settings, fo=None):
+        """``(scores, gates, ranking)`` from one generator pass (`Generator.ranking`)."""
+        scores, ranking = self._module().scores_and_ranking(features, fo)
+        return scores, settings.binarize(scores), ranking
+
     def logits(self, features, fo=None):
         """``site -> f32[B, C]``: the gate scores before their sigmoid."""
         return self._module().logits(features, fo)[0]

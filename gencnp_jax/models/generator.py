@@ -218,8 +218,13 @@ class Generator(nnx.Module):
     def ranking(self, features: Mapping[str, jax.Array], fo: Fo = None) -> dict[str, jax.Array]:
         """``site -> f32[B, C_site]``: what orders the channels at a fixed density, the rank
         head's logits, else the gate logits (never their sigmoids: those saturate and tie)."""
+        return self.scores_and_ranking(features, fo)[1]
+
+    def scores_and_ranking(self, features: Mapping[str, jax.Array], fo: Fo = None):
+        """One pass: the scores ``site -> f32[B, C]`` in [0, 1] and the `ranking` logits."""
         out = self.outputs(features, fo)
-        return out["gate"] if out["rank"] is None else out["rank"]
+        scores = {site: jax.nn.sigmoid(v) for site, v in out["gate"].items()}
+        return scores, out["gate"] if out["rank"] is None else out["rank"]
 
     def outputs(self, features: Mapping[str, jax.Array], fo: Fo = None) -> dict:
         """One pass: ``{"gate": site -> f32[B, C] logits, "rank": the rank head's logits (None
