@@ -51,6 +51,18 @@ def launch_cmd(config, workdir: str, mode: str, *overrides: str) -> list[str]:
     ]
 
 
+def optimised_xla_flags() -> str:
+    """This process's XLA_FLAGS without the suite's optimisation level (conftest.py).
+
+    Compiling without LLVM optimisations saves time where compiling dominates, but a whole
+    pipeline's gradient passes then run far slower: on the imported CNN of
+    `test_user_model.py`, IntGrad's pass on 32 images took 10 s instead of 0.14 s. The
+    end-to-end runs of a pipeline in another process compile with XLA's default.
+    """
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    return " ".join(f for f in flags if not f.startswith("--xla_backend_optimization_level"))
+
+
 def launch_env(**extra: str) -> dict[str, str]:
     """This process's environment plus the suite's persistent XLA cache (if any)."""
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", **extra}

@@ -11,6 +11,7 @@ import sys
 import jax
 import nbformat
 import pytest
+from helpers import optimised_xla_flags
 from nbclient import NotebookClient
 
 import gencnp_jax
@@ -85,7 +86,9 @@ def test_notebook_uses_the_public_api_only(name):
 
 @pytest.mark.slow
 def test_quickstart_notebook_runs(tmp_path, monkeypatch):
-    outputs, text = run_notebook("quickstart.ipynb", tmp_path, monkeypatch)
+    outputs, text = run_notebook(
+        "quickstart.ipynb", tmp_path, monkeypatch, XLA_FLAGS=optimised_xla_flags()
+    )
     assert "Summary:" in text and "same prediction:" in text
     assert _images(outputs) >= 3  # pathway, density histogram, gallery (and the report's chart)
 
@@ -93,7 +96,11 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_explain_your_model_notebook_runs(tmp_path, monkeypatch):
     outputs, text = run_notebook(
-        "explain_your_model.ipynb", tmp_path, monkeypatch, GENCNP_NOTEBOOK_STEPS="40"
+        "explain_your_model.ipynb",
+        tmp_path,
+        monkeypatch,
+        GENCNP_NOTEBOOK_STEPS="40",
+        XLA_FLAGS=optimised_xla_flags(),
     )
     assert "all-ones gates give identical logits: True" in text
     assert "stages/1/act" in text  # list_sites printed the model's own module paths

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import user_models
-from helpers import assert_ok, run_launch
+from helpers import assert_ok, optimised_xla_flags, run_launch
 
 import gencnp_jax
 from examples import fashion_cnn
@@ -76,7 +76,9 @@ def test_user_cnn_explained_end_to_end_through_launch(
         f"--config.classifier.checkpoint={trained_cnn}",
         "--config.classifier.sites=('blocks/*/layers/2',)",
     )
-    proc = run_launch(tiny_config, workdir, "all", *overrides, timeout=600)
+    proc = run_launch(
+        tiny_config, workdir, "all", *overrides, timeout=600, XLA_FLAGS=optimised_xla_flags()
+    )
     assert_ok(proc)
     assert "imported examples.fashion_cnn:build" in proc.stdout
     for mode in pipeline.modes.PIPELINE:
