@@ -19,7 +19,8 @@ from configs import tiny
 from gencnp_jax.io import workdir as workdir_lib
 
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    # Before JAX starts its backend; subprocesses of the tests inherit it.
+    # Before JAX starts its backend; subprocesses of the tests inherit it, except the
+    # whole-pipeline runs that ask for `helpers.optimised_xla_flags()`.
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
     ).strip()
