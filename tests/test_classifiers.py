@@ -208,3 +208,19 @@ def test_num_params_counts_only_params():
     batch_stats = nnx.state(model, nnx.BatchStat)
     assert jax.tree.leaves(batch_stats)  # BatchNorm statistics exist and are not counted
     assert expected < sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 8, 4), (2, 7, 5, 3), (2, 3, 3, 2)])
+def test_max_pool_2x2_is_the_window_max_bit_for_bit(shape):
+    """Values and gradients equal nnx.max_pool's, ties included (after a ReLU many windows are
+    all zero: the gradient must go to the first corner only, not be split or copied)."""
+    x = jax.nn.relu(jax.random.normal(jax.random.key(0), shape))
+    x = x.at[0, 0, 1].set(x[0, 0, 0])  # a tie between two positive corners
+    window = functools.partial(nnx.max_pool, window_shape=(2, 2), strides=(2, 2))
+    y = classifiers.max_pool_2x2(x)
+    chex.assert_trees_all_equal(y, window(x))
+    r = jax.random.normal(jax.random.key(1), y.shape)
+    grad = jax.jit(jax.grad(lambda x, pool: jnp.sum(pool(x) * r)), static_argnums=1)
+    ours, reference = grad(x, classifiers.max_pool_2x2), grad(x, window)
+    chex.assert_trees_all_equal(ours, reference)
+    assert int(jnp.sum(ours != 0)) == int(np.prod(y.shape))  # one corner per window

@@ -19,6 +19,52 @@ CLASSIFIERS = ("vgg", "resnet")
 Definition = nnx.GraphDef | GatedClassifier  # what `forward` runs: built-in or attached
 
 
+def _window_corners(x_BxHxWxC):
+    """The four corners of every 2x2 window (stride 2; an odd last row / column is dropped,
+    as a VALID window max drops it), each ``[B, H//2, W//2, C]``, in row-major window order."""
+    h2, w2 = x_BxHxWxC.shape[1] // 2, x_BxHxWxC.shape[2] // 2
+    x = x_BxHxWxC[:, : 2 * h2, : 2 * w2]
+    return x[:, 0::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 0::2], x[:, 1::2, 1::2]
+
+
+@jax.custom_vjp
+def max_pool_2x2(x_BxHxWxC: jax.Array) -> jax.Array:
+    """``nnx.max_pool(x, (2, 2), strides=(2, 2))`` with the same gradient, computed faster.
+
+    The gradient goes, as the window max's (select-and-scatter) does, to the first maximum of
+    each window in row-major order: values and gradients are the same bit for bit
+    (tests/test_classifiers.py). It is written out because XLA on CPU lowers select-and-scatter
+    to a general scatter: 87 ms against 3 ms for one ``[256, 28, 28, 32]`` pool's gradient.
+    """
+    return nnx.max_pool(x_BxHxWxC, (2, 2), strides=(2, 2))
+
+
+def _max_pool_fwd(x_BxHxWxC):
+    y_BxhxwxC = max_pool_2x2(x_BxHxWxC)
+    return y_BxhxwxC, (x_BxHxWxC, y_BxhxwxC)
+
+
+def _max_pool_bwd(residuals, g_BxhxwxC):
+    x_BxHxWxC, y_BxhxwxC = residuals
+    a, b, c, d = _window_corners(x_BxHxWxC)
+    takes_a = a == y_BxhxwxC
+    takes_b = (b == y_BxhxwxC) & ~takes_a
+    takes_c = (c == y_BxhxwxC) & ~(takes_a | takes_b)
+    takes_d = ~(takes_a | takes_b | takes_c)
+    zero = jnp.zeros_like(g_BxhxwxC)
+    ga, gb, gc, gd = (jnp.where(t, g_BxhxwxC, zero) for t in (takes_a, takes_b, takes_c, takes_d))
+    bsz, h2, w2, ch = g_BxhxwxC.shape
+    top = jnp.stack([ga, gb], axis=3).reshape(bsz, h2, 2 * w2, ch)
+    bottom = jnp.stack([gc, gd], axis=3).reshape(bsz, h2, 2 * w2, ch)
+    g_Bx2hx2wxC = jnp.stack([top, bottom], axis=2).reshape(bsz, 2 * h2, 2 * w2, ch)
+    height, width = x_BxHxWxC.shape[1:3]
+    pad = ((0, 0), (0, height - 2 * h2), (0, width - 2 * w2), (0, 0))
+    return (jnp.pad(g_Bx2hx2wxC, pad),)
+
+
+max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
 class ConvBN(nnx.Module):
     """3x3 conv (no bias) followed by BatchNorm; the nonlinearity is the caller's."""
 
@@ -73,7 +119,7 @@ class VGG(nnx.Module):
                 features[site] = x
                 x = gates_lib.apply_gate(x, site, gates, fills)
             if min(x.shape[1:3]) >= 2:
-                x = nnx.max_pool(x, (2, 2), strides=(2, 2))
+                x = max_pool_2x2(x)
         return self.head(jnp.mean(x, axis=(1, 2))), features
 
 
