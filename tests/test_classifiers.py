@@ -224,3 +224,13 @@ def test_max_pool_2x2_is_the_window_max_bit_for_bit(shape):
     ours, reference = grad(x, classifiers.max_pool_2x2), grad(x, window)
     chex.assert_trees_all_equal(ours, reference)
     assert int(jnp.sum(ours != 0)) == int(np.prod(y.shape))  # one corner per window
+
+
+def test_vgg_backward_compiles_without_a_scatter():
+    """The built-in VGG's gradient has no scatter on CPU: XLA lowers the window max's gradient
+    (select-and-scatter) to one, which took half of the first-order read (`max_pool_2x2`)."""
+    model = classifiers.make_classifier("vgg", (4, 8), 3, 1)
+    graphdef, state = nnx.split(model)
+    total = lambda x: jnp.sum(nnx.merge(graphdef, state)(x)[0])
+    hlo = jax.jit(jax.grad(total)).lower(jnp.ones((2, 8, 8, 1))).compile().as_text()
+    assert " scatter(" not in hlo and "select-and-scatter(" not in hlo
