@@ -54,9 +54,8 @@ def _max_pool_bwd(residuals, g_BxhxwxC):
     zero = jnp.zeros_like(g_BxhxwxC)
     ga, gb, gc, gd = (jnp.where(t, g_BxhxwxC, zero) for t in (takes_a, takes_b, takes_c, takes_d))
     bsz, h2, w2, ch = g_BxhxwxC.shape
-    top = jnp.stack([ga, gb], axis=3).reshape(bsz, h2, 2 * w2, ch)
-    bottom = jnp.stack([gc, gd], axis=3).reshape(bsz, h2, 2 * w2, ch)
-    g_Bx2hx2wxC = jnp.stack([top, bottom], axis=2).reshape(bsz, 2 * h2, 2 * w2, ch)
+    rows_Bxhx2xwx2xC = jnp.stack([jnp.stack([ga, gb], 3), jnp.stack([gc, gd], 3)], 2)
+    g_Bx2hx2wxC = rows_Bxhx2xwx2xC.reshape(bsz, 2 * h2, 2 * w2, ch)
     height, width = x_BxHxWxC.shape[1:3]
     pad = ((0, 0), (0, height - 2 * h2), (0, width - 2 * w2), (0, 0))
     return (jnp.pad(g_Bx2hx2wxC, pad),)
