@@ -103,10 +103,12 @@ def reestimate_batchnorm(
     order = []
     example = jnp.asarray(make_batch(np.zeros(1, np.int64)))
     jax.eval_shape(lambda s, x: _probed_moments(graphdef, s, x, order), state, example)
-    probe = jax.jit(lambda s, x: _probed_moments(graphdef, s, x))  # one compilation
     for layer, path in enumerate(order):
+        # One program per BatchNorm, returning only its moments: XLA drops every layer after
+        # it, so the passes cost the network's prefixes, not len(order) whole forwards.
+        probe = jax.jit(lambda s, x, i=layer: _probed_moments(graphdef, s, x)[i])
         state_dev = sharding.replicate(mesh, state)
-        run = lambda x, s=state_dev, i=layer: probe(s, x)[i]
+        run = lambda x, s=state_dev, probe=probe: probe(s, x)
         moments = batched.map_batches(run, make_batch, num_examples, batch_size, mesh)
         mean_BxC = moments["mean"].astype(np.float64)  # exact sums over the whole split
         var_C = moments["var"].astype(np.float64).mean(0) + mean_BxC.var(0)
