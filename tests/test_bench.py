@@ -83,6 +83,7 @@ def test_bench_writes_every_number(tiny_config, bench_workdir, capsys):
 
     expected = {
         "forward",
+        "forward/again",
         "forward_features",
         "gencnp",
         "cdrp",
@@ -101,7 +102,8 @@ def test_bench_writes_every_number(tiny_config, bench_workdir, capsys):
         assert r["images_per_second"] == pytest.approx(config.bench.batch_size / r["min_seconds"])
     assert saved["inference"]["cdrp"]["steps"] == config.eval.cdrp_steps
     assert set(saved["ratios"]) >= {
-        "gencnp_vs_forward", "cdrp_vs_gencnp", "clean_pass_vs_forward", "features_vs_forward"
+        "gencnp_vs_forward", "cdrp_vs_gencnp", "clean_pass_vs_forward", "features_vs_forward",
+        "forward_again_vs_forward",
     }  # fmt: skip
     per_image = lambda k: saved["inference"][k]["seconds_per_image"]
     assert saved["ratios"]["gencnp_vs_forward"] == pytest.approx(
