@@ -85,6 +85,21 @@ for n in (1, 2):
     results[f"generator_{n}"] = sharding.to_host(
         {"params": gen.params, "loss": jnp.stack(totals)})
 
+# Several gated passes in one forward (`logits_of_passes`), on the 2-device mesh.
+mesh = sharding.make_mesh(2)
+cls_2 = sharding.replicate(mesh, classifier)
+x = sharding.shard_batch(mesh, images[0])
+gates = {s: sharding.shard_batch(mesh, rng.integers(0, 2, (batch, c)).astype(np.float32))
+         for s, c in site_channels.items()}
+passes = jax.jit(lambda c, x, g: c.logits_of_passes([(x, g), (-x, g)]))
+hlo = passes.lower(cls_2, x, gates).compile().as_text()
+info["passes_collectives"] = sorted(
+    op for op in ("all-to-all", "all-gather", "collective-permute") if f" {op}(" in hlo)
+alone = jax.jit(lambda c, x, g: c.logits(x, g))
+info["passes_max_diff"] = max(
+    float(jnp.abs(got - alone(cls_2, xx, gates)).max())
+    for got, xx in zip(passes(cls_2, x, gates), (x, -x)))
+
 flat = {}
 for name, tree in results.items():
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -166,3 +181,11 @@ def test_generator_step_on_two_devices_matches_one(runs):
     # the rank head learns from PIO targets only, and these steps have none
     _assert_moved(arrays, "generator", one, still=("rank_",))
     assert np.all(np.isfinite(one["['loss']"]))
+
+
+def test_several_gated_passes_stay_on_their_devices(runs):
+    """`FrozenClassifier.logits_of_passes` gives each pass's own logits, and on a batch-sharded
+    mesh moves no rows between devices (a concatenation of the passes would)."""
+    _, info = runs
+    assert info["passes_collectives"] == []
+    assert info["passes_max_diff"] < 1e-5

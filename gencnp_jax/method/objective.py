@@ -98,11 +98,7 @@ def loss_terms(
         ranking = gates_lib.flatten(out["gate"] if out["rank"] is None else out["rank"])
         top = daq.top_fraction(ranking, batch["ranked_density"], daq.TOP_FRACTION_WIDTH)
         passes["ranked"] = (images, gates_lib.unflatten(top, model.site_channels))
-    all_logits, _ = classifier.classify(
-        jnp.concatenate([x for x, _ in passes.values()]),
-        jax.tree.map(lambda *g: jnp.concatenate(g), *[g for _, g in passes.values()]),
-    )
-    logits = dict(zip(passes, jnp.split(all_logits, len(passes)), strict=True))
+    logits = dict(zip(passes, classifier.logits_of_passes(list(passes.values())), strict=True))
     pathway_logits = logits["pathway"]
     compute = {
         "kd": lambda: losses.distillation_kl(full_logits, pathway_logits, hp.tau),

@@ -72,12 +72,14 @@ def optimise_masks(classifier: FrozenClassifier, images: jax.Array, hp: PioHPara
     full_logits = jax.lax.stop_gradient(full_logits)
     pred = jnp.argmax(full_logits, -1)
     partner, has_partner = losses.partner_indices(pred)
-    both_images = jnp.concatenate([images, images[partner]])
-    doubled = lambda tree: jax.tree.map(lambda g: jnp.concatenate([g, g]), tree)
+    partner_images = images[partner]
+    pathways = lambda gates: classifier.logits_of_passes(
+        [(images, gates), (partner_images, gates)]
+    )  # (x, x') under x's gates
 
     def objective(theta):
         gates = jax.tree.map(jax.nn.sigmoid, theta)
-        pathway, partner_logits = jnp.split(classifier.classify(both_images, doubled(gates))[0], 2)
+        pathway, partner_logits = pathways(gates)
         kl = losses.distillation_kl(full_logits, pathway, 1.0)
         leak = losses.leakage_hinge(partner_logits, pred, has_partner, hp.leak_margin)
         density = jnp.mean(gates_lib.flatten(gates))
@@ -93,7 +95,7 @@ def optimise_masks(classifier: FrozenClassifier, images: jax.Array, hp: PioHPara
 
     theta, _ = jax.lax.fori_loop(0, hp.steps, body, (theta, tx.init(theta)))
     masks = jax.tree.map(lambda t: (t > 0).astype(jnp.float32), theta)
-    pathway, partner_logits = jnp.split(classifier.classify(both_images, doubled(masks))[0], 2)
+    pathway, partner_logits = pathways(masks)
     return {
         "masks_flat": gates_lib.flatten(masks),
         "logits_flat": gates_lib.flatten(theta),
@@ -131,17 +133,15 @@ def sparsest_cuts(
     site_channels = classifier.site_channels
     pred = jnp.argmax(full_logits, -1)
     partner, has_partner = losses.partner_indices(pred)
-    both_images = jnp.concatenate([images, images[partner]])
+    partner_images = images[partner]
     n = logits_flat.shape[-1]
     desc_BxN = -jnp.sort(-logits_flat, -1)
     below_BxN = jnp.concatenate([desc_BxN[:, 1:], desc_BxN[:, -1:] - 1.0], -1)
     cuts_BxN = 0.5 * (desc_BxN + below_BxN)  # cut after the k-th highest, k = 1..N
 
     def pathways(kept_BxN):  # (x, x') under x's mask
-        doubled = jnp.concatenate([kept_BxN, kept_BxN])
-        return jnp.split(
-            classifier.classify(both_images, gates_lib.unflatten(doubled, site_channels))[0], 2
-        )
+        gates = gates_lib.unflatten(kept_BxN, site_channels)
+        return classifier.logits_of_passes([(images, gates), (partner_images, gates)])
 
     def faithful_at(d):
         k = jnp.clip(jnp.round(d * n).astype(jnp.int32), 1, n)

@@ -11,9 +11,10 @@ graph definitions may hold unhashable attributes, and one run builds each model 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from gencnp_jax.models import classifiers, daq
@@ -65,6 +66,22 @@ class FrozenClassifier:
 
     def logits(self, images, gates: gates_lib.Gates | None = None) -> jax.Array:
         return self.classify(images, gates)[0]
+
+    def logits_of_passes(self, passes: Sequence[tuple[jax.Array, gates_lib.Gates]]) -> list:
+        """The logits ``f32[B, K]`` of several gated passes ``[(images f32[B, ...], gates)]``,
+        in order, from one forward over all of them.
+
+        The passes' rows are interleaved (row ``b * P + p`` is pass p's row b), not
+        concatenated: on a batch-sharded mesh each device then keeps its own rows, where a
+        concatenation would move half of every pass to the other devices and back.
+        """
+        count = len(passes)
+        interleave = lambda *parts: jnp.stack(parts, 1).reshape(-1, *parts[0].shape[1:])
+        images = interleave(*[x for x, _ in passes])
+        gates = jax.tree.map(interleave, *[g for _, g in passes])
+        logits_BPxK = self.logits(images, gates)
+        logits_BxPxK = logits_BPxK.reshape(-1, count, logits_BPxK.shape[-1])
+        return [logits_BxPxK[:, p] for p in range(count)]
 
     def with_fills(self, fills: gates_lib.Fills | None) -> FrozenClassifier:
         """The same classifier under other fills (another ablation)."""
