@@ -82,13 +82,13 @@ def make_metric_fn(extra: bool):
     """The jitted metric pass shared by every method, density and ablation.
 
     ``fn(classifier, images, classes, gates_BxN, wrong=None, full_logits=None) ->
-    per_instance`` (the classifier's fills: the ablation) with
-    ``classes`` the explained (predicted) classes and ``per_instance`` as
-    `accumulator.instance_metrics`. One gated forward over ``[x; x; x']`` with gates
-    ``[1; P; P]`` gives the full, pathway and partner (leakage; ``x'`` the next sample of another
-    class) logits; the full model shares the pathway's program, so an all-open pathway
-    reproduces its logits bit for bit. Given ``full_logits`` (e.g. of a sparse mask, where
-    float noise cannot matter), the full block is skipped. With `extra`, also ``[x; 0]`` with
+    per_instance`` (the classifier's fills: the ablation) with ``classes`` the explained
+    (predicted) classes and ``per_instance`` as `accumulator.instance_metrics`. One gated
+    forward (`FrozenClassifier.logits_of_passes`) over ``[x; x; x']`` with gates ``[1; P; P]``
+    gives the full, pathway and partner (leakage; ``x'`` the next sample of another class)
+    logits; the full model shares the pathway's program, so an all-open pathway reproduces
+    its logits bit for bit. Given ``full_logits`` (e.g. of a sparse mask, where float noise
+    cannot matter), the full block is skipped. With `extra`, also ``[x; 0]`` with
     ``[1 - P; P]`` (necessity_drop, null_confidence). ``wrong = (gates_BxN, classes_B)``: a
     wrong class's mask per sample, for ``class_leakage`` and ``other_class_drop`` (one more
     block).
@@ -109,11 +109,12 @@ def make_metric_fn(extra: bool):
         if wrong is not None:
             image_blocks.append(images)
             gate_blocks.append(wrong[0])
-        logits = classifier.logits(
-            jnp.concatenate(image_blocks),
-            gates_lib.unflatten(jnp.concatenate(gate_blocks), sites),
+        path, part, *rest = classifier.logits_of_passes(
+            [
+                (x, gates_lib.unflatten(g, sites))
+                for x, g in zip(image_blocks, gate_blocks, strict=True)
+            ]
         )
-        path, part, *rest = jnp.split(logits, len(image_blocks))
         full = rest.pop(0) if full_logits_BxK is None else full_logits_BxK
         outputs = metric_accumulator.Outputs(
             pathway_logits_BxK=path,
