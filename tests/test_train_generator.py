@@ -21,6 +21,7 @@ from gencnp_jax.method import explain, losses
 from gencnp_jax.models import classifiers, daq
 from gencnp_jax.models.frozen import FrozenClassifier
 from gencnp_jax.train import classifier as train_classifier_lib
+from gencnp_jax.train import fills as fills_lib
 from gencnp_jax.train import generator as train_generator
 from gencnp_jax.train import generator_metrics
 from gencnp_jax.train import loop as train_loop
@@ -140,6 +141,24 @@ def test_generator_metrics_json(generator_workdir):
     assert metrics["num_examples"] == 128 and metrics["train_steps"] == 24
 
 
+def test_channel_means_are_the_mean_over_images_and_positions(tiny_config, trained_workdir):
+    """The mean-ablation fills: every channel's mean over images and positions (float64
+    reference), whatever the batch size (the last batch of 64 is padded)."""
+    classifier = loading.load_classifier(tiny_config, trained_workdir)
+    images = inputs.load_data(tiny_config, "train").images[:96]
+    norm = lambda x: inputs.normalize(tiny_config, x)
+    mesh = inputs.make_mesh(tiny_config)
+    _, features = classifier.classify(jnp.asarray(norm(images)))
+    for batch_size in (32, 64):
+        means = fills_lib.channel_means(classifier, images, norm, batch_size, mesh)
+        assert set(means) == set(features)
+        for site, f in features.items():
+            want = np.asarray(f, np.float64).reshape(-1, f.shape[-1]).mean(0)
+            chex.assert_shape(means[site], want.shape)
+            assert means[site].dtype == np.float32
+            np.testing.assert_allclose(means[site], want, rtol=1e-5, atol=1e-6, err_msg=site)
+
+
 def test_final_checkpoint_round_trip(tiny_config, generator_workdir, tmp_path):
     classifier = loading.load_classifier(tiny_config, generator_workdir)
     generator, with_fills, means = loading.load_generator(
@@ -151,8 +170,9 @@ def test_final_checkpoint_round_trip(tiny_config, generator_workdir, tmp_path):
     for site in means:
         np.testing.assert_array_equal(fills[site], means[site])
     train = inputs.load_data(tiny_config, "train")
-    expected_means = explain.channel_means(
-        classifier, train.images, lambda x: inputs.normalize(tiny_config, x), 500
+    mesh = inputs.make_mesh(tiny_config)
+    expected_means = fills_lib.channel_means(
+        classifier, train.images, lambda x: inputs.normalize(tiny_config, x), 500, mesh
     )
     assert set(means) == set(classifier.site_channels)
     for site, c in classifier.site_channels.items():
@@ -166,7 +186,6 @@ def test_final_checkpoint_round_trip(tiny_config, generator_workdir, tmp_path):
     )
     # The checkpoint is the generator that was evaluated: its metrics come out again.
     test = inputs.load_data(tiny_config, "test")
-    mesh = inputs.make_mesh(tiny_config)
     again = generator_metrics.evaluate_split(tiny_config, generator, with_fills, test, mesh)
     with open(os.path.join(workdir_lib.generator_dir(generator_workdir), "metrics.json")) as f:
         saved = json.load(f)

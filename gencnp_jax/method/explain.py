@@ -1,15 +1,9 @@
-"""GEN-CNP in one pass, as a pure function: clean forward, generator, gated forward.
-
-`channel_means` gives the mean-ablation fills (training-set mean activation per channel).
-"""
+"""GEN-CNP in one pass, as a pure function: clean forward, generator, gated forward."""
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from gencnp_jax.method import evidence, pathway
 from gencnp_jax.models import daq
@@ -51,25 +45,3 @@ def explain(
 
 
 jit_explain = jax.jit(explain)  # the one jitted explain of the package (pytrees: no rebinding)
-
-
-def channel_means(classifier: FrozenClassifier, images_uint8, normalize, batch_size: int):
-    """Training-set mean activation per channel of every site (mean-ablation fills), summed
-    over batches of `batch_size` images (its sums, so its float rounding, depend on it)."""
-    fwd = jax.jit(
-        lambda c, x: jax.tree.map(
-            lambda a: jnp.sum(a, axis=tuple(range(a.ndim - 1))),  # all but channels
-            c.classify(x)[1],
-        )
-    )
-    sums, count = None, 0
-    for start in range(0, len(images_uint8), batch_size):
-        batch = images_uint8[start : start + batch_size]
-        out = fwd(classifier, normalize(batch))
-        sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-        count += len(batch)
-    _, feats = jax.eval_shape(
-        lambda c, x: c.classify(x), classifier, jnp.zeros((1, *images_uint8.shape[1:]), jnp.float32)
-    )
-    positions = {s: math.prod(f.shape[1:-1]) for s, f in feats.items()}  # H*W, N or 1
-    return {s: np.asarray(v) / (count * positions[s]) for s, v in sums.items()}

@@ -33,13 +33,13 @@ from gencnp_jax.eval import baselines, controls, metrics, perturbation
 from gencnp_jax.eval import methods as eval_methods
 from gencnp_jax.io import batched, sharding, timings, writers
 from gencnp_jax.io import workdir as workdir_lib
-from gencnp_jax.method import explain
 from gencnp_jax.method.class_bank import ClassBank
 from gencnp_jax.models import daq
 from gencnp_jax.models import gates as gates_lib
 from gencnp_jax.stages import build_bank, references
 from gencnp_jax.stages import evaluate_passes as passes
 from gencnp_jax.train import classifier as train_classifier
+from gencnp_jax.train import fills as fills_lib
 from gencnp_jax.train import generator as train_generator
 
 AT_DENSITY_KEYS = ("mDC", "mIC", "agreement", "leakage", "class_leakage", "density_mean")
@@ -482,7 +482,7 @@ def sanity(ev: Evaluation, config, scores: Scores) -> dict:
     rand_fills = ev.fills[ev.headline]
     if ev.headline == "mean":
         control = train.images[: config.eval.control_examples]
-        rand_fills = explain.channel_means(rand, control, run.normalize, run.batch_size)
+        rand_fills = fills_lib.channel_means(rand, control, run.normalize, run.batch_size, run.mesh)
     fns = eval_methods.make_score_fns(ev.settings)
     models = (rand_generator, rand.with_fills(rand_fills))
     gen, _ = passes.score_pass(run, fns["gencnp"], models, ev.subset.images)

@@ -18,10 +18,10 @@ from gencnp_jax.context import inputs, loading
 from gencnp_jax.eval import perturbation
 from gencnp_jax.io import batched, checkpointing, sharding, timings, writers
 from gencnp_jax.io import workdir as workdir_lib
-from gencnp_jax.method import explain
 from gencnp_jax.models import classifiers
 from gencnp_jax.models.frozen import FrozenClassifier
 from gencnp_jax.train import batchnorm
+from gencnp_jax.train import fills as fills_lib
 from gencnp_jax.train import loop as train_loop
 
 check_finite = train_loop.check_finite  # kept here too: callers know it as the trainers' guard
@@ -205,8 +205,8 @@ def evaluate_classifier(config, classifier: FrozenClassifier, splits: dict, mesh
     test = splits["test"]
     pred = predict_split(config, classifier, test.images, mesh).argmax(-1)
     norm = lambda x: inputs.normalize(config, x)
-    means = explain.channel_means(
-        classifier, splits["train"].images, norm, config.train.eval_batch_size
+    means = fills_lib.channel_means(
+        classifier, splits["train"].images, norm, config.train.eval_batch_size, mesh
     )
     drops = random_drop_agreements(config, classifier, test, mesh, pred, means)
     return {

@@ -18,11 +18,12 @@ from gencnp_jax.context import inputs, loading
 from gencnp_jax.eval import metrics
 from gencnp_jax.io import batched, checkpointing, sharding, timings, writers
 from gencnp_jax.io import workdir as workdir_lib
-from gencnp_jax.method import explain, losses, objective
+from gencnp_jax.method import losses, objective
 from gencnp_jax.models import gates as gates_lib
 from gencnp_jax.models import generator as generator_lib
 from gencnp_jax.models.frozen import FrozenClassifier, FrozenGenerator
 from gencnp_jax.train import classifier as train_classifier
+from gencnp_jax.train import fills as fills_lib
 from gencnp_jax.train import generator_metrics, pio_targets
 from gencnp_jax.train import loop as train_loop
 
@@ -189,9 +190,10 @@ def fit_generator(config, classifier: FrozenClassifier, train_split, mesh, steps
     too: mean ablation fills are recomputed for this classifier), on `steps` batches drawn
     with `seed`; no checkpoint, log or file is written.
     """
-    fills = _means(config, classifier, train_split) if config.generator.ablation == "mean" else None
+    mean = config.generator.ablation == "mean"
+    means = _means(config, classifier, train_split, mesh) if mean else None
     run = RunOptions(steps=steps, seed=seed)
-    return fit(config, classifier.with_fills(fills), train_split, mesh, run).generator()
+    return fit(config, classifier.with_fills(means), train_split, mesh, run).generator()
 
 
 def pool_stats(config, classifier: FrozenClassifier, split, mesh) -> dict:
@@ -213,9 +215,11 @@ def pool_stats(config, classifier: FrozenClassifier, split, mesh) -> dict:
     return {s: (v.mean(0), v.std(0)) for s, v in pooled.items()}
 
 
-def _means(config, classifier: FrozenClassifier, split) -> dict:
+def _means(config, classifier: FrozenClassifier, split, mesh) -> dict:
     norm = lambda x: inputs.normalize(config, x)
-    return explain.channel_means(classifier, split.images, norm, config.train.eval_batch_size)
+    return fills_lib.channel_means(
+        classifier, split.images, norm, config.train.eval_batch_size, mesh
+    )
 
 
 def train_generator(config, workdir: str) -> dict:
@@ -228,7 +232,7 @@ def train_generator(config, workdir: str) -> dict:
     sharding.check_batch_size(mesh, config.train.batch_size)
     sharding.check_batch_size(mesh, config.train.eval_batch_size)  # fail now, not after training
     with timings.phase("channel_means"):
-        means = _means(config, classifier, train)
+        means = _means(config, classifier, train, mesh)
     classifier = classifier.with_fills(means if g.ablation == "mean" else None)
     writer = writers.MetricWriter(out_dir)
     run = RunOptions(steps=g.steps, seed=config.seed + 1, out_dir=out_dir, writer=writer)
