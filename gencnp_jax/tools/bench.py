@@ -68,7 +68,7 @@ SLOW = ("cdrp",)  # timed min(repeats, SLOW_REPEATS) times: one call is seconds 
 SLOW_REPEATS = 3
 # The plain forward is timed as two interleaved series of the same program: their minimums
 # must agree within this, or the machine's load moved the numbers. ("logits and features" is
-# another program: writing the site features out costs more, so it is no check of noise.)
+# another program, which also writes the site features out: no check of noise.)
 FORWARD_AGREEMENT = 0.15
 
 
