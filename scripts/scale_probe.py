@@ -37,7 +37,7 @@ def probe(config, batch: int) -> dict:
 
     from gencnp_jax.context import loading
     from gencnp_jax.io import data
-    from gencnp_jax.method import explain, pio
+    from gencnp_jax.method import explain, objective, pio
     from gencnp_jax.models import daq
     from gencnp_jax.models.frozen import FrozenClassifier, FrozenGenerator
     from gencnp_jax.train import classifier as train_classifier
@@ -68,9 +68,11 @@ def probe(config, batch: int) -> dict:
     per_step = int(config.generator.pio.per_step)
     gen_batch = {
         "images": images,
-        "target_images": images[:per_step],
         "target_masks": jnp.zeros((per_step, classifier.num_neurons)),
     }
+    _, gen_batch["target_pools"], gen_batch["target_fo"] = objective.read(
+        generator, classifier, images[:per_step]
+    )
     gen_step = train_generator.make_train_step(gen_graphdef, gen_tx, weights.active())
     out["generator_train_step"] = _cost(
         gen_step, gen_state, gen_batch, jnp.int32(0), classifier, weights, hp

@@ -1,6 +1,7 @@
 """The generator's objective: each term is its documented formula, and a term left out is
 not computed (nor its gated passes made)."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,13 +48,16 @@ def setup():
     generator = Generator(model.site_channels, 10, **GENERATOR, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     classifier = FrozenClassifier(graphdef, state, model.site_channels, 10)
-    classify = classifier.classify
-    full_logits = classify(IMAGES)[0]
-    pred = jnp.argmax(full_logits, -1)
-    partner, has_partner = losses.partner_indices(pred)
-    batch = dict(images=IMAGES, full_logits=full_logits, pred=pred)
-    batch.update(partner=partner, has_partner=has_partner)
+    batch = objective.batch_of(generator, classifier, IMAGES)
+    chex.assert_trees_all_close(batch["full_logits"], classifier.logits(IMAGES))
+    chex.assert_trees_all_equal(batch["pools"], generator.pools(classifier.classify(IMAGES)[1]))
     return generator, classifier, batch
+
+
+def _targets(generator, classifier, images):
+    """The targets' reading, as a training loop reads it once (`objective.read`)."""
+    _, pools, fo = objective.read(generator, classifier, images)
+    return {"target_pools": pools, "target_fo": fo}
 
 
 BASE = ("kd", "hinge", "sparsity", "pdn", "leak")
@@ -72,7 +76,8 @@ def test_each_term_is_its_documented_formula(setup):
     assert float(terms["leak"]) == pytest.approx(float(expected), rel=1e-5)
     scores, _ = generator(classify(batch["images"])[1])
     targets = jnp.round(gates_lib.flatten(scores))[:2]
-    with_targets = {**batch, "target_images": batch["images"][:2], "target_masks": targets}
+    with_targets = {**batch, **_targets(generator, classifier, batch["images"][:2])}
+    with_targets["target_masks"] = targets
     distilled, *_ = objective.loss_terms(generator, classifier, with_targets, _hp(), ("distill",))
     expected = losses.mask_bce(gates_lib.flatten(scores)[:2], targets)
     assert float(distilled["distill"]) == pytest.approx(float(expected), rel=1e-5)
@@ -88,6 +93,12 @@ def test_a_term_left_out_makes_no_gated_pass(setup):
     rows.clear()
     objective.loss_terms(generator, recording, batch, _hp(), ("kd", "leak"))
     assert rows == [12]  # x and x' in one pass
+    rows.clear()
+    scores, _ = generator(classifier.classify(batch["images"])[1])
+    with_targets = {**batch, **_targets(generator, classifier, batch["images"][:2])}
+    with_targets["target_masks"] = jnp.round(gates_lib.flatten(scores))[:2]
+    objective.loss_terms(generator, recording, with_targets, _hp(), ("kd", "leak", "distill"))
+    assert rows == [12]  # the targets are read once by the loop, not by the loss
 
 
 def test_step_weights_ramp_the_sparsity_weight():
@@ -129,8 +140,9 @@ def test_rank_term_trains_the_rank_head_and_the_gated_terms_the_gate_head(setup)
     kwargs = {**GENERATOR, "grad_evidence": True, "rank_head": True}
     generator = Generator(classifier.site_channels, 10, **kwargs, rngs=nnx.Rngs(0))
     teacher = jax.random.normal(jax.random.key(5), (2, classifier.num_neurons))
-    targets = {"target_images": batch["images"][:2], "target_masks": jnp.ones_like(teacher)}
-    with_targets = {**batch, **targets, "teacher_logits": teacher}
+    batch = objective.batch_of(generator, classifier, IMAGES)  # this generator reads fo
+    targets = {**_targets(generator, classifier, IMAGES[:2]), "teacher_logits": teacher}
+    with_targets = {**batch, **targets, "target_masks": jnp.ones_like(teacher)}
     terms, *_ = objective.loss_terms(generator, classifier, with_targets, _hp(), ("rank",))
     _, features, fo = evidence.first_order_effects(classifier, batch["images"][:2])
     ranking = gates_lib.flatten(generator.ranking(features, fo))

@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from gencnp_jax.context import inputs, loading
-from gencnp_jax.method import losses, pio
+from gencnp_jax.method import losses, objective, pio
 from gencnp_jax.stages import validation
 from gencnp_jax.train import generator as train_generator
 from gencnp_jax.train import pio_targets
@@ -93,7 +94,9 @@ def test_distill_term_learns_fixed_targets(tiny_config, setup):
     hp, weights = train_generator.hparams_from_config(config.generator)
     weights = weights.replace(distill=jnp.float32(50.0))
     step = train_generator.make_train_step(gen_graphdef, tx, weights.active())
-    batch = {"images": images, "target_images": images[:16], "target_masks": targets[:16]}
+    generator = nnx.merge(gen_graphdef, state.model_state())
+    _, pools, fo = objective.read(generator, cls, images[:16])
+    batch = {"images": images, "target_masks": targets[:16], "target_pools": pools, "target_fo": fo}
     seen = []
     for i in range(6):
         state, out = step(state, dict(batch), jnp.int32(i), cls, weights, hp)

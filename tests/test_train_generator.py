@@ -17,7 +17,7 @@ from gencnp_jax import explainer
 from gencnp_jax.context import inputs, loading
 from gencnp_jax.io import checkpointing
 from gencnp_jax.io import workdir as workdir_lib
-from gencnp_jax.method import explain, losses
+from gencnp_jax.method import explain, losses, objective
 from gencnp_jax.models import classifiers, daq
 from gencnp_jax.models.frozen import FrozenClassifier
 from gencnp_jax.train import classifier as train_classifier_lib
@@ -290,3 +290,36 @@ def test_ranked_term_trains_the_ranking_through_the_cut(scenario, tiny_config):
 
     assert moved("rank_heads") > 1e-3 and moved("rank_fo_weight") > 1e-3
     assert moved("score_heads") == 0.0 and moved("fo_weight") == 0.0
+
+
+def test_step_reads_its_batch_once_and_its_targets_never(tiny_config, monkeypatch):
+    """One classifier call reads the batch (clean logits, features and first-order effects
+    together), one more makes every gated pass; the PIO targets come already read
+    (`train_generator.target_readings`): no call sees their rows."""
+    model = classifiers.make_classifier("vgg", (8, 16), 10, 1, 1, seed=0)
+    classifier = FrozenClassifier(*classifiers.split(model), model.site_channels, 10)
+    gen_graphdef, tx, state = train_generator.init_state(tiny_config, classifier)
+    hp, weights = train_generator.hparams_from_config(tiny_config.generator)
+    assert {"distill", "rank", "leak"} <= set(weights.active())
+    generator = nnx.merge(gen_graphdef, state.model_state())
+    assert generator.grad_evidence and generator.rank_head
+    images = jax.random.normal(jax.random.key(1), (8, 28, 28, 1))
+    _, pools, fo = objective.read(generator, classifier, images[:4])
+    batch = {
+        "images": images,
+        "target_masks": jnp.zeros((4, classifier.num_neurons)),
+        "teacher_logits": jnp.zeros((4, classifier.num_neurons)),
+        "target_pools": pools,
+        "target_fo": fo,
+    }
+    rows, classify = [], FrozenClassifier.classify
+
+    def counting(self, x, gates=None):
+        rows.append(x.shape[0])
+        return classify(self, x, gates)
+
+    monkeypatch.setattr(FrozenClassifier, "classify", counting)
+    step = train_generator.make_train_step(gen_graphdef, tx, weights.active())
+    _, out = jax.eval_shape(step.__wrapped__, state, batch, jnp.int32(0), classifier, weights, hp)
+    assert "loss/distill" in out and "loss/rank" in out
+    assert rows == [8, 16]  # the read of x; x and its partners gated, in one pass

@@ -20,8 +20,9 @@ from gencnp_jax.models.frozen import FrozenClassifier
 
 # The terms that need x' (the partner of another class) gated with x's pathway.
 PARTNER_TERMS = ("leak",)
-# The terms that read the PIO targets, and the batch entry each needs.
-TARGET_TERMS = {"distill": "target_images", "rank": "teacher_logits"}
+# The terms that read the PIO targets, and the batch entry each needs (besides the targets'
+# reading, ``target_pools`` and ``target_fo``).
+TARGET_TERMS = {"distill": "target_masks", "rank": "teacher_logits"}
 
 
 @flax.struct.dataclass
@@ -61,6 +62,27 @@ def ranked_densities(batch: int, step: jax.Array, hp: StepHParams) -> jax.Array:
     return hp.ranked_low + (hp.ranked_high - hp.ranked_low) * u
 
 
+def read(model, classifier: FrozenClassifier, images_BxHxWxC: jax.Array):
+    """``(full_logits f32[B, K], pools, fo)``: what the generator `model` reads of the images
+    (its `pools` of the clean features, and the first-order effects when it reads them, else
+    None), in one forward pass of the classifier (and one backward pass for ``fo``)."""
+    full_logits_BxK, features, fo = evidence.read(classifier, images_BxHxWxC, model.grad_evidence)
+    return full_logits_BxK, model.pools(features), fo
+
+
+def batch_of(model, classifier: FrozenClassifier, images_BxHxWxC: jax.Array) -> dict:
+    """The batch entries every term reads, from one `read` of the images: ``images``,
+    ``full_logits``, ``pred``, the different-class ``partner`` and ``has_partner``,
+    ``pools`` and ``fo``."""
+    full_logits, pools, fo = read(model, classifier, images_BxHxWxC)
+    pred = jnp.argmax(full_logits, -1)
+    partner, has_partner = losses.partner_indices(pred)
+    return dict(
+        images=images_BxHxWxC, full_logits=full_logits, pred=pred, partner=partner,
+        has_partner=has_partner, pools=pools, fo=fo,
+    )  # fmt: skip
+
+
 def loss_terms(
     model, classifier: FrozenClassifier, batch: dict, hp: StepHParams, terms: tuple[str, ...]
 ):
@@ -69,11 +91,11 @@ def loss_terms(
     Args:
       model: the generator (`models.generator.Generator`).
       classifier: the frozen classifier, closed gates taking the run's ablation fills.
-      batch: ``images`` and what the full classifier says of them: ``full_logits``, ``pred``,
-        the different-class ``partner`` and ``has_partner``; for ``distill``,
-        ``target_images`` and ``target_masks`` (PIO masks, `method/pio.py`), and for ``rank``
-        ``teacher_logits`` (PIO's gate logits, whose order the generator's ranking learns,
-        `losses.listnet`); for ``ranked``, ``ranked_density`` (``f32[B]``): x gated with the
+      batch: `batch_of` the images; for ``distill``, ``target_masks`` (PIO masks,
+        `method/pio.py`), and for ``rank`` ``teacher_logits`` (PIO's gate logits, whose order
+        the generator's ranking learns, `losses.listnet`), with the targets' images read by
+        `read` (``target_pools``, ``target_fo``: the classifier is frozen, so a training loop
+        reads them once); for ``ranked``, ``ranked_density`` (``f32[B]``): x gated with the
         top fraction of its own ranking at that density must keep the full model's prediction.
       hp: the step's hyper-parameters.
       terms: the terms to compute (static: `losses.LossWeights.active`); ``distill`` and
@@ -84,8 +106,7 @@ def loss_terms(
     """
     images, full_logits, pred = batch["images"], batch["full_logits"], batch["pred"]
     partner, has_partner = batch["partner"], batch["has_partner"]
-    _, features, fo = evidence.read(classifier, images, model.grad_evidence)
-    out = model.outputs(features, fo)
+    out = model.outputs_from_pools(batch["pools"], batch["fo"])
     scores = {s: jax.nn.sigmoid(v) for s, v in out["gate"].items()}
     q_logits_BxK = out["q"]
     settings = daq.Settings(hp.temperature, hp.sigma)
@@ -110,10 +131,7 @@ def loss_terms(
     }
     terms = [t for t in terms if t not in TARGET_TERMS or TARGET_TERMS[t] in batch]
     if any(t in terms for t in TARGET_TERMS):  # one generator pass over the targets
-        _, target_features, target_fo = evidence.read(
-            classifier, batch["target_images"], model.grad_evidence
-        )
-        target = model.outputs(target_features, target_fo)
+        target = model.outputs_from_pools(batch["target_pools"], batch["target_fo"])
         compute["distill"] = lambda: losses.mask_bce(
             jax.nn.sigmoid(gates_lib.flatten(target["gate"])), batch["target_masks"]
         )

@@ -171,32 +171,34 @@ class Generator(nnx.Module):
             self.pool_mean[i].value = jnp.asarray(mean, jnp.float32)
             self.pool_std[i].value = jnp.maximum(jnp.asarray(std, jnp.float32), 1e-6)
 
-    def embed(
-        self, features: Mapping[str, jax.Array], fo: Fo = None
-    ) -> tuple[list[jax.Array], list[jax.Array]]:
-        """RFE, shallow to deep: ``([e_1, ..., e_L], [pooled_1, ...])``, ``e_l`` ``f32[B, D]``,
-        ``pooled_l`` the site's global pools ``f32[B, len(pooling) * C_l]``."""
+    def pools(self, features: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """What the generator reads of the clean feature maps ``site -> f32[B, ..., C]``: each
+        site's global pools, ``site -> f32[B, len(pooling) * C]`` (`pool`). The classifier is
+        frozen: no gradient flows into its features."""
         missing = [s for s in self.sites if s not in features]
         if missing:
             raise KeyError(f"features lack gate sites {missing}; generator sites: {self.sites}")
+        return {
+            site: pool(jax.lax.stop_gradient(features[site]).astype(jnp.float32), self.pooling)
+            for site in self.sites
+        }
+
+    def embed(self, pools: Mapping[str, jax.Array], fo: Fo = None) -> list[jax.Array]:
+        """RFE, shallow to deep, from each site's `pools`: ``[e_1, ..., e_L]``, ``f32[B, D]``."""
         if self.grad_evidence and fo is None:
             raise ValueError(
                 "this generator reads first-order effects: pass fo (method.evidence.read)"
             )
-        batch = features[self.sites[0]].shape[0]
+        batch = pools[self.sites[0]].shape[0]
         carry = self.rfe_cells[0].from_hidden(jnp.zeros((batch, self.hidden), jnp.float32))
-        embeddings, pooled = [], []
+        embeddings = []
         for i, site in enumerate(self.sites):
-            # The classifier is frozen: no gradient flows into its features.
-            feats = jax.lax.stop_gradient(features[site]).astype(jnp.float32)
-            pooled_BxP = pool(feats, self.pooling)
-            inputs_BxP = pooled_BxP
+            inputs_BxP = pools[site]
             if self.grad_evidence:
-                inputs_BxP = jnp.concatenate([pooled_BxP, jax.lax.stop_gradient(fo[site])], -1)
+                inputs_BxP = jnp.concatenate([inputs_BxP, jax.lax.stop_gradient(fo[site])], -1)
             carry, e_BxD = self.rfe_cells[i](carry, self.rfe_in[i](self.rfe_norm[i](inputs_BxP)))
             embeddings.append(e_BxD)
-            pooled.append(pooled_BxP)
-        return embeddings, pooled
+        return embeddings
 
     def _evidence(self, i: int, pooled_BxP: jax.Array, alpha_PxC: jax.Array) -> jax.Array:
         """``sum_p alpha_{p,k} z_p(k)`` per channel: ``f32[B, C]``."""
@@ -235,7 +237,12 @@ class Generator(nnx.Module):
           fo: ``site -> f32[B, C]``, the first-order effects (`method.evidence.read`); required
             when the generator reads them, ignored otherwise.
         """
-        embeddings, pooled = self.embed(features, fo)
+        return self.outputs_from_pools(self.pools(features), fo)
+
+    def outputs_from_pools(self, pools: Mapping[str, jax.Array], fo: Fo = None) -> dict:
+        """`outputs` from the feature maps' `pools` (what a training step can read once and
+        reuse for images it sees again)."""
+        embeddings = self.embed(pools, fo)
         e_mean = jnp.mean(jnp.stack(embeddings), axis=0)
         z_BxD = self.pdn_2(nnx.gelu(self.pdn_1(jnp.concatenate([embeddings[-1], e_mean], -1))))
         q_logits_BxK = self.q_head(z_BxD)
@@ -246,7 +253,7 @@ class Generator(nnx.Module):
             u_BxD = self.rpd_in[i](jnp.concatenate([z_BxD, embeddings[i]], axis=-1))
             carry, h_BxD = self.rpd_cells[i](carry, u_BxD)
             gate_BxC = self.score_heads[i](h_BxD) + self._evidence(
-                i, pooled[i], self.evidence[i].value
+                i, pools[site], self.evidence[i].value
             )
             fo_BxC = jax.lax.stop_gradient(fo[site]) if self.grad_evidence else None
             if self.grad_evidence:
@@ -254,7 +261,7 @@ class Generator(nnx.Module):
             gate[site] = gate_BxC
             if self.rank_head:
                 rank_BxC = self.rank_heads[i](h_BxD) + self._evidence(
-                    i, pooled[i], self.rank_evidence[i].value
+                    i, pools[site], self.rank_evidence[i].value
                 )
                 if self.grad_evidence:
                     rank_BxC = rank_BxC + self.rank_fo_weight[i].value * fo_BxC

@@ -12,12 +12,13 @@ import time
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from gencnp_jax.context import loading
 from gencnp_jax.io import sharding
-from gencnp_jax.method import explain
+from gencnp_jax.method import explain, objective
 from gencnp_jax.models import daq
 from gencnp_jax.models.frozen import FrozenClassifier, FrozenGenerator
 from gencnp_jax.models.gating import GatedClassifier
@@ -159,14 +160,20 @@ def train(models: Models, config, mesh, repeats: int, states: TrainStates) -> di
         n, count = sum(models.classifier.site_channels.values()), config.generator.pio.per_step
         rows = np.arange(count) % len(models.images)
         rng = np.random.default_rng(0)
+        gen_model = nnx.merge(gen_gd, gen_host.model_state())
+        read = objective.read(gen_model, models.classifier, jnp.asarray(models.images[rows]))
+        pools, fo = jax.tree.map(np.asarray, read[1:])
         targets = {
-            "target_images": models.images[rows],
             "target_masks": rng.integers(0, 2, (count, n)).astype(np.float32),
+            "target_pools": pools,
+            "target_fo": fo,
         }
         if loading.has_rank_head(config):
             targets["teacher_logits"] = rng.normal(size=(count, n)).astype(np.float32)
-        gen_batch = {"images": images}
-        gen_batch.update(zip(targets, sharding.shard_batch(mesh, *targets.values()), strict=True))
+        gen_batch = {
+            "images": images,
+            **jax.tree.map(lambda a: sharding.shard_batch(mesh, a), targets),
+        }
     gen_loop = RepeatedStep(gen_bound, sharding.replicate(mesh, _host_copy(gen_host)), gen_batch)
     out["generator"] = per_step(measure(gen_loop, repeats, gen_bound.jitted))
     return out

@@ -49,7 +49,9 @@ def make_train_step(gen_graphdef: nnx.GraphDef, tx, terms: tuple[str, ...]):
     """`step(state, batch, step, classifier, weights, hp) -> (state, metrics)`, jitted.
 
     `batch` is the images, or a dict of ``images`` and the PIO targets of the ``distill``
-    and ``rank`` terms (``target_images``, ``target_masks``, ``teacher_logits``). `state` is a
+    and ``rank`` terms (``target_masks``, ``teacher_logits``, and the targets' images as the
+    generator reads them, ``target_pools`` and ``target_fo``: `target_readings`). The step
+    reads the images once (`objective.batch_of`). `state` is a
     `train_loop.TrainState` (donated); the `FrozenClassifier` (with its ablation fills) is not
     donated and no gradient
     reaches it. `terms` are the loss terms the step computes (`losses.LossWeights.active`): a
@@ -59,14 +61,12 @@ def make_train_step(gen_graphdef: nnx.GraphDef, tx, terms: tuple[str, ...]):
     def step(state: train_loop.TrainState, batch, step_idx, classifier, weights, hp):
         targets = dict(batch) if isinstance(batch, dict) else {"images": batch}
         images = targets.pop("images")
-        full_logits = classifier.logits(images)
-        pred = jnp.argmax(full_logits, -1)
-        batch = {"images": images, "full_logits": full_logits, "pred": pred, **targets}
-        batch["partner"], batch["has_partner"] = losses.partner_indices(pred)
+        model = nnx.merge(gen_graphdef, state.params, state.rest)
+        batch = {**objective.batch_of(model, classifier, images), **targets}
+        full_logits = batch["full_logits"]
         if "ranked" in terms:
             batch["ranked_density"] = objective.ranked_densities(len(images), step_idx, hp)
         w = objective.step_weights(weights, step_idx, hp)
-        model = nnx.merge(gen_graphdef, state.params, state.rest)
 
         def loss_fn(model):
             computed, gates, pathway_logits, _ = objective.loss_terms(
@@ -152,7 +152,10 @@ def fit(config, classifier, train_split, mesh, run: RunOptions) -> Fit:
         cache = None if run.out_dir is None else os.path.join(run.out_dir, "pio_targets")
         with timings.phase("pio_targets"):
             targets = pio_targets.compute(config, classifier, train_split, mesh, cache)
-        target_at = pio_targets.step_batches(config, targets, train_split, mesh, run.seed + 1)
+        with timings.phase("target_readings"):
+            model = nnx.merge(gen_graphdef, state.params, state.rest)
+            readings = target_readings(config, model, classifier, train_split, targets, mesh)
+        target_at = pio_targets.step_batches(config, targets, readings, mesh, run.seed + 1)
         batch_at = lambda step, images_at=batch_at: {"images": images_at(step), **target_at(step)}
     with timings.phase("steps"):
         result = train_loop.run(
@@ -194,6 +197,22 @@ def fit_generator(config, classifier: FrozenClassifier, train_split, mesh, steps
     means = _means(config, classifier, train_split, mesh) if mean else None
     run = RunOptions(steps=steps, seed=seed)
     return fit(config, classifier.with_fills(means), train_split, mesh, run).generator()
+
+
+def target_readings(config, model, classifier: FrozenClassifier, split, targets, mesh) -> dict:
+    """``{target_pools, target_fo}``, host arrays with a row per PIO target: its image as the
+    generator `model` reads it (`objective.read`). The classifier is frozen, so a target's
+    reading never changes: read once here, not at every step that draws it."""
+    fn = jax.jit(lambda c, x: objective.read(model, c, x)[1:])
+    placed = sharding.replicate(mesh, classifier)
+    pools, fo = batched.map_batches(
+        lambda x: fn(placed, x),
+        lambda idx: inputs.normalize(config, split.images[targets.indices[idx]]),
+        len(targets.indices),
+        config.train.eval_batch_size,
+        mesh,
+    )
+    return {"target_pools": pools, "target_fo": fo}
 
 
 def pool_stats(config, classifier: FrozenClassifier, split, mesh) -> dict:

@@ -205,16 +205,17 @@ def _prepare_cache(cache_dir: str | None, settings: dict) -> None:
     writers.write_json(path, settings)
 
 
-def step_batches(config, targets: Targets, split, mesh, seed: int):
-    """``step -> {target_images, target_masks[, teacher_logits]}``: `pio.per_step` targets per
-    train step (`Targets.distill_targets` at `pio.target_temperature`; the optimised logits
-    themselves for the ``rank`` term when its weight is > 0)."""
+def step_batches(config, targets: Targets, readings: dict, mesh, seed: int):
+    """``step -> {target_masks[, teacher_logits], target_pools, target_fo}``: `pio.per_step`
+    targets per train step (`Targets.distill_targets` at `pio.target_temperature`; the
+    optimised logits themselves for the ``rank`` term when its weight is > 0), with their
+    images as the generator reads them (`readings`, a row per target)."""
     table_MxN = targets.distill_targets(float(config.generator.pio.target_temperature))
     rank = loading.has_rank_head(config)
     arrays_at = lambda j: {
-        "target_images": inputs.normalize(config, split.images[targets.indices[j]]),
         "target_masks": table_MxN[j],
         **({"teacher_logits": targets.logits_flat[j]} if rank else {}),
+        **jax.tree.map(lambda a: a[j], readings),
     }
     per_step = int(config.generator.pio.per_step)
     return train_loop.batches_at(mesh, arrays_at, len(targets.indices), per_step, seed)
