@@ -339,19 +339,17 @@ def test_diverging_classifier_stops_naming_the_step_and_loss(tiny_config, tmp_pa
 
 
 def test_non_finite_loss_term_is_named(tiny_config, trained_workdir, tmp_path, monkeypatch):
-    """Only the distillation term is NaN (a constant: the gradients stay finite): the error
-    names it and the total, no other term, and the step it was seen at."""
+    """Only the PDN term is NaN (a constant: the gradients stay finite): the error names it
+    and the total, no other term, and the step it was seen at."""
     workdir = str(tmp_path / "run")
     shutil.copytree(
         workdir_lib.classifier_dir(trained_workdir), workdir_lib.classifier_dir(workdir)
     )
-    monkeypatch.setattr(
-        losses, "distillation_kl", lambda *args: jax.lax.stop_gradient(jnp.float32(jnp.nan))
-    )
+    monkeypatch.setattr(losses, "pdn_kl", lambda *args: jax.lax.stop_gradient(jnp.float32(jnp.nan)))
     with pytest.raises(FloatingPointError) as info:
         train_generator.train_generator(tiny_config, workdir)
     message = str(info.value)
-    assert message.startswith("non-finite loss/kd, loss/total at step 4:"), message
+    assert message.startswith("non-finite loss/pdn, loss/total at step 4:"), message
     assert "sparsity" not in message and "other non-finite" not in message
     ckpt_dir = os.path.join(workdir_lib.generator_dir(workdir), "checkpoints")
     assert not [s for s in os.listdir(ckpt_dir) if s.isdigit()]

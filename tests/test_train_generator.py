@@ -300,7 +300,7 @@ def test_step_reads_its_batch_once_and_its_targets_never(tiny_config, monkeypatc
     classifier = FrozenClassifier(*classifiers.split(model), model.site_channels, 10)
     gen_graphdef, tx, state = train_generator.init_state(tiny_config, classifier)
     hp, weights = train_generator.hparams_from_config(tiny_config.generator)
-    assert {"distill", "rank", "leak"} <= set(weights.active())
+    assert {"distill", "rank", "leak", "ranked"} <= set(weights.active())
     generator = nnx.merge(gen_graphdef, state.model_state())
     assert generator.grad_evidence and generator.rank_head
     images = jax.random.normal(jax.random.key(1), (8, 28, 28, 1))
@@ -322,4 +322,5 @@ def test_step_reads_its_batch_once_and_its_targets_never(tiny_config, monkeypatc
     step = train_generator.make_train_step(gen_graphdef, tx, weights.active())
     _, out = jax.eval_shape(step.__wrapped__, state, batch, jnp.int32(0), classifier, weights, hp)
     assert "loss/distill" in out and "loss/rank" in out
-    assert rows == [8, 16]  # the read of x; x and its partners gated, in one pass
+    # the read of x; then x, its partners and x at its ranked density, gated in one pass
+    assert rows == [8, 24]
