@@ -207,16 +207,20 @@ def score_every_ablation(ev_run, classifiers: dict, images, score_fns) -> tuple[
 
 def class_tables(ev: Evaluation, score_fns, bank: ClassBank | None, train_images) -> dict:
     """Phase 2: ``{ablation: ClassTables}``: the class pathways' ranking (none without a
-    `bank`), and every method's training-set mean scores, over all images and per predicted
-    class, under each ablation (`controls.class_mean_scores`)."""
+    `bank`), and the training-set mean scores, over all images and per predicted class
+    (`controls.class_mean_scores`): every method's under the headline ablation, the controls'
+    sources' under the others (their only readers: each method's own class means are read
+    under the headline ablation alone)."""
     k = ev.run.classifier.num_classes
     out, head = {}, None
     for abl in ev.ablations:
-        names = None if head is None else FILL_DEPENDENT
+        names = None if head is None else tuple(n for n in FILL_DEPENDENT if n in CONTROL_SOURCES)
         scores, full = score(ev.run, ev.classifier(abl), train_images, score_fns, names)
         if head is None:
             head, classes_B = scores, full.argmax(-1)
         per_method = {**head.per_method, **scores.per_method}
+        if abl != ev.headline:
+            per_method = {name: per_method[name] for name in CONTROL_SOURCES}
         tables = {} if bank is None else {"gencnp_transfer": bank.ranking()}
         for name, scores_BxN in per_method.items():
             mean_N, mean_KxN = controls.class_mean_scores(scores_BxN, classes_B, k)
@@ -236,7 +240,7 @@ def _class_masks(ev: Evaluation, name: str, table_KxN, density) -> np.ndarray:
     return np.asarray(controls.class_masks(table_KxN, density, key))
 
 
-def class_masks_of(ev, subset: Subset, masks_KxN) -> passes.Masks:
+def class_masks_of(subset: Subset, masks_KxN) -> passes.Masks:
     """A class-indexed mask table as one mask per image (and the wrong class's)."""
     wrong_B = subset.wrong_classes
     return passes.Masks(masks_KxN[subset.classes], (masks_KxN[wrong_B], wrong_B))
@@ -251,7 +255,7 @@ def masks_of(ev: Evaluation, scores: Scores, tables: ClassTables, name: str, den
         else:
             at = float(scores.own_gates["gencnp"].mean()) if own else density
             masks_KxN = _class_masks(ev, name, tables.tables[name], at)
-        return class_masks_of(ev, ev.subset, masks_KxN)
+        return class_masks_of(ev.subset, masks_KxN)
     scores_BxN = scores.per_method[name]
     if name == "random":
         if own:  # GEN-CNP's per-instance density at every site
@@ -429,7 +433,7 @@ def _reference_rows(ev, classifier, refs: References, d, metric_fn, on_ref) -> d
         metric_fn,
         classifier,
         ev.subset,
-        class_masks_of(ev, ev.subset, class_masks_KxN),
+        class_masks_of(ev.subset, class_masks_KxN),
         ev.subset.full_logits,
     )
     rows["class_reference"] = {k: m[k] for k in AT_DENSITY_KEYS if k in m}
