@@ -6,10 +6,12 @@ flags on a degenerate method.
 """
 
 import copy
+import importlib.util
 import json
 import os
 import shutil
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -262,3 +264,34 @@ def test_results_json_is_strict_json_with_the_split_of_every_block(evaluated):
     assert saved["split"] == "test" and saved["validation"]["split"] == "validation"
     assert saved["references"]["note"].startswith("yardsticks, not bounds")
     assert saved["config"]["validation_examples"] == 40
+
+
+def test_validation_read_of_the_class_pathways_at_the_banks_own_count(evaluated):
+    """scripts/validation_read.py (how `bank.threshold` is chosen): at the bank's own count its
+    class pathways are the bank's, keeping a neuron only when more samples keep it never makes
+    a pathway denser, and GEN-CNP's rows read its validation images only."""
+    config, workdir, results = evaluated
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts", "validation_read.py")
+    spec = importlib.util.spec_from_file_location("validation_read", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    classifier = loading.load_classifier(config, workdir)
+    bank = build_bank.load_bank(config, workdir, classifier)
+    j = int(np.max(np.asarray(bank.counts)))
+    own = int(np.ceil(bank.threshold * j - 1e-6))  # the fewest samples that keep a neuron
+    counts = sorted({1, own, j})
+    out = script.read(workdir, config.eval.num_examples, counts, config)
+    rows = out["bank"]
+    chex.assert_trees_all_equal(
+        rows[counts.index(own)]["pathways"], np.asarray(gates_lib.flatten(bank.masks))
+    )
+    densities = [r["density_mean"] for r in rows]
+    assert densities == sorted(densities, reverse=True) and densities[0] > densities[-1]
+    for r in rows:
+        assert 0.0 <= r["agreement"] <= 1.0 and 0.0 <= r["class_leakage"] <= 1.0
+    # the evaluation's own validation block reads the same images the same way
+    block = results["validation"]
+    assert out["num_examples"] == block["num_examples"]
+    for d, row in out["at_density"].items():
+        np.testing.assert_allclose(row["mDC"], block["at_density"][d]["gencnp"]["mDC"], rtol=1e-5)
+    np.testing.assert_allclose(out["own"]["mDC"], block["own_density"]["gencnp"]["mDC"], rtol=1e-5)

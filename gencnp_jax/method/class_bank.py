@@ -88,10 +88,17 @@ def aggregate(
     A class with no (valid) sample gets ``freq = 0`` and so an empty pathway.
     """
     freq, counts_K = class_means(gates, classes_B, num_classes, valid_B)
-    masks = {
+    return freq, pathways(freq, counts_K, threshold), counts_K.astype(jnp.int32)
+
+
+def pathways(
+    freq: Mapping[str, jax.Array], counts_K: jax.Array, threshold: float
+) -> dict[str, jax.Array]:
+    """The class pathways ``1[F_c >= threshold]``, ``site -> f32[K, C]``; empty for a class
+    without samples."""
+    return {
         s: ((f >= threshold) & (counts_K[:, None] > 0)).astype(jnp.float32) for s, f in freq.items()
     }
-    return freq, masks, counts_K.astype(jnp.int32)
 
 
 def class_means(
