@@ -35,7 +35,7 @@ def read(workdir: str, examples: int, bank_counts=(), config=None) -> dict:
     import jax
     import numpy as np
 
-    from gencnp_jax.context import inputs, loading, record
+    from gencnp_jax.context import inputs, record
     from gencnp_jax.eval import methods as eval_methods
     from gencnp_jax.method import class_bank
     from gencnp_jax.models import gates as gates_lib
@@ -43,18 +43,10 @@ def read(workdir: str, examples: int, bank_counts=(), config=None) -> dict:
     from gencnp_jax.stages import evaluate_passes as passes
 
     config = record.saved_config(workdir) if config is None else config
-    classifier = loading.load_classifier(config, workdir)
-    generator, classifier, means = loading.load_generator(config, workdir, classifier)
+    run, every_fill = evaluate.open_run(config, workdir)
     ablation = config.eval.ablations[0]
-    if ablation == "zero":
-        means = {k: np.zeros((c,), np.float32) for k, c in classifier.site_channels.items()}
-    fills = {k: np.asarray(v, np.float32) for k, v in means.items()}
-    classifier = classifier.with_fills(fills)
-    normalize = lambda x: inputs.normalize(config, x)  # noqa: E731
-    run = passes.Run(
-        inputs.make_mesh(config), config.eval.batch_size, generator, classifier, normalize,
-        config.seed,
-    )  # fmt: skip
+    fills = every_fill[ablation]
+    classifier = run.classifier.with_fills(fills)
     validation = inputs.load_data(config, "validation")
     n = min(len(validation.labels), examples)
     val = evaluate.make_subset(

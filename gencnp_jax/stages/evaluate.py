@@ -732,6 +732,20 @@ def _logits(classifier, images):
     return classifier.logits(images)
 
 
+def open_run(config, workdir: str) -> tuple[passes.Run, dict]:
+    """A trained run made ready to evaluate (here and in scripts/validation_read.py): its
+    models loaded into the `Run` every pass goes through, and each ablation's fills
+    (``{"zero" | "mean": {site: f32[C]}}``)."""
+    classifier = loading.load_classifier(config, workdir)
+    generator, _, means = loading.load_generator(config, workdir, classifier)
+    normalize = lambda x: inputs.normalize(config, x)  # noqa: E731
+    mesh = inputs.make_mesh(config)
+    run = passes.Run(mesh, config.eval.batch_size, generator, classifier, normalize, config.seed)
+    zeros = {k: np.zeros((c,), np.float32) for k, c in classifier.site_channels.items()}
+    fills = {"zero": zeros, "mean": {k: np.asarray(v, np.float32) for k, v in means.items()}}
+    return run, fills
+
+
 def evaluate(config, workdir: str) -> dict:
     """Evaluates every method, control and reference; writes ``WORKDIR/eval/results.{json,md}``.
 
@@ -744,14 +758,9 @@ def evaluate(config, workdir: str) -> dict:
     validation = inputs.load_data(config, "validation")
     n = min(len(test.labels), e.num_examples or len(test.labels))
     n_val = min(len(validation.labels), e.num_examples or len(validation.labels))
-    classifier = loading.load_classifier(config, workdir)
-    generator, _, means = loading.load_generator(config, workdir, classifier)
+    run, fills = open_run(config, workdir)
+    classifier = run.classifier
     bank = build_bank.load_bank(config, workdir, classifier)
-    normalize = lambda x: inputs.normalize(config, x)
-    mesh = inputs.make_mesh(config)
-    run = passes.Run(mesh, e.batch_size, generator, classifier, normalize, config.seed)
-    zeros = {k: np.zeros((c,), np.float32) for k, c in classifier.site_channels.items()}
-    fills = {"zero": zeros, "mean": {k: np.asarray(v, np.float32) for k, v in means.items()}}
     ablations, densities = tuple(e.ablations), tuple(float(d) for d in e.densities)
     settings = settings_from_config(config)
     score_fns = eval_methods.make_score_fns(settings)
@@ -783,7 +792,7 @@ def evaluate(config, workdir: str) -> dict:
     with timings.phase("metrics"):
         metrics_out = fixed_densities(ev, scores, tables, refs, names, class_means)
     # p_c of the full classifier on the all-zero (normalised-mean) image, c each test prediction
-    zero_image = jnp.zeros_like(normalize(test.images[:1]))
+    zero_image = jnp.zeros_like(run.normalize(test.images[:1]))
     null_logits_1xK = classifier.logits(zero_image)
     null_conf = float(np.mean(np.asarray(jax.nn.softmax(null_logits_1xK[0]))[subset.classes]))
     with timings.phase("sanity"):
